@@ -1,0 +1,1 @@
+"""Teacher reasoning traces: generation (generate.py) and correctness judging (judge.py)."""
