@@ -1,0 +1,232 @@
+"""TFDS builder for the SQuAD 2.0 dev set, with a deterministic article-level pool/held-out split.
+
+Source (first that applies):
+
+* ``SquadV2(source_dir=...)`` — a directory holding the official ``dev-v2.0.json`` (preferred) or
+  the reconstructed ``dev-v2.0.reconstructed.json``;
+* ``$REGIFT_DATA_DIR/squad_v2`` or the repository's vendored ``data/squad_v2`` (the reconstructed
+  file; same 35 articles / 11,873 questions, see ``data/squad_v2/README.md``);
+* otherwise, or with ``SquadV2(download=True)``, the official :data:`SQUAD_V2_DEV_URL`.
+
+Known files are checked (md5 of the official file, sha256 of the reconstructed one;
+``verify_checksums=False`` skips).  The official JSON schema is validated; a bad entry raises
+``ValueError`` naming the file and the JSON path (e.g. ``data[3].paragraphs[2].qas[5]``).
+
+Splits (question order as in the file; ``disable_shuffling``):
+
+* ``validation`` — all 11,873 dev questions;
+* ``pool``       — questions of articles with ``int(sha256(title), 16) % num_buckets <
+  pool_buckets`` (default 8 of 10), the pool the teacher generates traces from;
+* ``heldout``    — the other articles, for evaluation never seen in training.
+
+Splitting whole articles keeps paragraphs of one article from landing on both sides.  With the
+default 8/10 the dev set splits into 30 articles / 10,152 questions (85.5%) for ``pool`` and
+5 articles / 1,721 questions for ``heldout`` (the fraction is by article hash, so the question
+fraction is not exactly 80%).  ``num_buckets``/``pool_buckets`` are knobs of :class:`SquadV2Config`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from typing import Optional
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from regift_jax.data import default_source_dir, file_digest
+
+logger = logging.getLogger(__name__)
+
+SQUAD_V2_DEV_URL = "https://rajpurkar.github.io/SQuAD-explorer/dataset/dev-v2.0.json"
+OFFICIAL_DEV_FILE = "dev-v2.0.json"
+RECONSTRUCTED_DEV_FILE = "dev-v2.0.reconstructed.json"
+# file name -> (algorithm, digest)
+KNOWN_DIGESTS = {
+    OFFICIAL_DEV_FILE: ("md5", "246adae8b7002f8679c027697b0b7cf8"),
+    RECONSTRUCTED_DEV_FILE: ("sha256",
+                             "72fb06181d94ff531e9dcb9e0cbb277bffcdde84521eee6c4f6f9d80c722641a"),
+}
+DEV_QUESTIONS = 11873
+
+_CITATION = """@inproceedings{rajpurkar-etal-2018-know,
+  title = {Know What You Don{'}t Know: Unanswerable Questions for {SQ}u{AD}},
+  author = {Rajpurkar, Pranav and Jia, Robin and Liang, Percy},
+  booktitle = {Proceedings of ACL 2018 (Volume 2: Short Papers)},
+  year = {2018}, pages = {784--789}}"""
+
+
+@dataclasses.dataclass(eq=False)
+class SquadV2Config(tfds.core.BuilderConfig):
+    """Article split knobs: ``bucket(title) = int(sha256(title), 16) % num_buckets``;
+    ``bucket < pool_buckets`` → ``pool``, else ``heldout``."""
+
+    num_buckets: int = 10
+    pool_buckets: int = 8
+
+    def __post_init__(self):
+        if not 0 < self.pool_buckets < self.num_buckets:
+            raise ValueError(f"need 0 < pool_buckets ({self.pool_buckets}) < num_buckets "
+                             f"({self.num_buckets})")
+
+
+def article_bucket(title: str, num_buckets: int = 10) -> int:
+    """Deterministic bucket of an article title (sha256 of its UTF-8 bytes, mod ``num_buckets``)."""
+    return int(hashlib.sha256(title.encode("utf-8")).hexdigest(), 16) % num_buckets
+
+
+def _answers(path, where, value, allow_missing=False):
+    if value is None and allow_missing:
+        return []
+    if not isinstance(value, list):
+        raise ValueError(f"{path}: {where} must be a list")
+    out = []
+    for i, a in enumerate(value):
+        if (not isinstance(a, dict) or not isinstance(a.get("text"), str)
+                or not isinstance(a.get("answer_start"), int) or isinstance(a["answer_start"], bool)):
+            raise ValueError(f"{path}: {where}[{i}] must be {{text: str, answer_start: int}}")
+        out.append({"text": a["text"], "answer_start": a["answer_start"]})
+    return out
+
+
+def read_squad_v2(path: str) -> list:
+    """Flatten an official-schema SQuAD 2.0 JSON file into question dicts (file order)."""
+    try:
+        with open(path, "rb") as f:
+            doc = json.loads(f.read().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: invalid UTF-8 at byte {e.start}") from None
+    except ValueError as e:
+        raise ValueError(f"{path}: malformed JSON ({e})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("data"), list):
+        raise ValueError(f"{path}: not the SQuAD JSON schema (expected an object with a 'data' list)")
+    out, seen = [], {}
+    for ai, art in enumerate(doc["data"]):
+        w = f"data[{ai}]"
+        if not isinstance(art, dict) or not isinstance(art.get("title"), str) or not isinstance(
+                art.get("paragraphs"), list):
+            raise ValueError(f"{path}: {w} must have a string 'title' and a 'paragraphs' list")
+        for pi, par in enumerate(art["paragraphs"]):
+            wp = f"{w}.paragraphs[{pi}]"
+            if not isinstance(par, dict) or not isinstance(par.get("context"), str) or \
+                    not isinstance(par.get("qas"), list):
+                raise ValueError(f"{path}: {wp} must have a string 'context' and a 'qas' list")
+            for qi, qa in enumerate(par["qas"]):
+                wq = f"{wp}.qas[{qi}]"
+                if not isinstance(qa, dict):
+                    raise ValueError(f"{path}: {wq} must be an object")
+                for k in ("id", "question"):
+                    if not isinstance(qa.get(k), str):
+                        raise ValueError(f"{path}: {wq}.{k} must be a string")
+                if not isinstance(qa.get("is_impossible"), bool):
+                    raise ValueError(f"{path}: {wq}.is_impossible missing or not a bool (is this "
+                                     "SQuAD 1.1? SQuAD 2.0 is required)")
+                if qa["id"] in seen:
+                    raise ValueError(f"{path}: {wq}: duplicate question id {qa['id']} (first at "
+                                     f"{seen[qa['id']]})")
+                seen[qa["id"]] = wq
+                answers = _answers(path, wq + ".answers", qa.get("answers"))
+                if not qa["is_impossible"] and not answers:
+                    raise ValueError(f"{path}: {wq}: answerable question without answers")
+                out.append({
+                    "id": qa["id"], "title": art["title"], "context": par["context"],
+                    "question": qa["question"], "answers": answers,
+                    "plausible_answers": _answers(path, wq + ".plausible_answers",
+                                                  qa.get("plausible_answers"), allow_missing=True),
+                    "is_impossible": qa["is_impossible"],
+                })
+    return out
+
+
+def _find_local(src: str) -> str:
+    for name in (OFFICIAL_DEV_FILE, RECONSTRUCTED_DEV_FILE):
+        p = os.path.join(src, name)
+        if os.path.isfile(p):
+            return p
+    raise FileNotFoundError(f"SQuAD-v2 source directory {src} has neither {OFFICIAL_DEV_FILE} nor "
+                            f"{RECONSTRUCTED_DEV_FILE}; get {SQUAD_V2_DEV_URL} or build with "
+                            "download=True")
+
+
+class SquadV2(tfds.core.GeneratorBasedBuilder):
+    """SQuAD 2.0 dev → TFDS splits ``validation``, ``pool``, ``heldout``."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "SQuAD 2.0 dev with an article-hash pool/heldout split."}
+    BUILDER_CONFIGS = [SquadV2Config(name="default", description="pool = article buckets 0-7 of "
+                                     "10 (sha256 of the title), heldout = buckets 8-9.")]
+    DEFAULT_CONFIG_NAME = "default"
+
+    def __init__(self, *, source_dir: Optional[str] = None, download: bool = False,
+                 verify_checksums: bool = True, **kwargs):
+        self._source_dir = source_dir
+        self._download = download
+        self._verify = verify_checksums
+        super().__init__(**kwargs)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        text = tfds.features.Text()
+        span = tfds.features.Sequence({"text": text, "answer_start": np.int32})
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description="SQuAD 2.0 dev set (answerable and unanswerable questions) with a "
+                        "deterministic article-level pool/heldout split.",
+            features=tfds.features.FeaturesDict({
+                "id": text, "title": text, "context": text, "question": text,
+                "answers": span, "plausible_answers": span,
+                "is_impossible": np.bool_, "article_bucket": np.int32,
+            }),
+            homepage="https://rajpurkar.github.io/SQuAD-explorer/",
+            citation=_CITATION,
+            license="CC BY-SA 4.0",
+            metadata=tfds.core.MetadataDict(),
+            disable_shuffling=True,
+        )
+
+    def _split_generators(self, dl_manager):
+        src = None if self._download else (self._source_dir or default_source_dir("squad_v2"))
+        if src is not None:
+            if not os.path.isdir(src):
+                raise FileNotFoundError(f"SQuAD-v2 source directory {src} does not exist")
+            path = _find_local(src)
+            name, origin = os.path.basename(path), os.path.abspath(path)
+        else:
+            path = os.fspath(dl_manager.download(SQUAD_V2_DEV_URL))
+            name, origin = OFFICIAL_DEV_FILE, SQUAD_V2_DEV_URL
+        algo, want = KNOWN_DIGESTS[name]
+        got = file_digest(path, algo)
+        if got != want:
+            msg = f"{path}: {algo} {got} differs from the known {name} ({want})"
+            if self._verify:
+                raise ValueError(msg + "; pass verify_checksums=False to build it anyway")
+            logger.warning("%s", msg)
+        rows = read_squad_v2(path)
+        if len(rows) != DEV_QUESTIONS:
+            logger.warning("%s has %d questions; the SQuAD 2.0 dev set has %d", path, len(rows),
+                           DEV_QUESTIONS)
+        cfg = self.builder_config
+        for r in rows:
+            r["article_bucket"] = article_bucket(r["title"], cfg.num_buckets)
+        pool = [r for r in rows if r["article_bucket"] < cfg.pool_buckets]
+        heldout = [r for r in rows if r["article_bucket"] >= cfg.pool_buckets]
+        md = self.info.metadata
+        md["source"] = origin
+        md["source_file"] = name
+        md["reconstructed"] = name == RECONSTRUCTED_DEV_FILE
+        md[algo] = got
+        md["split_rule"] = (f"int(sha256(title), 16) % {cfg.num_buckets} < {cfg.pool_buckets} -> "
+                            "pool, else heldout")
+        md["pool_articles"] = sorted({r["title"] for r in pool})
+        md["heldout_articles"] = sorted({r["title"] for r in heldout})
+        return {
+            "validation": self._generate_examples(rows),
+            "pool": self._generate_examples(pool),
+            "heldout": self._generate_examples(heldout),
+        }
+
+    def _generate_examples(self, rows):
+        for r in rows:
+            yield r["id"], r
