@@ -53,7 +53,6 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype
     # Structure / memory.
-    scan_layers: bool = True
     remat_policy: str = "none"  # none | full | dots | dots_with_no_batch_dims
     # LoRA (rank 0 = off).  Targets are projection names: q_proj k_proj v_proj o_proj
     # gate_proj up_proj down_proj.

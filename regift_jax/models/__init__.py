@@ -1,0 +1,166 @@
+"""Models: one decoder for four families, checkpoint I/O and a one-call loader.
+
+    >>> from regift_jax import models
+    >>> m = models.load("smollm2-135m-instruct")        # preset name, HF dir or .gguf file
+    >>> logits = m.logits(input_ids, attention_mask)     # float32 [B, T, V]
+    >>> m.generate(["What is the capital of France?"], max_new_tokens=20, chat=True)
+    >>> m.export("/tmp/smollm2_hf")                      # transformers can load this directory
+
+``load`` never downloads: a preset other than the offline default needs its weights in a local
+directory (``REGIFT_MODELS_DIR/<preset>`` or an explicit path); pass ``download=True`` (needs
+internet and ``huggingface_hub``) to fetch the preset's Hugging Face repository first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from regift_jax.models.checkpoints import (CheckpointError, export_hf, load_gguf, load_hf)
+from regift_jax.models.config import ModelConfig, UnsupportedArchitectureError
+from regift_jax.models.decoder import Decoder, init_params, positions_from_mask
+
+__all__ = ["load", "ModelHandle", "ModelConfig", "Decoder", "CheckpointError",
+           "UnsupportedArchitectureError", "init_params"]
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _logits(params, input_ids, attention_mask, cfg):
+    return Decoder(cfg).apply({"params": params}, input_ids,
+                              positions=positions_from_mask(attention_mask),
+                              segment_ids=attention_mask.astype(jnp.int32))
+
+
+@dataclasses.dataclass
+class ModelHandle:
+    """A loaded model: config, params, tokenizer, and convenience methods."""
+    cfg: ModelConfig
+    params: Any
+    tokenizer: Any = None
+    mesh: Any = None
+    source: str = ""
+
+    @property
+    def model(self) -> Decoder:
+        return Decoder(self.cfg)
+
+    def logits(self, input_ids, attention_mask=None) -> np.ndarray:
+        """float32 logits [B, T, V]; ``attention_mask`` 1 = token, 0 = (left) padding."""
+        ids = jnp.asarray(input_ids, jnp.int32)
+        if ids.ndim == 1:
+            ids = ids[None]
+        mask = jnp.ones_like(ids) if attention_mask is None else jnp.asarray(attention_mask,
+                                                                              jnp.int32)
+        return np.asarray(_logits(self.params, ids, mask, self.cfg), np.float32)
+
+    def sampler(self, **kw):
+        from regift_jax.sampling import Sampler
+        return Sampler(self.cfg, self.params, self.tokenizer, mesh=self.mesh, **kw)
+
+    def chat_prompt(self, user: str, system: Optional[str] = None) -> str:
+        msgs = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": user}]
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            return user
+        return self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+
+    def generate(self, prompts: Sequence[str], max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_p: float = 1.0, top_k: int = 0, stop_strings=(), seed: int = 0,
+                 chat: bool = False, batch_size: int = 8):
+        from regift_jax.sampling import SamplingConfig
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        texts = [self.chat_prompt(p) if chat else p for p in prompts]
+        sc = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                            top_k=top_k, stop_strings=tuple(stop_strings), seed=seed)
+        return [g.text for g in self.sampler(batch_size=batch_size).generate(texts, sc)]
+
+    def export(self, path: str, dtype: str = "float32"):
+        """HF directory (config.json + safetensors + tokenizer); LoRA is merged first."""
+        params, cfg = self.params, self.cfg
+        if cfg.lora_rank > 0:
+            from regift_jax.models.lora import merge_lora
+            params, cfg = merge_lora(cfg, params)
+        return export_hf(path, cfg, params, tokenizer=self.tokenizer, dtype=dtype)
+
+
+def _resolve(name_or_path: str, download: bool):
+    """-> (kind, path, preset or None)."""
+    if os.path.isfile(name_or_path):
+        if name_or_path.endswith(".gguf"):
+            return "gguf", name_or_path, None
+        raise CheckpointError(f"{name_or_path}: unknown checkpoint file type (expected .gguf or "
+                              "a Hugging Face directory)")
+    if os.path.isdir(name_or_path):
+        return "hf", name_or_path, None
+    from regift_jax.models import presets
+    try:
+        preset = presets.get_preset(name_or_path)
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{name_or_path!r} is neither a file, a directory nor a preset: "
+                              f"{e}") from None
+    key = preset.name
+    if key == DEFAULT_MODEL:
+        from regift_jax.models.tokenizer import smollm2_gguf_path
+        return "gguf", smollm2_gguf_path(), preset
+    local = os.path.join(os.environ.get("REGIFT_MODELS_DIR",
+                                        os.path.expanduser("~/.cache/regift_jax/models")), key)
+    if os.path.isdir(local):
+        return "hf", local, preset
+    if download:
+        from huggingface_hub import snapshot_download  # optional, needs internet
+        snapshot_download(preset.hf_repo, local_dir=local,
+                          allow_patterns=["*.json", "*.safetensors", "tokenizer*"])
+        return "hf", local, preset
+    raise CheckpointError(
+        f"weights for preset {key!r} ({preset.hf_repo}) are not available locally: expected a "
+        f"Hugging Face directory at {local} (set REGIFT_MODELS_DIR), or pass download=True with "
+        f"internet access")
+
+
+def load(name_or_path: str = DEFAULT_MODEL, *, dtype: Optional[str] = None,
+         param_dtype: Optional[str] = None, mesh=None, rules=None, tokenizer: bool = True,
+         download: bool = False, **cfg_overrides) -> ModelHandle:
+    """Load a model by preset name, HF safetensors directory or .gguf file.
+
+    ``dtype``/``param_dtype``: compute / parameter dtype (default float32).  ``mesh``: place the
+    params on their logical-axis shardings (:mod:`regift_jax.sharding`) while streaming them in.
+    Extra keyword arguments override :class:`ModelConfig` fields (e.g. ``lora_rank=16``).
+    """
+    kind, path, _ = _resolve(name_or_path, download)
+    overrides = dict(cfg_overrides)
+    if dtype:
+        overrides["dtype"] = dtype
+    if param_dtype:
+        overrides["param_dtype"] = param_dtype
+    lora = {k: overrides.pop(k) for k in list(overrides) if k.startswith("lora_")}
+    loader = load_gguf if kind == "gguf" else load_hf
+    shardings = None
+    if mesh is not None:
+        from regift_jax import sharding as shd
+        # Shapes only depend on the architecture, so read the config first, cheaply.
+        if kind == "gguf":
+            import gguf
+            from regift_jax.models.checkpoints import gguf_hf_config
+            base = ModelConfig.from_hf_config(gguf_hf_config(gguf.GGUFReader(path)), **overrides)
+        else:
+            from regift_jax.models.checkpoints import read_hf_config
+            base = ModelConfig.from_hf_config(read_hf_config(path), **overrides)
+        shardings = shd.param_shardings(base, mesh, rules or shd.DEFAULT_RULES)
+    cfg, params = loader(path, shardings=shardings, **overrides)
+    if lora:
+        from regift_jax.models.lora import add_lora
+        cfg, params = add_lora(cfg.replace(**lora), params, mesh=mesh, rules=rules)
+    tok = None
+    if tokenizer:
+        from regift_jax.models.tokenizer import load_tokenizer
+        tok = load_tokenizer(path)
+    return ModelHandle(cfg=cfg, params=params, tokenizer=tok, mesh=mesh, source=path)

@@ -1,0 +1,374 @@
+"""One Flax (Linen) decoder for Llama-3.x, Mistral, Qwen2 and Phi-3/Phi-4.
+
+The families differ only by :class:`~regift_jax.models.config.ModelConfig` flags:
+
+* Llama-3.x: GQA, RoPE with optional ``llama3`` frequency scaling, RMSNorm, SwiGLU, tied or
+  untied embeddings.
+* Mistral-7B-v0.1: ``sliding_window`` (a query attends to keys with ``q_pos - k_pos < window``,
+  the transformers convention).
+* Qwen2: ``attention_bias`` (q/k/v biases).
+* Phi-3/Phi-4: identical compute; the checkpoint stores ``qkv_proj`` and ``gate_up_proj`` fused,
+  which :mod:`regift_jax.models.checkpoints` splits on import and fuses on export.
+
+Layers are stacked with ``nn.scan`` (leading ``layers`` axis on every block parameter), which keeps
+compile time flat in depth, and can be rematerialised with a named policy (``remat_policy``).
+
+Every parameter carries logical axis names (``vocab``, ``embed``, ``heads``, ``kv_heads``,
+``head_dim``, ``mlp``, ``layers``, ``lora``) through ``nn.with_logical_partitioning``;
+:mod:`regift_jax.sharding` maps them to mesh axes with one rules table.
+
+Attention masks are built from ``positions`` and ``segment_ids`` only: a query attends to a key iff
+both have the same non-zero segment id and ``k_pos <= q_pos`` (and inside the sliding window).
+This one rule covers left-padded batches (padding has segment 0), packed rows (one segment per
+example, positions restarting at 0) and the KV cache (cached keys keep their position/segment).
+
+The KV cache is an explicit pytree ``{"k", "v": [L, B, S, KV, hd], "pos", "seg": [B, S],
+"index": int32[]}``; ``__call__(..., cache=c)`` writes the new keys at ``c["index"]`` and returns
+``(logits, new_cache)``.  Prefill and per-token decode are the same function.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from regift_jax.models.config import ModelConfig
+
+Array = jax.Array
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16,
+           "fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}
+
+
+def to_dtype(name) -> Any:
+    if not isinstance(name, str):
+        return name
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; valid: {sorted(_DTYPES)}") from None
+
+
+# ----------------------------------------------------------------------------- RoPE
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """Inverse frequencies [head_dim // 2] (float64 host math, like transformers' fp32 path)."""
+    hd = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, hd, 2, dtype=np.int64).astype(np.float32) / hd))
+    inv = inv.astype(np.float32)
+    rs = cfg.rope_scaling
+    if not rs:
+        return inv
+    kind = rs.get("rope_type")
+    if kind == "linear":
+        return (inv / np.float32(rs["factor"])).astype(np.float32)
+    if kind == "llama3":
+        factor = rs["factor"]
+        low, high = rs["low_freq_factor"], rs["high_freq_factor"]
+        old_ctx = rs["original_max_position_embeddings"]
+        low_wl, high_wl = old_ctx / low, old_ctx / high
+        wavelen = 2 * math.pi / inv
+        inv_l = np.where(wavelen > low_wl, inv / factor, inv)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * inv_l / factor + smooth * inv_l
+        medium = ~(wavelen < high_wl) & ~(wavelen > low_wl)
+        return np.where(medium, smoothed, inv_l).astype(np.float32)
+    raise ValueError(f"unsupported rope_scaling {rs!r}")
+
+
+def rope_cos_sin(positions: Array, inv_freq: np.ndarray):
+    """cos/sin [B, T, head_dim] in float32 (transformers' rotate_half layout)."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None, :]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+    """x [B, T, N, hd]; cos/sin [B, T, hd]."""
+    half = x.shape[-1] // 2
+    x32 = x.astype(jnp.float32)
+    rot = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    out = x32 * cos[:, :, None, :] + rot * sin[:, :, None, :]
+    return out.astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------- masks
+def attention_mask(q_pos, q_seg, k_pos, k_seg, sliding_window: Optional[int]) -> Array:
+    """Boolean [B, 1, 1, T, S] mask (broadcast over kv heads and group)."""
+    m = (q_seg[:, :, None] == k_seg[:, None, :]) & (k_seg[:, None, :] != 0)
+    m &= k_pos[:, None, :] <= q_pos[:, :, None]
+    if sliding_window is not None:
+        m &= (q_pos[:, :, None] - k_pos[:, None, :]) < sliding_window
+    return m[:, None, None, :, :]
+
+
+# ----------------------------------------------------------------------------- layers
+class RMSNorm(nn.Module):
+    eps: float
+    param_dtype: Any = jnp.float32
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+                           (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y.astype(self.dtype) * scale.astype(self.dtype))
+
+
+class Proj(nn.Module):
+    """A linear map contracting the last ``len(in_shape)`` axes, with optional bias and LoRA.
+
+    kernel: in_shape + out_shape.  LoRA (when ``lora_rank > 0``): ``lora_a`` in_shape + (r,)
+    (random normal / sqrt(fan_in)), ``lora_b`` (r,) + out_shape (zeros), scaled by alpha / r; the
+    LoRA branch sees the input through dropout (rate ``lora_dropout``) in training.
+    """
+    in_shape: tuple
+    out_shape: tuple
+    in_axes: tuple
+    out_axes: tuple
+    use_bias: bool = False
+    lora_rank: int = 0
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.0
+    param_dtype: Any = jnp.float32
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool = True):
+        n_in = len(self.in_shape)
+        fan_in = int(np.prod(self.in_shape))
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(
+                nn.initializers.normal(stddev=1.0 / math.sqrt(fan_in)),
+                self.in_axes + self.out_axes),
+            self.in_shape + self.out_shape, self.param_dtype)
+        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+        xd = x.astype(self.dtype)
+        y = jax.lax.dot_general(xd, kernel.astype(self.dtype), (contract, ((), ())))
+        if self.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                                   self.out_axes),
+                              self.out_shape, self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        if self.lora_rank > 0:
+            a = self.param("lora_a", nn.with_logical_partitioning(
+                nn.initializers.normal(stddev=1.0 / math.sqrt(fan_in)), self.in_axes + ("lora",)),
+                self.in_shape + (self.lora_rank,), self.param_dtype)
+            b = self.param("lora_b", nn.with_logical_partitioning(
+                nn.initializers.zeros, ("lora",) + self.out_axes),
+                (self.lora_rank,) + self.out_shape, self.param_dtype)
+            xl = nn.Dropout(self.lora_dropout)(xd, deterministic=deterministic)
+            h = jax.lax.dot_general(xl, a.astype(self.dtype), (contract, ((), ())))
+            h = jax.lax.dot_general(h, b.astype(self.dtype), (((h.ndim - 1,), (0,)), ((), ())))
+            y = y + h * (self.lora_alpha / self.lora_rank)
+        return y
+
+
+def _lora_kw(cfg: ModelConfig, name: str) -> dict:
+    if cfg.lora_rank > 0 and name in cfg.lora_targets:
+        return dict(lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+                    lora_dropout=cfg.lora_dropout)
+    return {}
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask, layer_cache, cache_index, deterministic):
+        cfg = self.cfg
+        pd, dt = to_dtype(cfg.param_dtype), to_dtype(cfg.dtype)
+        D, H, KV, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        common = dict(param_dtype=pd, dtype=dt)
+        q = Proj((D,), (H, hd), ("embed",), ("heads", "head_dim"), use_bias=cfg.attention_bias,
+                 name="q_proj", **common, **_lora_kw(cfg, "q_proj"))(x, deterministic)
+        k = Proj((D,), (KV, hd), ("embed",), ("kv_heads", "head_dim"),
+                 use_bias=cfg.attention_bias, name="k_proj", **common,
+                 **_lora_kw(cfg, "k_proj"))(x, deterministic)
+        v = Proj((D,), (KV, hd), ("embed",), ("kv_heads", "head_dim"),
+                 use_bias=cfg.attention_bias, name="v_proj", **common,
+                 **_lora_kw(cfg, "v_proj"))(x, deterministic)
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
+        new_cache = None
+        if layer_cache is not None:
+            ck, cv = layer_cache
+            k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, cache_index, 0, 0))
+            v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_index, 0, 0))
+            new_cache = (k, v)
+            k, v = k.astype(dt), v.astype(dt)
+        B, T = q.shape[:2]
+        S = k.shape[1]
+        G = H // KV
+        qg = q.reshape(B, T, KV, G, hd)
+        scores = jnp.einsum("btkgh,bskh->bkgts", qg, k,
+                            preferred_element_type=jnp.float32) / math.sqrt(hd)
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+        out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(B, T, H, hd)
+        y = Proj((H, hd), (D,), ("heads", "head_dim"), ("embed",), name="o_proj", **common,
+                 **_lora_kw(cfg, "o_proj"))(out, deterministic)
+        return y, new_cache
+
+
+class MLP(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, deterministic):
+        cfg = self.cfg
+        common = dict(param_dtype=to_dtype(cfg.param_dtype), dtype=to_dtype(cfg.dtype))
+        D, F = cfg.hidden_size, cfg.intermediate_size
+        g = Proj((D,), (F,), ("embed",), ("mlp",), name="gate_proj", **common,
+                 **_lora_kw(cfg, "gate_proj"))(x, deterministic)
+        u = Proj((D,), (F,), ("embed",), ("mlp",), name="up_proj", **common,
+                 **_lora_kw(cfg, "up_proj"))(x, deterministic)
+        h = nn.silu(g) * u
+        return Proj((F,), (D,), ("mlp",), ("embed",), name="down_proj", **common,
+                    **_lora_kw(cfg, "down_proj"))(h, deterministic)
+
+
+class Block(nn.Module):
+    cfg: ModelConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x, layer_cache, cos, sin, mask, cache_index):
+        cfg = self.cfg
+        pd, dt = to_dtype(cfg.param_dtype), to_dtype(cfg.dtype)
+        h = RMSNorm(cfg.rms_norm_eps, pd, dt, name="input_layernorm")(x)
+        a, new_cache = Attention(cfg, name="self_attn")(h, cos, sin, mask, layer_cache,
+                                                         cache_index, self.deterministic)
+        x = x + a
+        h = RMSNorm(cfg.rms_norm_eps, pd, dt, name="post_attention_layernorm")(x)
+        x = x + MLP(cfg, name="mlp")(h, self.deterministic)
+        return x, new_cache
+
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing, recompute everything
+    "dots": "checkpoint_dots",
+    "dots_with_no_batch_dims": "checkpoint_dots_with_no_batch_dims",
+    "nothing_saveable": "nothing_saveable",
+}
+
+
+def remat_policy(name: str):
+    if name not in _REMAT_POLICIES:
+        raise ValueError(f"unknown remat_policy {name!r}; valid: none, {', '.join(_REMAT_POLICIES)}")
+    p = _REMAT_POLICIES[name]
+    return None if p is None else getattr(jax.checkpoint_policies, p)
+
+
+class Decoder(nn.Module):
+    """The decoder.  ``__call__(input_ids, positions=None, segment_ids=None, cache=None,
+    deterministic=True, return_hidden=False)``.
+
+    * ``input_ids`` int32 [B, T].
+    * ``positions`` int32 [B, T] (default ``arange(T)``), drives RoPE and causality.
+    * ``segment_ids`` int32 [B, T] (default ones); 0 marks padding.
+    * ``cache``: see module docstring.  With a cache the result is ``(logits, new_cache)``.
+
+    Returns float32 logits [B, T, V] (or hidden states [B, T, D] if ``return_hidden``).
+    """
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, input_ids, positions=None, segment_ids=None, cache=None,
+                 deterministic: bool = True, return_hidden: bool = False):
+        cfg = self.cfg
+        pd, dt = to_dtype(cfg.param_dtype), to_dtype(cfg.dtype)
+        embed = self.param(
+            "embed_tokens", nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02),
+                                                         ("vocab", "embed")),
+            (cfg.vocab_size, cfg.hidden_size), pd)
+        block = Block
+        if cfg.remat_policy != "none":
+            block = nn.remat(Block, policy=remat_policy(cfg.remat_policy), prevent_cse=False)
+        layers = nn.scan(
+            block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+            length=cfg.num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(cfg, deterministic, name="layers")
+        B, T = input_ids.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        if segment_ids is None:
+            segment_ids = jnp.ones((B, T), jnp.int32)
+        positions = positions.astype(jnp.int32)
+        segment_ids = segment_ids.astype(jnp.int32)
+        x = jnp.take(embed, input_ids, axis=0).astype(dt)
+        cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg))
+        if cache is None:
+            mask = attention_mask(positions, segment_ids, positions, segment_ids,
+                                  cfg.sliding_window)
+            kv, idx = None, jnp.zeros((), jnp.int32)
+        else:
+            idx = cache["index"]
+            k_pos = jax.lax.dynamic_update_slice(cache["pos"], positions, (0, idx))
+            k_seg = jax.lax.dynamic_update_slice(cache["seg"], segment_ids, (0, idx))
+            mask = attention_mask(positions, segment_ids, k_pos, k_seg, cfg.sliding_window)
+            kv = (cache["k"], cache["v"])
+        x, new_kv = layers(x, kv, cos, sin, mask, idx)
+        x = RMSNorm(cfg.rms_norm_eps, pd, dt, name="norm")(x)
+        if return_hidden:
+            out = x
+        else:
+            if cfg.tie_word_embeddings:
+                w = embed.T
+            else:
+                w = self.param("lm_head", nn.with_logical_partitioning(
+                    nn.initializers.normal(stddev=0.02), ("embed", "vocab")),
+                    (cfg.hidden_size, cfg.vocab_size), pd)
+            out = jnp.einsum("btd,dv->btv", x, w.astype(dt), preferred_element_type=jnp.float32)
+            out = out.astype(jnp.float32)
+        if cache is None:
+            return out
+        new_cache = {"k": new_kv[0], "v": new_kv[1], "pos": k_pos, "seg": k_seg,
+                     "index": idx + T}
+        return out, new_cache
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
+    """An empty KV cache for ``batch`` rows of up to ``max_len`` tokens."""
+    dt = to_dtype(dtype or cfg.dtype)
+    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt),
+            "pos": jnp.zeros((batch, max_len), jnp.int32),
+            "seg": jnp.zeros((batch, max_len), jnp.int32),
+            "index": jnp.zeros((), jnp.int32)}
+
+
+def positions_from_mask(attention_mask: Array) -> Array:
+    """Left-padded batch: position = number of real tokens before (0 on padding)."""
+    m = attention_mask.astype(jnp.int32)
+    return jnp.maximum(jnp.cumsum(m, axis=-1) - 1, 0) * m
+
+
+def init_params(cfg: ModelConfig, rng=None, boxed: bool = False):
+    """Random parameters (tiny test configs, benchmarks).  ``boxed`` keeps the
+    ``nn.LogicallyPartitioned`` metadata."""
+    rng = jax.random.PRNGKey(0) if rng is None else rng
+    model = Decoder(cfg)
+    ids = jnp.zeros((1, 2), jnp.int32)
+    variables = model.init(rng, ids)
+    params = variables["params"]
+    return params if boxed else nn.unbox(params)
+
+
+def param_logical_axes(cfg: ModelConfig):
+    """Pytree of logical-axis tuples matching the params, computed abstractly (no FLOPs)."""
+    model = Decoder(cfg)
+    abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
+                                                 jnp.zeros((1, 2), jnp.int32)))["params"]
+    return nn.get_partition_spec(abstract)

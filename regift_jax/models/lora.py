@@ -1,0 +1,135 @@
+"""LoRA for the decoder: add adapters to a loaded model, mark them trainable, merge them back.
+
+The decoder's :class:`~regift_jax.models.decoder.Proj` layers hold ``lora_a`` (in -> r) and
+``lora_b`` (r -> out) next to ``kernel`` when ``ModelConfig.lora_rank > 0`` and the projection is
+in ``lora_targets``; the forward adds ``dropout(x) @ a @ b * alpha / r``.  ``lora_b`` starts at
+zero, so a freshly adapted model computes exactly the base model (tested).
+
+The trainer keeps base weights frozen by building its optimizer over the LoRA leaves only
+(:func:`lora_mask` / :func:`split`), so they are not in the optimizer state.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from typing import Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from regift_jax.models.config import ModelConfig
+
+# projection -> (parent module, number of input axes in the kernel after the layer axis,
+#                logical input axes, logical output axes)
+TARGETS = {
+    "q_proj": ("self_attn", 1, ("embed",), ("heads", "head_dim")),
+    "k_proj": ("self_attn", 1, ("embed",), ("kv_heads", "head_dim")),
+    "v_proj": ("self_attn", 1, ("embed",), ("kv_heads", "head_dim")),
+    "o_proj": ("self_attn", 2, ("heads", "head_dim"), ("embed",)),
+    "gate_proj": ("mlp", 1, ("embed",), ("mlp",)),
+    "up_proj": ("mlp", 1, ("embed",), ("mlp",)),
+    "down_proj": ("mlp", 1, ("mlp",), ("embed",)),
+}
+
+
+def _check(cfg: ModelConfig):
+    bad = [t for t in cfg.lora_targets if t not in TARGETS]
+    if bad:
+        raise ValueError(f"unknown LoRA target(s) {bad}; valid: {sorted(TARGETS)}")
+    if cfg.lora_rank <= 0:
+        raise ValueError("lora_rank must be > 0 to add LoRA adapters")
+
+
+def add_lora(cfg: ModelConfig, params: dict, seed: int = 0, mesh=None, rules=None
+             ) -> Tuple[ModelConfig, dict]:
+    """Return (cfg, params) with fresh LoRA leaves for ``cfg.lora_targets``.
+
+    ``lora_a`` ~ N(0, 1/fan_in) (deterministic per target from ``seed``), ``lora_b`` = 0.
+    """
+    _check(cfg)
+    r = cfg.lora_rank
+    layers = dict(params["layers"])
+    for name in cfg.lora_targets:
+        parent, n_in, in_axes, out_axes = TARGETS[name]
+        mod = dict(layers[parent])
+        leaf = dict(mod[name])
+        k = leaf["kernel"]
+        L = k.shape[0]
+        in_shape, out_shape = k.shape[1:1 + n_in], k.shape[1 + n_in:]
+        fan_in = int(np.prod(in_shape))
+        key = jax.random.fold_in(jax.random.PRNGKey(seed), zlib.crc32(name.encode()))
+        a = jax.random.normal(key, (L,) + in_shape + (r,), jnp.float32) / math.sqrt(fan_in)
+        b = jnp.zeros((L, r) + out_shape, jnp.float32)
+        pd = k.dtype
+        a, b = a.astype(pd), b.astype(pd)
+        if mesh is not None:
+            from jax.sharding import NamedSharding
+            from regift_jax import sharding as shd
+            rl = rules or shd.DEFAULT_RULES
+            a = jax.device_put(a, NamedSharding(mesh, shd.logical_to_spec(
+                ("layers",) + in_axes + ("lora",), a.shape, mesh, rl)))
+            b = jax.device_put(b, NamedSharding(mesh, shd.logical_to_spec(
+                ("layers", "lora") + out_axes, b.shape, mesh, rl)))
+        leaf["lora_a"], leaf["lora_b"] = a, b
+        mod[name] = leaf
+        layers[parent] = mod
+    out = dict(params)
+    out["layers"] = layers
+    return cfg, out
+
+
+def is_lora_path(path) -> bool:
+    last = path[-1]
+    key = getattr(last, "key", getattr(last, "name", last))
+    return key in ("lora_a", "lora_b")
+
+
+def lora_mask(params):
+    """Pytree of bools: True on LoRA leaves."""
+    return jax.tree_util.tree_map_with_path(lambda p, _: is_lora_path(p), params)
+
+
+def split(params):
+    """(trainable LoRA leaves, frozen base leaves) as two dicts with the same nesting."""
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    lora, base = {}, {}
+    for path, v in flat:
+        keys = tuple(getattr(k, "key", k) for k in path)
+        tgt = lora if is_lora_path(path) else base
+        d = tgt
+        for k in keys[:-1]:
+            d = d.setdefault(k, {})
+        d[keys[-1]] = v
+    return lora, base
+
+
+def combine(a: dict, b: dict) -> dict:
+    """Deep-merge two disjoint nested dicts (inverse of :func:`split`)."""
+    out = dict(b)
+    for k, v in a.items():
+        out[k] = combine(v, out.get(k, {})) if isinstance(v, dict) else v
+    return out
+
+
+def merge_lora(cfg: ModelConfig, params: dict) -> Tuple[ModelConfig, dict]:
+    """Fold every adapter into its kernel: W + a @ b * alpha / r; drop the LoRA leaves."""
+    scale = cfg.lora_alpha / cfg.lora_rank if cfg.lora_rank else 0.0
+    layers = dict(params["layers"])
+    for name, (parent, n_in, _, _) in TARGETS.items():
+        mod = dict(layers[parent])
+        leaf = dict(mod[name])
+        if "lora_a" not in leaf:
+            continue
+        a, b, k = leaf.pop("lora_a"), leaf.pop("lora_b"), leaf["kernel"]
+        L, r = a.shape[0], a.shape[-1]
+        a2 = a.astype(jnp.float32).reshape(L, -1, r)
+        b2 = b.astype(jnp.float32).reshape(L, r, -1)
+        delta = jnp.einsum("lir,lro->lio", a2, b2).reshape(k.shape) * scale
+        leaf["kernel"] = (k.astype(jnp.float32) + delta).astype(k.dtype)
+        mod[name] = leaf
+        layers[parent] = mod
+    out = dict(params)
+    out["layers"] = layers
+    return cfg.replace(lora_rank=0), out

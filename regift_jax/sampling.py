@@ -1,0 +1,273 @@
+"""The one sampler, shared by teacher trace generation and BBQ evaluation.
+
+* ``prefill`` (jitted): a left-padded batch of prompts runs through the decoder once, filling a
+  KV cache of ``prompt_len + max_new_tokens`` slots.
+* ``decode_chunk`` (jitted): a ``lax.while_loop`` of single-token decode steps over the cache,
+  ``chunk`` steps at a time; stops early when every row is done.  Between chunks the host checks
+  *stop strings* on the decoded text (a stop string can be tokenized many ways, so it is matched
+  on text, exactly) and marks rows done; EOS ids are checked on device every step.
+* Decoding: greedy (``temperature == 0``), temperature, top-k and top-p (nucleus; the smallest
+  prefix of the sorted distribution whose mass reaches ``top_p``, always keeping the top token).
+* Every row owns a PRNG key ``fold_in(PRNGKey(seed), row_seed)`` and step ``t`` uses
+  ``fold_in(row_key, t)``, so a row's sample does not depend on its batch neighbours or on how the
+  prompts were batched.
+* Prompts are bucketed (length rounded up to ``length_bucket``, batch padded to ``batch_size``) so
+  a long run compiles a handful of programs, not one per batch.
+* With a ``mesh`` the batch is sharded over the data axes and params keep their training
+  shardings (same mesh and rules as :mod:`regift_jax.sharding`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import List, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from regift_jax.models.config import ModelConfig
+from regift_jax.models.decoder import Decoder, init_cache, positions_from_mask
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    stop_strings: tuple = ()
+    seed: int = 0
+
+    def as_dict(self):
+        d = dataclasses.asdict(self)
+        d["stop_strings"] = list(self.stop_strings)
+        return d
+
+
+@dataclasses.dataclass
+class Generation:
+    text: str
+    token_ids: List[int]
+    finish_reason: str  # "eos" | "stop" | "length"
+    prompt_tokens: int
+    generated_tokens: int
+
+
+def filter_logits(logits, temperature: float, top_p: float, top_k: int):
+    """Temperature, top-k and top-p applied to float32 logits [B, V] (static settings)."""
+    logits = logits.astype(jnp.float32) / temperature
+    neg = jnp.finfo(jnp.float32).min
+    if top_k and top_k > 0:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, neg, logits)
+    if top_p < 1.0:
+        srt = jnp.sort(logits, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(srt, axis=-1)
+        cum = jnp.cumsum(probs, axis=-1)
+        # keep token i if the mass strictly before it is < top_p (top token always kept)
+        keep = (cum - probs) < top_p
+        n_keep = jnp.sum(keep, axis=-1, keepdims=True)
+        thr = jnp.take_along_axis(srt, n_keep - 1, axis=-1)
+        logits = jnp.where(logits < thr, neg, logits)
+    return logits
+
+
+def sample_next(logits, row_keys, step, temperature: float, top_p: float, top_k: int):
+    if temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    filt = filter_logits(logits, temperature, top_p, top_k)
+    keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(row_keys)
+    return jax.vmap(jax.random.categorical)(keys, filt).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "cache_len"))
+def prefill(params, input_ids, attention_mask, cfg: ModelConfig, cache_len: int):
+    B = input_ids.shape[0]
+    cache = init_cache(cfg, B, cache_len)
+    pos = positions_from_mask(attention_mask)
+    logits, cache = Decoder(cfg).apply({"params": params}, input_ids, positions=pos,
+                                       segment_ids=attention_mask.astype(jnp.int32), cache=cache)
+    return logits[:, -1, :], cache, pos[:, -1]
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "n_steps", "temperature", "top_p", "top_k"),
+                   donate_argnames=("cache",))
+def decode_chunk(params, cache, logits, last_pos, done, out_tokens, n_out, row_keys, eos_ids,
+                 pad_id, cfg: ModelConfig, n_steps: int, temperature: float, top_p: float,
+                 top_k: int):
+    """Up to ``n_steps`` decode steps.  ``out_tokens`` [B, max_new] is written at ``n_out``."""
+    model = Decoder(cfg)
+    max_new = out_tokens.shape[1]
+
+    def cond(s):
+        i, _, _, _, done, _, n_out = s
+        return (i < n_steps) & ~jnp.all(done) & (n_out < max_new)
+
+    def body(s):
+        i, cache, logits, last_pos, done, out_tokens, n_out = s
+        tok = sample_next(logits, row_keys, n_out, temperature, top_p, top_k)
+        tok = jnp.where(done, pad_id, tok)
+        is_eos = jnp.any(tok[:, None] == eos_ids[None, :], axis=-1) & ~done
+        out_tokens = jax.lax.dynamic_update_slice(out_tokens, tok[:, None], (0, n_out))
+        done = done | is_eos
+        pos = last_pos + 1
+        new_logits, cache = model.apply({"params": params}, tok[:, None], positions=pos[:, None],
+                                        segment_ids=jnp.ones_like(tok)[:, None], cache=cache)
+        return (i + 1, cache, new_logits[:, -1, :], pos, done, out_tokens, n_out + 1)
+
+    s = (jnp.zeros((), jnp.int32), cache, logits, last_pos, done, out_tokens, n_out)
+    _, cache, logits, last_pos, done, out_tokens, n_out = jax.lax.while_loop(cond, body, s)
+    return cache, logits, last_pos, done, out_tokens, n_out
+
+
+def _round_up(n, m):
+    return ((n + m - 1) // m) * m
+
+
+class Sampler:
+    """Batched generation with a KV cache.  ``generate(prompts, sampling, row_seeds)``.
+
+    ``prompts``: strings (tokenized with ``tokenizer``, no special tokens added — render chat
+    templates / BOS in the prompt text) or lists of token ids.
+    """
+
+    def __init__(self, cfg: ModelConfig, params, tokenizer=None, mesh=None, batch_size: int = 8,
+                 length_bucket: int = 64, chunk: int = 32, pad_id: Optional[int] = None,
+                 eos_ids: Optional[Sequence[int]] = None):
+        self.cfg, self.params, self.tokenizer, self.mesh = cfg, params, tokenizer, mesh
+        self.batch_size, self.length_bucket, self.chunk = batch_size, length_bucket, chunk
+        if pad_id is None:
+            pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+        self.pad_id = int(pad_id)
+        self.eos_ids = tuple(eos_ids) if eos_ids is not None else cfg.eos_token_ids
+        if not self.eos_ids:
+            self.eos_ids = (-1,)
+
+    def _encode(self, p) -> List[int]:
+        if isinstance(p, str):
+            if self.tokenizer is None:
+                raise ValueError("Sampler: string prompts need a tokenizer")
+            return list(self.tokenizer(p, add_special_tokens=False)["input_ids"])
+        return [int(t) for t in p]
+
+    def _decode(self, ids) -> str:
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def _place(self, x):
+        if self.mesh is None:
+            return jnp.asarray(x)
+        from regift_jax.sharding import batch_sharding
+        return jax.device_put(x, batch_sharding(self.mesh, ndim=x.ndim))
+
+    def generate(self, prompts: Sequence[Union[str, Sequence[int]]], sampling: SamplingConfig,
+                 row_seeds: Optional[Sequence[int]] = None, progress=None) -> List[Generation]:
+        """Generate for every prompt; ``row_seeds[i]`` (default ``i``) keys row i's randomness."""
+        encoded = [self._encode(p) for p in prompts]
+        if row_seeds is None:
+            row_seeds = list(range(len(encoded)))
+        results: List[Optional[Generation]] = [None] * len(encoded)
+        # Sort by length so batches are tight; results are returned in input order.
+        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=len(encoded), desc=progress if isinstance(progress, str) else
+                       "generate", unit="seq", dynamic_ncols=True)
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start:start + self.batch_size]
+            gens = self._generate_batch([encoded[i] for i in idx], sampling,
+                                        [row_seeds[i] for i in idx])
+            for i, g in zip(idx, gens):
+                results[i] = g
+            if bar is not None:
+                bar.update(len(idx))
+                ntok = sum(g.generated_tokens for g in gens)
+                bar.set_postfix(new_tokens=ntok)
+        if bar is not None:
+            bar.close()
+        return results  # type: ignore[return-value]
+
+    def _generate_batch(self, encoded, sampling: SamplingConfig, seeds) -> List[Generation]:
+        n = len(encoded)
+        B = self.batch_size
+        T = _round_up(max(1, max(len(e) for e in encoded)), self.length_bucket)
+        max_new = sampling.max_new_tokens
+        ids = np.full((B, T), self.pad_id, np.int32)
+        mask = np.zeros((B, T), np.int32)
+        for r, e in enumerate(encoded):
+            if len(e):
+                ids[r, T - len(e):] = e
+                mask[r, T - len(e):] = 1
+        for r in range(n, B):  # filler rows: one token so no row is fully masked
+            ids[r, -1] = self.pad_id
+            mask[r, -1] = 1
+        base = jax.random.PRNGKey(sampling.seed)
+        keys = jnp.stack([jax.random.fold_in(base, int(s)) for s in list(seeds) +
+                          [0] * (B - n)])
+        cache_len = T + _round_up(max_new, self.length_bucket)
+        logits, cache, last_pos = prefill(self.params, self._place(ids), self._place(mask),
+                                          self.cfg, cache_len)
+        done = np.zeros((B,), bool)
+        done[n:] = True
+        done = jnp.asarray(done)
+        out = jnp.full((B, max_new), self.pad_id, jnp.int32)
+        n_out = jnp.zeros((), jnp.int32)
+        eos = jnp.asarray(self.eos_ids, jnp.int32)
+        stop_at = [None] * n
+        while True:
+            cache, logits, last_pos, done, out, n_out = decode_chunk(
+                self.params, cache, logits, last_pos, done, out, n_out, keys, eos,
+                jnp.int32(self.pad_id), self.cfg, self.chunk, float(sampling.temperature),
+                float(sampling.top_p), int(sampling.top_k))
+            n_done = int(n_out)
+            done_h = np.array(done)
+            if sampling.stop_strings and self.tokenizer is not None:
+                toks = np.asarray(out[:, :n_done])
+                for r in range(n):
+                    if done_h[r] or stop_at[r] is not None:
+                        continue
+                    text = self._decode(self._strip(toks[r]))
+                    if any(s in text for s in sampling.stop_strings):
+                        stop_at[r] = True
+                        done_h[r] = True
+                done = jnp.asarray(done_h)
+            if done_h.all() or n_done >= max_new:
+                break
+        toks = np.asarray(out[:, :int(n_out)])
+        gens = []
+        for r in range(n):
+            row = list(toks[r])
+            reason = "length"
+            cut = len(row)
+            for j, t in enumerate(row):
+                if t in self.eos_ids:
+                    cut, reason = j, "eos"
+                    break
+            row = row[:cut]
+            text = self._decode(row)
+            if sampling.stop_strings:
+                hits = [(text.find(s), s) for s in sampling.stop_strings if s in text]
+                if hits:
+                    pos, s = min(hits)
+                    text = text[:pos + len(s)]
+                    reason = "stop"
+                    # keep the tokens that cover the kept text
+                    while len(row) > 1 and len(self._decode(row[:-1])) >= pos + len(s):
+                        row = row[:-1]
+            gens.append(Generation(text=text, token_ids=[int(t) for t in row],
+                                   finish_reason=reason, prompt_tokens=len(encoded[r]),
+                                   generated_tokens=len(row)))
+        return gens
+
+    def _strip(self, row):
+        out = []
+        for t in row:
+            if int(t) in self.eos_ids:
+                break
+            out.append(int(t))
+        return out

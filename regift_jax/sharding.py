@@ -1,0 +1,152 @@
+"""Device mesh and the one logical-axis rules table.
+
+Parameters and activations are annotated with *logical* axis names by the model
+(:mod:`regift_jax.models.decoder`); this module maps them to the physical mesh axes
+``("data", "fsdp", "tensor")`` through ``rules`` (MaxText / Flax ``MeshRules`` style):
+
+=========  ===================  =====================================================
+logical    mesh axes (default)   meaning
+=========  ===================  =====================================================
+batch      (data, fsdp)          examples of a global batch
+length     -                     sequence
+vocab      tensor                vocabulary (embedding rows, lm_head columns)
+embed      fsdp                  model width: parameters are ZeRO-3 sharded over fsdp
+heads      tensor                query heads
+kv_heads   tensor                key/value heads
+head_dim   -
+mlp        tensor                feed-forward width
+layers     -                     the scanned layer axis
+lora       -                     LoRA rank
+=========  ===================  =====================================================
+
+A mesh axis is dropped from a dimension's spec when it does not divide that dimension (e.g.
+SmolLM2's 3 KV heads on a tensor axis of 2): the dimension is replicated over that axis instead of
+failing, and :func:`param_shardings` reports every such fallback.  Mesh sizes may be ``-1``
+(fill with the remaining devices).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Dict, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+DEFAULT_RULES: Tuple[Tuple[str, object], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("layers", None),
+    ("lora", None),
+)
+
+log = logging.getLogger(__name__)
+
+
+def resolve_mesh_shape(shape: Dict[str, int], n_devices: int) -> Dict[str, int]:
+    """Fill a single ``-1`` entry so the product equals ``n_devices``; validate."""
+    shape = {a: int(shape.get(a, 1)) for a in MESH_AXES}
+    unknown = [a for a, v in shape.items() if v == -1]
+    if len(unknown) > 1:
+        raise ValueError(f"mesh: at most one axis may be -1, got {shape}")
+    known = math.prod(v for v in shape.values() if v != -1)
+    if unknown:
+        if n_devices % known:
+            raise ValueError(f"mesh {shape}: {n_devices} devices not divisible by {known}")
+        shape[unknown[0]] = n_devices // known
+    if math.prod(shape.values()) != n_devices:
+        raise ValueError(f"mesh {shape} needs {math.prod(shape.values())} devices, "
+                         f"{n_devices} available")
+    return shape
+
+
+def make_mesh(shape: Optional[Dict[str, int]] = None, devices: Optional[Sequence] = None) -> Mesh:
+    devices = list(jax.devices() if devices is None else devices)
+    shape = resolve_mesh_shape(shape or {"data": -1}, len(devices))
+    dims = tuple(shape[a] for a in MESH_AXES)
+    try:
+        arr = mesh_utils.create_device_mesh(dims, devices=devices)
+    except (ValueError, AssertionError, NotImplementedError):
+        arr = np.asarray(devices).reshape(dims)
+    return Mesh(arr, MESH_AXES)
+
+
+def _axes_size(mesh: Mesh, axes) -> int:
+    if axes is None:
+        return 1
+    if isinstance(axes, str):
+        axes = (axes,)
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def logical_to_spec(logical: Sequence[Optional[str]], shape: Optional[Sequence[int]] = None,
+                    mesh: Optional[Mesh] = None, rules=DEFAULT_RULES, fallbacks=None) -> P:
+    """PartitionSpec for one array; mesh axes are used at most once per array."""
+    table = dict(rules)
+    used, out = set(), []
+    for i, name in enumerate(logical):
+        axes = table.get(name) if name is not None else None
+        if axes is not None:
+            tup = (axes,) if isinstance(axes, str) else tuple(axes)
+            tup = tuple(a for a in tup if a not in used and (mesh is None or mesh.shape[a] > 1))
+            if mesh is not None and shape is not None and tup and shape[i] % _axes_size(mesh, tup):
+                # Keep the largest dividing prefix, replicate over the rest.
+                while tup and shape[i] % _axes_size(mesh, tup):
+                    tup = tup[:-1]
+                if fallbacks is not None:
+                    fallbacks.append((tuple(logical), i, shape[i], axes, tup))
+            used.update(tup)
+            axes = None if not tup else (tup[0] if len(tup) == 1 else tup)
+        out.append(axes)
+    return P(*out)
+
+
+def tree_shardings(abstract_boxed, mesh: Mesh, rules=DEFAULT_RULES, report: bool = True):
+    """NamedShardings for a pytree whose leaves are ``nn.LogicallyPartitioned`` (or plain arrays,
+    which are replicated)."""
+    fallbacks = []
+
+    def one(x):
+        if isinstance(x, nn.LogicallyPartitioned):
+            spec = logical_to_spec(x.names, x.value.shape, mesh, rules, fallbacks)
+            return NamedSharding(mesh, spec)
+        return NamedSharding(mesh, P())
+
+    out = jax.tree.map(one, abstract_boxed,
+                       is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+    if report and fallbacks:
+        seen = sorted({(f[0], f[2], str(f[3])) for f in fallbacks})
+        for names, size, axes in seen:
+            log.warning("sharding: dim of size %d (%s) not divisible by mesh axes %s; "
+                        "replicated instead", size, names, axes)
+    return out
+
+
+def param_shardings(cfg, mesh: Mesh, rules=DEFAULT_RULES):
+    """NamedSharding pytree for the decoder's params (abstract init: no memory, no FLOPs)."""
+    import jax.numpy as jnp
+    from regift_jax.models.decoder import Decoder
+    abstract = jax.eval_shape(lambda: Decoder(cfg).init(jax.random.PRNGKey(0),
+                                                        jnp.zeros((1, 2), jnp.int32)))["params"]
+    return tree_shardings(abstract, mesh, rules)
+
+
+def batch_sharding(mesh: Mesh, rules=DEFAULT_RULES, ndim: int = 2) -> NamedSharding:
+    spec = logical_to_spec(("batch",) + ("length",) * (ndim - 1), None, mesh, rules)
+    return NamedSharding(mesh, spec)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
