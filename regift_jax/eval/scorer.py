@@ -42,9 +42,9 @@ turned into ``null`` by :mod:`regift_jax.eval.report`.
 
 Bootstrap.  :func:`bootstrap_intervals` draws ``num_resamples`` resamples of the valid items
 (with replacement, jointly over categories) from a fixed ``PRNGKey(seed)`` and evaluates the
-metrics for each, vmapped in chunks with ``jax.lax.map`` (bounded memory), then takes the
-``nan``-aware percentile interval.  Resampling is exact integer arithmetic: a uniform draw is
-mapped to the rank of a valid item via ``searchsorted`` on the cumulative valid count.
+metrics for each, vmapped over ``chunk`` resamples at a time inside ``jax.lax.map`` (bounded
+memory), then takes the ``nan``-aware percentile interval.  A resample is a vector of integer
+multiplicities over the items: ``n_valid`` random ranks, mapped to valid positions by a gather.
 
 Compile size.  The host wrapper :func:`score` pads N up to a multiple of ``pad_multiple`` with
 invalid rows, so runs of similar size share one compiled program per (padded N, number of
@@ -148,16 +148,26 @@ def score_batch(prediction, label, unknown_option, biased_option, condition, cat
 score_batch_jit = jax.jit(score_batch, static_argnames=("num_categories",))
 
 
-def _resample_weights(key, valid):
-    """Multiplicities of a with-replacement resample of the valid items (exact integers)."""
+def _valid_positions(valid):
+    """``pos[r]`` = index of the (r+1)-th valid item (rank -> position), padded with 0."""
     n = valid.shape[0]
-    cum = jnp.cumsum(valid.astype(jnp.int32))
-    n_valid = cum[-1]
-    draws = jnp.floor(jax.random.uniform(key, (n,)) * n_valid).astype(jnp.int32)
-    draws = jnp.minimum(draws, n_valid - 1)
-    idx = jnp.searchsorted(cum, draws, side="right")  # rank r -> (r+1)-th valid item
-    keep = (jnp.arange(n) < n_valid).astype(jnp.float32)  # exactly n_valid draws
-    return jnp.zeros((n,), jnp.float32).at[idx].add(keep)
+    rank = jnp.cumsum(valid.astype(jnp.int32)) - 1
+    return jnp.zeros((n,), jnp.int32).at[jnp.where(valid, rank, n)].set(
+        jnp.arange(n, dtype=jnp.int32), mode="drop")
+
+
+def _resample_weights(key, valid, num: int = 1):
+    """``[num, N]`` multiplicities of with-replacement resamples of the valid items.
+
+    Each resample draws exactly ``n_valid`` ranks uniformly (32 random bits modulo
+    ``n_valid``; the modulo bias is below ``n_valid / 2**32``) and counts them per item.
+    """
+    n = valid.shape[0]
+    n_valid = jnp.maximum(valid.astype(jnp.int32).sum(), 1).astype(jnp.uint32)
+    ranks = (jax.random.bits(key, (num, n), jnp.uint32) % n_valid).astype(jnp.int32)
+    idx = _valid_positions(valid)[ranks]  # [num, N]
+    keep = (jnp.arange(n) < valid.astype(jnp.int32).sum()).astype(jnp.float32)
+    return jax.vmap(lambda i: jnp.zeros((n,), jnp.float32).at[i].add(keep))(idx)
 
 
 @functools.partial(jax.jit, static_argnames=("num_categories", "num_resamples", "chunk",
@@ -171,13 +181,18 @@ def bootstrap_intervals(prediction, label, unknown_option, biased_option, condit
     x = _indicators(prediction, label, unknown_option, biased_option, condition, paper_correct,
                     reasoning_length)
     onehot = jax.nn.one_hot(category_id, num_categories, dtype=jnp.float32)
+    chunk = max(1, min(chunk, num_resamples))
+    num_chunks = -(-num_resamples // chunk)
 
-    def one(k):
-        m = _metrics_from_sums(_group_sums(_resample_weights(k, valid), x, onehot))
+    def one(w):
+        m = _metrics_from_sums(_group_sums(w, x, onehot))
         return jnp.stack([m[name] for name in metrics])  # [M, C+1]
 
-    keys = jax.random.split(key, num_resamples)
-    samples = jax.lax.map(one, keys, batch_size=min(chunk, num_resamples))  # [B, M, C+1]
+    def block(k):
+        return jax.vmap(one)(_resample_weights(k, valid, chunk))  # [chunk, M, C+1]
+
+    samples = jax.lax.map(block, jax.random.split(key, num_chunks))
+    samples = samples.reshape((num_chunks * chunk,) + samples.shape[2:])[:num_resamples]
     alpha = (1.0 - confidence) / 2.0
     qs = jnp.nanpercentile(samples, jnp.stack([100.0 * alpha, 100.0 * (1.0 - alpha)]), axis=0)
     return {name: qs[:, i, :] for i, name in enumerate(metrics)}
