@@ -120,7 +120,8 @@ def _run(tmp_path, small_bbq, rows, *extra, category="Religion", name="g.jsonl")
 def test_bad_rows_are_counted_not_dropped(tmp_path, small_bbq, capsys):
     rows = _religion_rows(small_bbq)
     gens = [
-        {"example_id": rows[0]["example_id"], "generation": "</think> <answer>Can't answer</answer>"},
+        {"example_id": rows[0]["example_id"],
+         "generation": "</think> <answer>Can't answer</answer>"},
         {"example_id": rows[1]["example_id"], "generation": ""},          # empty generation
         {"example_id": 999, "generation": "The Muslim one."},               # unknown id
         {"generation": "no id"},                                            # malformed

@@ -132,32 +132,39 @@ def test_host_score_nested_dict_padding_and_bootstrap_degenerate():
     assert r3["A"]["ci"]["acc_overall"] == [1.0, 1.0]
 
 
-def test_resample_weights_are_exact_multiplicities():
-    valid = jnp.array([1, 0, 1, 1, 0, 1, 0, 0], bool)
-    w = np.asarray(scorer._resample_weights(jax.random.PRNGKey(0), valid, 300))
-    assert w.shape == (300, 8)
-    assert np.all(w.sum(axis=1) == 4) and np.all(w[:, ~np.asarray(valid)] == 0)
-    assert np.all(w == np.round(w))
-    # each valid item is drawn with probability 1/4 per draw: mean multiplicity 1
-    np.testing.assert_allclose(w[:, np.asarray(valid)].mean(axis=0), 1.0, atol=0.2)
+_weights = jax.jit(scorer._resample_weights, static_argnums=2)
 
 
-def test_bootstrap_matches_numpy_reference():
+def random_arrays(n=200):
     rng = np.random.default_rng(0)
-    n = 200
-    a = {
+    return {
         "prediction": rng.integers(-1, 3, n), "label": rng.integers(0, 3, n),
         "unknown_option": np.full(n, 2), "biased_option": rng.integers(0, 2, n),
         "condition": rng.integers(0, 2, n), "category_id": rng.integers(0, 2, n),
         "paper_correct": rng.integers(0, 2, n).astype(bool),
         "valid": rng.random(n) < 0.9, "reasoning_length": rng.random(n).astype(np.float32),
     }
+
+
+def test_resample_weights_are_exact_multiplicities():
+    valid = random_arrays()["valid"]
+    n_valid = int(valid.sum())
+    w = np.asarray(_weights(jax.random.PRNGKey(0), jnp.asarray(valid), 16))
+    assert w.shape == (16, 200)
+    assert np.all(w.sum(axis=1) == n_valid) and np.all(w[:, ~valid] == 0)
+    assert np.all(w == np.round(w))
+    # with-replacement draws: P(an item is never drawn) = (1 - 1/n)^n ~ 1/e
+    assert abs((w[:, valid] == 0).mean() - (1 - 1 / n_valid) ** n_valid) < 0.03
+
+
+def test_bootstrap_matches_numpy_reference():
+    a = random_arrays()
     args = [jnp.asarray(a[k]) for k in scorer.ARRAY_FIELDS]
     key, b, chunk = jax.random.PRNGKey(7), 60, 16  # 4 chunks, the last one partly used
     ci = scorer.bootstrap_intervals(*args, key, num_categories=2, num_resamples=b, chunk=chunk,
                                     metrics=("acc_overall", "s_dis"))
     # numpy reference: same resample multiplicities, metrics recomputed with plain numpy
-    weights = np.concatenate([np.asarray(scorer._resample_weights(k, args[7], chunk))
+    weights = np.concatenate([np.asarray(_weights(k, args[7], chunk))
                               for k in jax.random.split(key, 4)])[:b]
     correct = a["prediction"] == a["label"]
     dis = a["condition"] == 1

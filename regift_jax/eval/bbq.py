@@ -89,6 +89,11 @@ Two judgements side by side
    ``correct`` flags); for ambiguous items the gold text is never consulted (every BBQ unknown
    option is itself in the list).
 
+   On the two released fixtures (Religion, 1,200 items each) this reproduces every ``correct``
+   flag, every extracted ``prediction`` text and every ``reason`` (74.33% and 7.67%), while the
+   standard judgement gives 86.58% and 83.42%: the incorrect-only model's "collapse" is the
+   paper scorer reading the first sentence of reasoning when ``</answer>`` is missing.
+
 Biased ("target") option
 ------------------------
 The official BBQ bias score uses ``target_loc`` from ``supplemental/additional_metadata.csv``,
@@ -419,7 +424,8 @@ def _mentions(norm_text: str, phrases: Sequence[Tuple[str, ...]]) -> Dict[int, i
 @dataclasses.dataclass(frozen=True)
 class StandardParse:
     answer_text: str
-    span_source: str  # answer_tag | answer_close | answer_open | after_think | first_sentence | empty
+    # answer_tag | answer_close | answer_open | after_think | first_sentence | empty
+    span_source: str
     option_index: int  # 0..2 or UNPARSEABLE
     matched: Tuple[int, ...]  # every option mentioned in the span, in order of first mention
     tie: bool  # more than one option mentioned and no answer cue resolved it
