@@ -166,6 +166,7 @@ class Bbq(tfds.core.GeneratorBasedBuilder):
 
     def _info(self) -> tfds.core.DatasetInfo:
         text = tfds.features.Text()
+        strings = tfds.features.Tensor(shape=(None,), dtype=np.str_)  # 1-D list of strings
         return tfds.core.DatasetInfo(
             builder=self,
             description="BBQ: hand-built bias benchmark for question answering (3-way multiple "
@@ -175,8 +176,8 @@ class Bbq(tfds.core.GeneratorBasedBuilder):
                 **{k: text for k in _TEXT_FIELDS},
                 "label": np.int32,
                 "answer_info": tfds.features.FeaturesDict(
-                    {k: tfds.features.Sequence(text) for k in ("ans0", "ans1", "ans2")}),
-                "stereotyped_groups": tfds.features.Sequence(text),
+                    {k: strings for k in ("ans0", "ans1", "ans2")}),
+                "stereotyped_groups": strings,
                 "subcategory": text,
                 "version": text,
                 "source": text,

@@ -65,7 +65,7 @@ def trace_features() -> tfds.features.FeaturesDict:
     text = tfds.features.Text()
     return tfds.features.FeaturesDict({
         "id": text, "context": text, "question": text,
-        "gold_answers": tfds.features.Sequence(text),
+        "gold_answers": tfds.features.Tensor(shape=(None,), dtype=np.str_),
         "is_impossible": np.bool_,
         "teacher": text, "prompt_version": text,
         "decoding": tfds.features.FeaturesDict({

@@ -169,7 +169,10 @@ class SquadV2(tfds.core.GeneratorBasedBuilder):
 
     def _info(self) -> tfds.core.DatasetInfo:
         text = tfds.features.Text()
-        span = tfds.features.Sequence({"text": text, "answer_start": np.int32})
+        # {text: [str], answer_start: [int]} (parallel 1-D tensors; the usual TFDS SQuAD layout)
+        span = tfds.features.FeaturesDict({
+            "text": tfds.features.Tensor(shape=(None,), dtype=np.str_),
+            "answer_start": tfds.features.Tensor(shape=(None,), dtype=np.int32)})
         return tfds.core.DatasetInfo(
             builder=self,
             description="SQuAD 2.0 dev set (answerable and unanswerable questions) with a "
@@ -229,4 +232,8 @@ class SquadV2(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self, rows):
         for r in rows:
-            yield r["id"], r
+            ex = dict(r)
+            for k in ("answers", "plausible_answers"):
+                ex[k] = {"text": [a["text"] for a in r[k]],
+                         "answer_start": [a["answer_start"] for a in r[k]]}
+            yield r["id"], ex
