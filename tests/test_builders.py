@@ -9,7 +9,7 @@ import collections
 import hashlib
 import json
 import os
-import shutil
+import pickle
 
 import pytest
 
@@ -256,6 +256,8 @@ def test_traces_configs(tfds_dir, config, expected):
 
 def test_traces_strict_build_fails_with_location(tmp_path):
     b = B.RegiftTraces(config="all", data_dir=str(tmp_path), source=FIXTURE, strict=True)
+    clone = pickle.loads(pickle.dumps(b))  # builder options survive pickling
+    assert (clone._source, clone._strict, clone.builder_config.name) == (FIXTURE, True, "all")
     with pytest.raises(ValueError, match=r"shard-00001\.jsonl:1: unknown_field"):
         b.download_and_prepare(download_config=B.offline_download_config())
 

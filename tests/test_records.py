@@ -270,7 +270,8 @@ def _line(draw):
     return line.replace(b"\n", b" ")
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(lines=st.lists(_line(), max_size=12), crlf=st.booleans())
 def test_property_every_line_is_a_record_or_counted(tmp_path, lines, crlf):
     p = tmp_path / "prop.jsonl"

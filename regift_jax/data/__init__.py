@@ -23,9 +23,9 @@ from typing import Optional
 from regift_jax.traces.records import traces_to_hf_dataset, write_traces_parquet  # noqa: F401
 
 DATA_DIR_ENV = "REGIFT_DATA_DIR"
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # <repo>/data, present in a source checkout (not inside an installed wheel).
-REPO_DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__)))), "data")
+REPO_DATA_DIR = os.path.join(_REPO_ROOT, "data")
 
 
 def data_root() -> Optional[str]:
@@ -35,7 +35,8 @@ def data_root() -> Optional[str]:
         if not os.path.isdir(env):
             raise FileNotFoundError(f"{DATA_DIR_ENV}={env} is not a directory")
         return env
-    return REPO_DATA_DIR if os.path.isdir(REPO_DATA_DIR) else None
+    in_checkout = os.path.isfile(os.path.join(_REPO_ROOT, "setup.py"))
+    return REPO_DATA_DIR if in_checkout and os.path.isdir(REPO_DATA_DIR) else None
 
 
 def default_source_dir(name: str) -> Optional[str]:

@@ -103,6 +103,8 @@ class RegiftTraces(tfds.core.GeneratorBasedBuilder):
         self._source = source
         self._strict = strict
         super().__init__(**kwargs)
+        # TFDS re-creates builders from this dict when unpickling (e.g. in worker processes).
+        self._original_state.update(source=source, strict=strict)
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(

@@ -166,6 +166,9 @@ class SquadV2(tfds.core.GeneratorBasedBuilder):
         self._download = download
         self._verify = verify_checksums
         super().__init__(**kwargs)
+        # TFDS re-creates builders from this dict when unpickling (e.g. in worker processes).
+        self._original_state.update(source_dir=source_dir, download=download,
+                                    verify_checksums=verify_checksums)
 
     def _info(self) -> tfds.core.DatasetInfo:
         text = tfds.features.Text()
