@@ -1,8 +1,12 @@
 """TFDS builders (bbq, squad_v2, regift_traces) built offline into a temporary data_dir.
 
-Reference numbers: BBQ per-category counts from the official repository (and every Sexual_orientation row
-compared field by field with the raw JSONL); SQuAD-v2 dev = 11,873 questions with the pool/heldout
-rule recomputed here from the raw JSON; trace configs against the fixture's documented counts.
+Reference numbers: BBQ per-category counts from the official repository (and every
+Sexual_orientation row compared field by field with the raw JSONL); SQuAD-v2 dev = 11,873
+questions, with the pool/heldout rule recomputed here from the raw JSON; trace configs against
+the fixture's documented counts (tests/fixtures/traces/README.md).
+
+Timing: the two full builds (BBQ 11,956 rows; SQuAD-v2 3 splits, 23,746 rows) are TFDS's
+per-example Python encoding, about 0.3-0.5 ms per row on one idle core.
 """
 
 import collections
@@ -101,6 +105,8 @@ def test_bbq_category_config_rows_equal_the_official_file(tfds_dir):
     with open(os.path.join(DATA, "bbq", "Sexual_orientation.jsonl"), encoding="utf-8") as f:
         raw = [json.loads(line) for line in f]
     assert len(got) == len(raw) == 864
+    assert b.info.metadata["categories"] == {"Sexual_orientation": 864}
+    assert b.info.metadata["missing_categories"] == []
     dec = lambda v: v.decode()  # noqa: E731
     for g, r in zip(got, raw):  # file order is kept
         assert int(g["example_id"]) == r["example_id"] and int(g["label"]) == r["label"]

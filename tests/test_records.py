@@ -95,7 +95,8 @@ def test_read_fixture_counts_every_line():
     assert q4.extra == {"judge_notes": "unknown field kept as extra"}
     assert "judge_notes" not in q4.to_dict() and q4.to_dict(include_extra=True)["judge_notes"]
     # q5's raw text starts inside the prefilled think block
-    assert recs[7].reasoning == "He moved to Lyon? No: she moved to Lyon." and recs[7].answer == "Lyon"
+    assert recs[7].reasoning == "He moved to Lyon? No: she moved to Lyon."
+    assert recs[7].answer == "Lyon"
     # the fixture's records equal the JSON of shard 0, field by field (independent json.loads)
     with open(SHARD0, encoding="utf-8") as f:
         raw = [json.loads(line) for line in f]
@@ -138,7 +139,8 @@ def test_path_resolution_errors(tmp_path):
         R.read_trace_jsonl(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="matches no file"):
         R.read_trace_jsonl(str(tmp_path / "*.jsonl"))
-    assert R.resolve_trace_paths([os.path.join(FIXTURE, "shard-*.jsonl"), SHARD0]) == [SHARD0, SHARD1]
+    got = R.resolve_trace_paths([os.path.join(FIXTURE, "shard-*.jsonl"), SHARD0])
+    assert got == [SHARD0, SHARD1]
 
 
 @pytest.mark.parametrize("mutate,reason", [
@@ -216,7 +218,8 @@ def test_hf_dataset_and_parquet(tmp_path):
     assert [ds[i] for i in range(4)] == expected  # q1/0, q1/1, q2/0, q3/1 (q4 is last)
     assert ds[4]["id"] == "q4"
     out = tmp_path / "t.parquet"
-    assert write_traces_parquet(FIXTURE, str(out), selection="incorrect", criterion="strict_em") == 4
+    n = write_traces_parquet(FIXTURE, str(out), selection="incorrect", criterion="strict_em")
+    assert n == 4
     table = pq.read_table(str(out))
     assert table.schema.equals(R.arrow_schema())
     assert table.column("id").to_pylist() == ["q1", "q2", "q3", "q5"]

@@ -291,7 +291,8 @@ def _check_float(name: str, v, lo: float, hi: float, lo_open: bool = False) -> f
     except OverflowError:
         f = math.inf
     if not math.isfinite(f) or f > hi or f < lo or (lo_open and f == lo):
-        raise _Invalid("invalid_value", f"{name}={v!r} outside {'(' if lo_open else '['}{lo}, {hi}]")
+        bracket = "(" if lo_open else "["
+        raise _Invalid("invalid_value", f"{name}={v!r} outside {bracket}{lo}, {hi}]")
     return f
 
 
@@ -541,7 +542,8 @@ def read_trace_jsonl(paths: Union[PathLike, Sequence[PathLike]], strict: bool = 
                 if reason is None:
                     assert rec is not None
                     if rec.key in seen:
-                        reason, detail = "duplicate_record", f"key {rec.key!r} first at {seen[rec.key]}"
+                        reason = "duplicate_record"
+                        detail = f"key {rec.key!r} first at {seen[rec.key]}"
                         rec = None
             if reason is not None:
                 if strict:
@@ -566,7 +568,8 @@ def read_trace_jsonl(paths: Union[PathLike, Sequence[PathLike]], strict: bool = 
 
 def select_records(records: Iterable[TraceRecord], selection: str = "all",
                    criterion: str = "lenient") -> list[TraceRecord]:
-    """``correct`` / ``incorrect`` / ``all`` records under ``criterion`` (``lenient``|``strict_em``)."""
+    """The ``correct`` / ``incorrect`` / ``all`` records under ``criterion``
+    (``lenient`` | ``strict_em``), in input order."""
     if selection not in SELECTIONS:
         raise ValueError(f"unknown selection {selection!r}; expected one of {SELECTIONS}")
     if criterion not in CRITERIA:

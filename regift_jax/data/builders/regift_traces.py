@@ -33,7 +33,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from typing import Optional, Sequence, Union
+from typing import Sequence, Union
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -47,7 +47,8 @@ logger = logging.getLogger(__name__)
 @dataclasses.dataclass(eq=False)
 class RegiftTracesConfig(tfds.core.BuilderConfig):
     """``selection`` in ``correct|incorrect|all``; ``criterion`` in ``lenient|strict_em``;
-    ``prefilled_think``: the teacher prompt ended with ``<think>`` (see ``parse_teacher_output``)."""
+    ``prefilled_think``: the teacher prompt ended with ``<think>`` (see
+    ``parse_teacher_output``)."""
 
     selection: str = "correct"
     criterion: str = "lenient"

@@ -86,7 +86,8 @@ def _answers(path, where, value, allow_missing=False):
     out = []
     for i, a in enumerate(value):
         if (not isinstance(a, dict) or not isinstance(a.get("text"), str)
-                or not isinstance(a.get("answer_start"), int) or isinstance(a["answer_start"], bool)):
+                or not isinstance(a.get("answer_start"), int)
+                or isinstance(a["answer_start"], bool)):
             raise ValueError(f"{path}: {where}[{i}] must be {{text: str, answer_start: int}}")
         out.append({"text": a["text"], "answer_start": a["answer_start"]})
     return out
@@ -102,7 +103,8 @@ def read_squad_v2(path: str) -> list:
     except ValueError as e:
         raise ValueError(f"{path}: malformed JSON ({e})") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("data"), list):
-        raise ValueError(f"{path}: not the SQuAD JSON schema (expected an object with a 'data' list)")
+        raise ValueError(f"{path}: not the SQuAD JSON schema (expected an object with a 'data' "
+                         "list)")
     out, seen = [], {}
     for ai, art in enumerate(doc["data"]):
         w = f"data[{ai}]"
