@@ -253,6 +253,37 @@ def test_tf_dataset_source(tok, records):
     assert n == 45 and recs[3] == records[7] and origins[3] == "tf.data dataset element #7"
 
 
+def test_tfds_builder_source(tok, records, tmp_path):
+    tf = pytest.importorskip("tensorflow")
+    tfds = pytest.importorskip("tensorflow_datasets")
+    text = tfds.features.Text()
+    cols = {k: [r[k] for r in records] for k in records[0]}
+    cols["gold_answers"] = [[r["answer"], "alt"] for r in records]
+    builder = tfds.dataset_builders.TfDataBuilder(
+        name="tiny_sft_traces", version="1.0.0",
+        split_datasets={"train": tf.data.Dataset.from_tensor_slices(cols)},
+        features=tfds.features.FeaturesDict({
+            "id": tf.int64, "context": text, "question": text, "reasoning": text, "answer": text,
+            "gold_answers": tfds.features.Sequence(text)}),
+        data_dir=str(tmp_path))
+    builder.download_and_prepare()
+    # The TFDS order (fixed at preparation) defines example indices; decode it independently.
+    order = [{k: (v.decode() if isinstance(v, bytes) else
+                  [x.decode() for x in v] if k == "gold_answers" else int(v)) for k, v in el.items()}
+             for el in builder.as_dataset(split="train", shuffle_files=False).as_numpy_iterator()]
+    assert sorted(r["id"] for r in order) == list(range(45))
+    assert order[0]["gold_answers"] == [records[order[0]["id"]]["answer"], "alt"]
+    for k in range(2):
+        kw = dict(process_index=k, process_count=2)
+        want = list(make(order, tok, **kw))
+        got = list(make(builder, tok, split="train", **kw))
+        assert len(got) == len(want) and all(_same(a, b) for a, b in zip(got, want))
+    recs, origins, _ = load_shard(builder, 0, 2, split="train")
+    assert recs == order[0::2] and origins[1] == "tiny_sft_traces/train element #2"
+    with pytest.raises(ValueError, match="split"):
+        load_shard(builder, 0, 1)
+
+
 def test_bad_records_and_all_dropped(tok, records):
     recs = [dict(r) for r in records[:10]]
     del recs[6]["answer"]

