@@ -39,8 +39,9 @@ BOS_POLICY = {"llama-spm": (True, False), "phi-3": (True, False), "llama-bpe": (
 
 # Strings beyond llama.cpp's cases (no special-token literals: sentencepiece does not parse them).
 EXTRA = [
-    "𝔘𝔫𝔦𝔠𝔬𝔡𝔢 text", "  leading and trailing  ", "tabs\tand\nnewlines\r\n", "日本語のテキスト",
-    "Ω≈ç√∫˜µ≤≥÷", "\u200b zero width", "x" * 50, "The year 2024 had 366 days; 1,000,000.5 is big.",
+    "𝔘𝔫𝔦𝔠𝔬𝔡𝔢 text", "  leading and trailing  ", "tabs\tand\nnewlines\r\n",
+    "日本語のテキスト", "Ω≈ç√∫˜µ≤≥÷", "\u200b zero width", "x" * 50,
+    "The year 2024 had 366 days; 1,000,000.5 is big.",
     "Context: Beyoncé Giselle Knowles-Carter (born September 4, 1981) is an American singer.",
     "<think> The context says 4 </think>\n<answer> Not in background. </answer>",
     "don't won't it's we'll they're I'M", "\n\n\n    indented\n\tcode()", "emoji 🦙🚀 mix",
@@ -196,7 +197,8 @@ def test_sentencepiece_model_matches_sentencepiece(llama_spm_by_gguf_package, tm
         assert ids == sp.encode(text), text
         assert tok.decode(ids) == sp.decode(ids), text
         assert tok.encode(text) == [1] + ids  # BOS by default, as Llama-2
-    assert (tok.bos_token, tok.eos_token, tok.unk_token, tok.pad_token) == ("<s>", "</s>", "<unk>", "</s>")
+    assert (tok.bos_token, tok.eos_token, tok.unk_token, tok.pad_token) == (
+        "<s>", "</s>", "<unk>", "</s>")
     # Special-token literals in the text are matched whole (HF behaviour; sentencepiece does not).
     assert tok.encode("a<unk>b", add_special_tokens=False) == [263, 0, 289]
     # A file path works too, and tokenizer_config.json settings are honoured.
@@ -249,7 +251,8 @@ class ReferenceByteBPE:
         self.ranks = {tuple(m.split(" ")): r for r, m in enumerate(merges)}
         self.byte = _bytes_to_unicode()
         self.specials = sorted(specials, key=len, reverse=True)
-        self.special_re = regex.compile("(" + "|".join(regex.escape(s) for s in self.specials) + ")")
+        alternatives = "|".join(regex.escape(s) for s in self.specials)
+        self.special_re = regex.compile(f"({alternatives})")
         self.cache = {}
 
     def _word(self, word):
@@ -337,7 +340,8 @@ def test_smollm2_special_tokens_and_chat_template(vocab_files, cache_dir):
     batch = tok(["Hi", "Hello there, how are you"], padding=True)
     assert tok.padding_side == "left"
     assert batch["input_ids"][0][0] == 2 and batch["attention_mask"][0][0] == 0
-    assert batch["input_ids"][0][-1] != 2 and batch["attention_mask"][1] == [1] * len(batch["input_ids"][1])
+    assert batch["input_ids"][0][-1] != 2
+    assert batch["attention_mask"][1] == [1] * len(batch["input_ids"][1])
 
 
 def test_default_is_smollm2(cache_dir):

@@ -118,7 +118,8 @@ def smollm2_gguf_path() -> str:
 
 
 def default_cache_dir() -> str:
-    """``$REGIFT_CACHE_DIR/tokenizers`` if the variable is set, else ``~/.cache/regift_jax/tokenizers``."""
+    """``$REGIFT_CACHE_DIR/tokenizers`` if that variable is set, else
+    ``~/.cache/regift_jax/tokenizers``."""
     root = os.environ.get(CACHE_ENV_VAR) or os.path.join(
         os.path.expanduser("~"), ".cache", "regift_jax")
     return os.path.join(root, "tokenizers")
@@ -149,18 +150,21 @@ def read_gguf_metadata(path: str, arrays: Optional[Sequence[str]] = None) -> dic
     try:
         if buf[:4] != _GGUF_MAGIC:
             raise TokenizerFormatError(
-                f"{path}: not a GGUF file (first bytes {bytes(buf[:4])!r}, expected {_GGUF_MAGIC!r})")
+                f"{path}: not a GGUF file (first bytes {bytes(buf[:4])!r}, "
+                f"expected {_GGUF_MAGIC!r})")
         key = "<header>"
         try:
             version, _n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
             if version < 2:
-                raise TokenizerFormatError(f"{path}: GGUF version {version} is not supported (>= 2)")
+                raise TokenizerFormatError(
+                    f"{path}: GGUF version {version} is not supported (>= 2)")
             pos = 24
             out: dict = {}
             for _ in range(n_kv):
                 key, pos = _gguf_string(buf, pos)
                 (vtype,) = struct.unpack_from("<I", buf, pos)
-                value, pos = _gguf_value(buf, pos + 4, vtype, want is None or key in want, path, key)
+                decode = want is None or key in want
+                value, pos = _gguf_value(buf, pos + 4, vtype, decode, path, key)
                 out[key] = value
             return out
         except (struct.error, UnicodeDecodeError, IndexError) as e:
@@ -239,7 +243,8 @@ class BpePreTokenizer:
     verified: bool = False  # checked against reference ids in tests/test_tokenizer.py
 
 
-_LLAMA3 = BpePreTokenizer("split", LLAMA3_SPLIT_REGEX, ignore_merges=True, add_bos=True, verified=True)
+_LLAMA3 = BpePreTokenizer("split", LLAMA3_SPLIT_REGEX, ignore_merges=True, add_bos=True,
+                          verified=True)
 _DIGITS = BpePreTokenizer("digits", verified=True)
 BPE_PRE_TOKENIZERS = {
     "llama-bpe": _LLAMA3,
@@ -262,7 +267,8 @@ BPE_PRE_TOKENIZERS = {
 def _spm_merges(tokens: Sequence[str], scores: Sequence[float], types: Sequence[int]) -> list:
     """Merges equivalent to SentencePiece BPE: a pair merges with the priority (score) of the piece
     it forms; only normal and user-defined pieces take part (as in sentencepiece's bpe_model.cc)."""
-    mergeable = {t: i for i, t in enumerate(tokens) if types[i] in (TOKEN_NORMAL, TOKEN_USER_DEFINED)}
+    mergeable = {t: i for i, t in enumerate(tokens)
+                 if types[i] in (TOKEN_NORMAL, TOKEN_USER_DEFINED)}
     ranked = []
     for piece, i in mergeable.items():
         for k in range(1, len(piece)):
@@ -401,15 +407,17 @@ def convert_gguf_tokenizer(gguf_path: str):
                                    "(tokenizer.ggml.model / tokenizer.ggml.tokens missing)")
     types = md.get("tokenizer.ggml.token_type")
     if types is not None and len(types) != len(tokens):
-        raise TokenizerFormatError(f"{gguf_path}: {len(types)} token types for {len(tokens)} tokens")
+        raise TokenizerFormatError(
+            f"{gguf_path}: {len(types)} token types for {len(tokens)} tokens")
 
     def tok_id(name):
         i = md.get(f"tokenizer.ggml.{name}_token_id")
         if i is None:
             return None
         if not 0 <= int(i) < len(tokens):
-            raise TokenizerFormatError(f"{gguf_path}: tokenizer.ggml.{name}_token_id={i} is outside "
-                                       f"the vocabulary of {len(tokens)} tokens")
+            raise TokenizerFormatError(
+                f"{gguf_path}: tokenizer.ggml.{name}_token_id={i} is outside the vocabulary of "
+                f"{len(tokens)} tokens")
         return int(i)
 
     ids = {n: tok_id(n) for n in ("bos", "eos", "unknown", "padding")}
@@ -430,8 +438,8 @@ def convert_gguf_tokenizer(gguf_path: str):
         pre = BPE_PRE_TOKENIZERS.get(pre_name)
         if pre is None:
             raise UnsupportedTokenizerError(
-                f"{gguf_path}: byte-level BPE pre-tokenizer {pre_name!r} (tokenizer.ggml.pre) is not "
-                f"supported; supported: {', '.join(sorted(BPE_PRE_TOKENIZERS))}")
+                f"{gguf_path}: byte-level BPE pre-tokenizer {pre_name!r} (tokenizer.ggml.pre) is "
+                f"not supported; supported: {', '.join(sorted(BPE_PRE_TOKENIZERS))}")
         if not pre.verified:
             logger.warning("%s: pre-tokenizer %r follows llama.cpp but is not checked against "
                            "reference token ids by regift_jax's tests", gguf_path, pre_name)
@@ -488,7 +496,8 @@ def convert_sentencepiece_tokenizer(model_file: str, tokenizer_config: Optional[
             f"{pb2.TrainerSpec.ModelType.Name(ts.model_type)} is not supported (only BPE)")
     if ns.precompiled_charsmap or ns.name not in ("", "identity"):
         raise UnsupportedTokenizerError(
-            f"{model_file}: SentencePiece normalization {ns.name!r} is not supported (only identity)")
+            f"{model_file}: SentencePiece normalization {ns.name!r} is not supported "
+            "(only identity)")
     if ns.remove_extra_whitespaces or not ns.escape_whitespaces or ts.treat_whitespace_as_suffix:
         raise UnsupportedTokenizerError(
             f"{model_file}: SentencePiece options remove_extra_whitespaces="
