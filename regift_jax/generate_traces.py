@@ -1,0 +1,342 @@
+"""Offline teacher trace generation: ``python -m regift_jax.generate_traces --config=...``.
+
+ReGiFT step 1: a reasoning teacher answers SQuAD-v2 questions as ``<think>R</think><answer>A
+</answer>``; the trace keeps both correctness judgements and the ``regift_traces`` builder selects
+the correct ones.
+
+Work units are ``(question, sample_index)`` pairs over the configured SQuAD split (default: the
+``pool`` split of :mod:`regift_jax.data.builders.squad_v2`), in a fixed order.  Process ``k`` of
+``P`` takes units ``k, k+P, ...`` and writes its own files, so a pod generates in parallel with no
+coordination beyond JAX's (each process uses its local devices).
+
+Resumable and safe: every batch of records is written to its own file atomically (temp + rename)
+under ``out_dir/parts/``; a restarted run reads the keys already written and skips them, so a run
+killed at any moment (SIGKILL included) and restarted produces every unit exactly once.  When all
+units of a process are done, its parts are compacted into ``traces-pNNNNN.jsonl`` (written
+atomically first; leftover parts already contained in it are deleted on the next start).  A
+``manifest.json`` pins teacher, prompt and decoding settings: resuming with different settings is
+refused with a clear error.
+
+Decoding (``decode.mode``):
+
+* ``single`` (the paper): one generation from the prompt + teacher prefill, stopping at
+  ``</answer>``.
+* ``two_phase`` (for small teachers that do not reliably close their tags): phase 1 generates the
+  reasoning and stops at ``</think>``/``<answer>`` or ``max_reasoning_tokens``; the harness then
+  closes the scaffold (``</think>\\n<answer>``) and phase 2 generates the answer until
+  ``</answer>``.  Both phases are the teacher's own tokens; the inserted tags are recorded in the
+  prompt version (``...+two_phase``).
+
+At the end a summary (yield by answerable/unanswerable, reasoning length of correct vs incorrect
+traces, as the paper's Figure 4) is printed and written to ``summary.json`` and ``summary.png``.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sys
+import time
+import zlib
+from typing import Dict, List
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "teacher config file (configs/teacher_*.py)")
+flags.mark_flags_as_required(["config"])
+
+THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE = "</think>", "<answer>", "</answer>"
+
+
+def _maybe_init_distributed(cfg):
+    import jax
+    if cfg.get("distributed", "auto") == "off":
+        return
+    if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("TPU_WORKER_HOSTNAMES"):
+        jax.distributed.initialize()
+
+
+def load_questions(cfg) -> List[dict]:
+    from regift_jax.data import default_source_dir
+    from regift_jax.data.builders.squad_v2 import (RECONSTRUCTED_DEV_FILE, OFFICIAL_DEV_FILE,
+                                                   article_bucket, read_squad_v2)
+    src = cfg.data.squad_dir or default_source_dir("squad_v2")
+    if not src:
+        raise FileNotFoundError("no SQuAD-v2 directory: set --config.data.squad_dir")
+    path = os.path.join(src, OFFICIAL_DEV_FILE)
+    if not os.path.exists(path):
+        path = os.path.join(src, RECONSTRUCTED_DEV_FILE)
+    rows = read_squad_v2(path)
+    split = cfg.data.split
+    if split in ("pool", "heldout"):
+        nb, pb = cfg.data.num_buckets, cfg.data.pool_buckets
+        rows = [r for r in rows if (article_bucket(r["title"], nb) < pb) == (split == "pool")]
+    elif split != "validation":
+        raise ValueError(f"data.split must be pool, heldout or validation, got {split!r}")
+    if cfg.data.answerable_fraction >= 0:
+        # deterministic interleave: keep the configured share of answerable questions
+        import random
+        ans = [r for r in rows if not r["is_impossible"]]
+        una = [r for r in rows if r["is_impossible"]]
+        rnd = random.Random(cfg.data.seed)
+        rnd.shuffle(ans)
+        rnd.shuffle(una)
+        n = cfg.data.max_questions if cfg.data.max_questions > 0 else len(rows)
+        na = min(len(ans), round(n * cfg.data.answerable_fraction))
+        nu = min(len(una), n - na)
+        rows = ans[:na] + una[:nu]
+        rnd.shuffle(rows)
+    elif cfg.data.max_questions > 0:
+        rows = rows[:cfg.data.max_questions]
+    return rows
+
+
+def unit_seed(qid: str, sample_index: int) -> int:
+    return zlib.crc32(f"{qid}/{sample_index}".encode()) & 0x7FFFFFFF
+
+
+def _read_done(out_dir: str, proc: int) -> Dict[tuple, int]:
+    """Keys already written by this process (compacted file + parts)."""
+    done = {}
+    final = os.path.join(out_dir, f"traces-p{proc:05d}.jsonl")
+    files = ([final] if os.path.exists(final) else []) + sorted(
+        glob.glob(os.path.join(out_dir, "parts", f"p{proc:05d}-*.jsonl")))
+    for f in files:
+        with open(f, "rb") as fh:
+            for line in fh:
+                try:
+                    o = json.loads(line)
+                    done[(o["id"], int(o["sample_index"]))] = 1
+                except (ValueError, KeyError, TypeError):
+                    continue
+    return done
+
+
+def _write_atomic(path: str, lines: List[str]):
+    tmp = path + f".tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(lines)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _check_manifest(out_dir: str, manifest: dict):
+    path = os.path.join(out_dir, "manifest.json")
+    if os.path.exists(path):
+        old = json.load(open(path))
+        diffs = {k: (old.get(k), v) for k, v in manifest.items() if old.get(k) != v}
+        if diffs:
+            raise SystemExit(f"error: {out_dir} holds traces made with other settings {diffs}; "
+                             "use a new out_dir or the same config")
+    else:
+        _write_atomic(path, [json.dumps(manifest, indent=2, sort_keys=True)])
+
+
+def _compact(out_dir: str, proc: int):
+    parts = sorted(glob.glob(os.path.join(out_dir, "parts", f"p{proc:05d}-*.jsonl")))
+    final = os.path.join(out_dir, f"traces-p{proc:05d}.jsonl")
+    lines = []
+    if os.path.exists(final):
+        lines = open(final, encoding="utf-8").readlines()
+    seen = set()
+    for ln in lines:
+        o = json.loads(ln)
+        seen.add((o["id"], o["sample_index"]))
+    for p in parts:
+        for ln in open(p, encoding="utf-8"):
+            o = json.loads(ln)
+            k = (o["id"], o["sample_index"])
+            if k not in seen:
+                seen.add(k)
+                lines.append(ln)
+    _write_atomic(final, lines)
+    for p in parts:
+        os.remove(p)
+
+
+def summarize(records: List[dict], out_dir: str, wall_s: float) -> dict:
+    import numpy as np
+    s = {"wall_time_s": round(wall_s, 1), "records": len(records)}
+    for name, crit in (("lenient", lambda r: r["lenient_correct"]),
+                       ("strict_em", lambda r: r["exact_match"] >= 1.0)):
+        d = {}
+        for grp, sel in (("all", lambda r: True), ("answerable", lambda r: not r["is_impossible"]),
+                         ("unanswerable", lambda r: r["is_impossible"])):
+            rs = [r for r in records if sel(r)]
+            d[grp] = {"n": len(rs), "correct": sum(bool(crit(r)) for r in rs),
+                      "yield": (sum(bool(crit(r)) for r in rs) / len(rs)) if rs else None}
+        s[f"yield_{name}"] = d
+    lens = {k: [r["reasoning_tokens"] for r in records if bool(r["lenient_correct"]) == v]
+            for k, v in (("correct", True), ("incorrect", False))}
+    s["reasoning_tokens"] = {k: {"n": len(v), "mean": float(np.mean(v)) if v else None,
+                                 "median": float(np.median(v)) if v else None}
+                             for k, v in lens.items()}
+    s["questions_with_a_correct_trace"] = len({r["id"] for r in records if r["lenient_correct"]})
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+        json.dump(s, f, indent=2)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
+        bins = np.linspace(0, max([1] + lens["correct"] + lens["incorrect"]), 30)
+        for k, c in (("correct", "tab:green"), ("incorrect", "tab:red")):
+            if lens[k]:
+                ax[0].hist(lens[k], bins=bins, alpha=0.6, color=c, label=f"{k} (n={len(lens[k])})",
+                           density=True)
+        ax[0].set_xlabel("reasoning tokens")
+        ax[0].set_title("Reasoning length by correctness (cf. paper Fig. 4)")
+        ax[0].legend()
+        y = s["yield_lenient"]
+        groups = ["answerable", "unanswerable", "all"]
+        ax[1].bar(groups, [100 * (y[g]["yield"] or 0) for g in groups], color="tab:blue")
+        ax[1].set_ylabel("% correct (paper-lenient)")
+        ax[1].set_title("Trace yield")
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, "summary.png"), dpi=110)
+        plt.close(fig)
+    except Exception as e:  # plotting is a convenience; the numbers are in summary.json
+        logging.warning("summary plot failed: %s", e)
+    return s
+
+
+def run(cfg) -> dict:
+    import jax
+    from tqdm.auto import tqdm
+
+    from regift_jax import models, prompts
+    from regift_jax.sampling import SamplingConfig
+    from regift_jax.traces.judge import judge
+    from regift_jax.traces.records import parse_teacher_output
+
+    _maybe_init_distributed(cfg)
+    proc, nproc = jax.process_index(), jax.process_count()
+    out_dir = cfg.out_dir
+    os.makedirs(os.path.join(out_dir, "parts"), exist_ok=True)
+
+    tmpl = prompts.get_template(cfg.prompt.template, cfg.prompt.version or None)
+    if cfg.prompt.prefill is not None:
+        tmpl = tmpl.with_prefill(cfg.prompt.prefill)
+    two_phase = cfg.decode.mode == "two_phase"
+    if cfg.decode.mode not in ("single", "two_phase"):
+        raise ValueError(f"decode.mode must be single or two_phase, got {cfg.decode.mode!r}")
+    prompt_version = tmpl.id + ("+two_phase" if two_phase else "")
+    sc = SamplingConfig(max_new_tokens=cfg.decode.max_new_tokens,
+                        temperature=cfg.decode.temperature, top_p=cfg.decode.top_p,
+                        top_k=cfg.decode.top_k, stop_strings=(ANSWER_CLOSE,),
+                        seed=cfg.decode.seed)
+    decoding = {"temperature": sc.temperature, "top_p": sc.top_p, "top_k": sc.top_k,
+                "max_new_tokens": sc.max_new_tokens, "seed": sc.seed}
+    manifest = {"teacher": cfg.teacher.name, "prompt_version": prompt_version,
+                "prefill": tmpl.prefill, "chat": bool(cfg.teacher.chat), "decoding": decoding,
+                "mode": cfg.decode.mode, "max_reasoning_tokens": cfg.decode.max_reasoning_tokens,
+                "max_answer_tokens": cfg.decode.max_answer_tokens,
+                "num_samples": cfg.num_samples, "split": cfg.data.split}
+    if proc == 0:
+        _check_manifest(out_dir, manifest)
+
+    questions = load_questions(cfg)
+    units = [(qi, s) for qi in range(len(questions)) for s in range(cfg.num_samples)]
+    mine = units[proc::nproc]
+    done = _read_done(out_dir, proc)
+    todo = [u for u in mine if (questions[u[0]]["id"], u[1]) not in done]
+    logging.info("process %d/%d: %d units, %d already done, %d to do", proc, nproc, len(mine),
+                 len(mine) - len(todo), len(todo))
+
+    t0 = time.time()
+    handle = models.load(cfg.teacher.model, dtype=cfg.teacher.dtype)
+    tok = handle.tokenizer
+    sampler = handle.sampler(batch_size=cfg.batch_size, length_bucket=cfg.length_bucket,
+                             chunk=cfg.decode.chunk)
+    logging.info("teacher %s loaded in %.1fs", cfg.teacher.name, time.time() - t0)
+
+    def prompt_text(q):
+        return prompts.render_for_model(tmpl, tok, chat=cfg.teacher.chat, context=q["context"],
+                                        question=q["question"])
+
+    existing = sorted(glob.glob(os.path.join(out_dir, "parts", f"p{proc:05d}-*.jsonl")))
+    part_no = 1 + max([int(os.path.basename(p)[7:13]) for p in existing] or [0])
+    n_ok = n_total = 0
+    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"traces p{proc}",
+               unit="trace", dynamic_ncols=True, disable=not cfg.progress)
+    t_start = time.time()
+    per_batch = cfg.batch_size * cfg.batches_per_part
+    for b0 in range(0, len(todo), per_batch):
+        chunk = todo[b0:b0 + per_batch]
+        qs = [questions[qi] for qi, _ in chunk]
+        ptexts = [prompt_text(q) for q in qs]
+        seeds = [unit_seed(q["id"], s) for q, (_, s) in zip(qs, chunk)]
+        if two_phase:
+            sc1 = SamplingConfig(max_new_tokens=cfg.decode.max_reasoning_tokens,
+                                 temperature=sc.temperature, top_p=sc.top_p, top_k=sc.top_k,
+                                 stop_strings=(THINK_CLOSE, ANSWER_OPEN), seed=sc.seed)
+            g1 = sampler.generate(ptexts, sc1, row_seeds=seeds)
+            cont = []
+            for g in g1:
+                t = g.text
+                for s_ in (THINK_CLOSE, ANSWER_OPEN):
+                    if s_ in t:
+                        t = t[:t.index(s_)]
+                cont.append(t.rstrip() + "\n" + THINK_CLOSE + "\n" + ANSWER_OPEN)
+            sc2 = SamplingConfig(max_new_tokens=cfg.decode.max_answer_tokens,
+                                 temperature=sc.temperature, top_p=sc.top_p, top_k=sc.top_k,
+                                 stop_strings=(ANSWER_CLOSE,), seed=sc.seed + 1)
+            g2 = sampler.generate([p + c for p, c in zip(ptexts, cont)], sc2, row_seeds=seeds)
+            gens = []
+            for a, c, g in zip(g1, cont, g2):
+                text = c + g.text
+                if ANSWER_CLOSE not in text:
+                    text = text.rstrip() + " " + ANSWER_CLOSE  # answer budget exhausted: close
+                gens.append((text, a.generated_tokens + g.generated_tokens,
+                             a.prompt_tokens))
+        else:
+            gs = sampler.generate(ptexts, sc, row_seeds=seeds)
+            gens = [(g.text, g.generated_tokens, g.prompt_tokens) for g in gs]
+        lines = []
+        for q, (qi, s), (text, n_gen, n_prompt) in zip(qs, chunk, gens):
+            raw = prompts.restore_prefill(tmpl, text)
+            reasoning, answer, _problems = parse_teacher_output(raw, prefilled_think=True)
+            golds = [a["text"] if isinstance(a, dict) else a for a in q["answers"]]
+            j = judge(answer, golds)
+            rec = {
+                "id": q["id"], "context": q["context"], "question": q["question"],
+                "gold_answers": golds, "is_impossible": bool(q["is_impossible"]),
+                "teacher": cfg.teacher.name, "prompt_version": prompt_version,
+                "decoding": decoding, "sample_index": int(s), "raw_generation": raw,
+                "reasoning": reasoning, "answer": answer, "exact_match": float(j.exact_match),
+                "f1": float(j.f1), "lenient_correct": bool(j.lenient_correct),
+                "reasoning_tokens": len(tok(reasoning, add_special_tokens=False)["input_ids"]),
+                "prompt_tokens": int(n_prompt), "generated_tokens": int(n_gen),
+            }
+            n_ok += rec["lenient_correct"]
+            n_total += 1
+            lines.append(json.dumps(rec, ensure_ascii=False) + "\n")
+        _write_atomic(os.path.join(out_dir, "parts", f"p{proc:05d}-{part_no:06d}.jsonl"), lines)
+        part_no += 1
+        bar.update(len(chunk))
+        el = time.time() - t_start
+        bar.set_postfix(traces_per_s=f"{n_total / el:.2f}", yield_=f"{n_ok / max(1, n_total):.1%}")
+    bar.close()
+    _compact(out_dir, proc)
+    wall = time.time() - t0
+    from regift_jax.traces.records import read_trace_jsonl
+    recs, report = read_trace_jsonl(sorted(glob.glob(os.path.join(out_dir, "traces-p*.jsonl"))))
+    records = [r.to_dict() for r in recs]
+    s = summarize(records, out_dir, wall) if proc == 0 else {}
+    s["read_report"] = report.to_dict()
+    if proc == 0:
+        print(json.dumps({k: v for k, v in s.items() if k != "read_report"}, indent=1))
+        print(f"dropped on read: {report.summary()}")
+    return s
+
+
+def main(argv):
+    del argv
+    run(_CONFIG.value)
+
+
+if __name__ == "__main__":
+    app.run(main)
