@@ -22,9 +22,8 @@ Llama-3 BPE model lacks ``ignore_merges`` ("Cửa Việt" splits differently) an
 vocabularies lose the per-digit split.  The conversion below reads the GGUF metadata with a small
 ``struct`` reader, rebuilds the pipeline llama.cpp uses for that ``tokenizer.ggml.model`` /
 ``tokenizer.ggml.pre`` (``src/llama-vocab.cpp``) which is the pipeline of the original Hugging Face
-``tokenizer.json``, and the tests check it against llama.cpp's reference token ids (which were
-produced by the original HF tokenizers) and against transformers' conversion where that one is
-right.
+``tokenizer.json``; the tests check it against llama.cpp's reference token ids (produced by the
+original HF tokenizers), the sentencepiece library and a from-scratch reference BPE.
 
 Special tokens and templates
 ----------------------------
