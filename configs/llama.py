@@ -1,0 +1,93 @@
+"""Llama-family students: the offline SmolLM2 default and the paper's Llama-3.1-8B.
+
+    python -m regift_jax.train --config=configs/llama.py --workdir=/tmp/smollm2
+    python -m regift_jax.train --config=configs/llama.py:llama3_1_8b --workdir=...
+    python -m regift_jax.train --config=configs/llama.py:llama3_1_8b_full --workdir=...
+
+Presets (``get_config("name")`` or ``"preset=name"``):
+
+* ``smollm2_135m`` (default): SmolLM2-135M-Instruct loaded offline from its GGUF
+  (``regift_jax.models.load("smollm2-135m-instruct")``), LoRA r16 alpha 32 dropout 0.05 on
+  q_proj/v_proj, on the shipped trace set ``data/traces/``; a bounded CPU run (float32 compute,
+  which is faster than bfloat16 on CPU; rows of 512 tokens, batch 8, 80 steps, evaluation and
+  checkpoints every 40).
+* ``llama3_1_8b``: the paper's student (Llama-3.1-8B, authors' repo ``meta-llama/Llama-3.1-8B``)
+  with the authors' LoRA recipe: r16, alpha 32, dropout 0.05 on q_proj/v_proj, lr 2e-4, linear
+  decay (HF Trainer's default) after 5% warmup, weight decay 0.01, clip 1.0 (HF default),
+  10 epochs, global batch 32, max length 1024, bf16 compute with fp32 master weights, FSDP.
+* ``llama3_1_8b_full``: the paper's full fine-tuning variant, lr 2e-5, same schedule.
+
+The model name ``llama-3.1-8b`` must resolve through ``regift_jax.models.load``: a preset of
+``regift_jax.models`` with its weights under ``$REGIFT_MODELS_DIR``, or override
+``--config.model.name=/path/to/hf_dir``.
+"""
+
+from regift_jax import configs_util
+
+PRESETS = ("smollm2_135m", "llama3_1_8b", "llama3_1_8b_full")
+
+
+def paper_recipe(c, model_name: str, full_ft: bool = False):
+    """The paper / authors' repo hyper-parameters on top of the base config."""
+    c.model.name = model_name
+    c.model.dtype = "bfloat16"
+    c.model.param_dtype = "float32"
+    c.model.remat_policy = "dots_with_no_batch_dims"
+    c.lora.enabled = not full_ft
+    c.lora.rank, c.lora.alpha, c.lora.dropout = 16, 32.0, 0.05
+    c.lora.targets = ("q_proj", "v_proj")
+    c.optim.learning_rate = 2e-5 if full_ft else 2e-4
+    c.optim.schedule = "linear"
+    c.optim.warmup_fraction = 0.05
+    c.optim.weight_decay = 0.01
+    c.optim.clip_norm = 1.0
+    c.train.global_batch = 32
+    c.train.grad_accum_steps = 1
+    c.train.num_steps = -1
+    c.train.num_epochs = 10.0
+    c.data.seq_len = 1024
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
+    c.checkpoint.every_steps = 500
+    c.eval.every_steps = 500
+    c.log.every_steps = 10
+    return c
+
+
+def smollm2_cpu(c):
+    """The offline default: a bounded LoRA run of SmolLM2-135M-Instruct on 2 CPU cores."""
+    c.model.name = "smollm2-135m-instruct"
+    c.model.dtype = "float32"
+    c.model.param_dtype = "float32"
+    c.model.remat_policy = "none"
+    c.lora.enabled = True
+    c.lora.rank, c.lora.alpha, c.lora.dropout = 16, 32.0, 0.05
+    c.lora.targets = ("q_proj", "v_proj")
+    c.optim.learning_rate = 1e-3
+    c.optim.schedule = "cosine"
+    c.optim.warmup_fraction = 0.05
+    c.train.global_batch = 8
+    c.train.num_steps = 80
+    c.data.seq_len = 512
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = -1, 1, 1
+    c.checkpoint.every_steps = 40
+    c.checkpoint.keep = 2
+    c.eval.every_steps = 40
+    c.eval.max_batches = 4
+    c.log.every_steps = 5
+    return c
+
+
+def get_config(arg=None):
+    a = configs_util.parse_arg(arg, preset="smollm2_135m")
+    c = configs_util.base_config()
+    c.preset = a.preset
+    if a.preset == "smollm2_135m":
+        smollm2_cpu(c)
+    elif a.preset == "llama3_1_8b":
+        paper_recipe(c, "llama-3.1-8b")
+    elif a.preset == "llama3_1_8b_full":
+        paper_recipe(c, "llama-3.1-8b", full_ft=True)
+    else:
+        raise ValueError(f"configs/llama.py: unknown preset {a.preset!r}; valid: "
+                         f"{', '.join(PRESETS)}")
+    return c

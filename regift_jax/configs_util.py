@@ -1,0 +1,357 @@
+"""Training configuration: the base ``ConfigDict`` every preset starts from, preset-argument
+parsing (big_vision style) and strict command-line override checking.
+
+Config files (``configs/llama.py``, ``configs/mistral.py``, ``configs/phi4.py``,
+``configs/instruction.py``) define ``get_config(arg=None)``; the trainer is launched with::
+
+    python -m regift_jax.train --config=configs/llama.py[:ARG] [--config.KEY=VALUE ...]
+
+``ARG`` is parsed by :func:`parse_arg`: ``"llama3_1_8b"`` (a bare preset name) or
+``"preset=llama3_1_8b,full_ft=True"`` (``key=value`` pairs; values are parsed as Python literals
+where possible).  Every value of the returned config is overridable with ``--config.a.b=v``.
+An override naming a key that does not exist fails *before* training with the list of valid keys
+(:func:`check_overrides`); ``ml_collections`` alone raises a bare ``AttributeError``.
+
+:func:`base_config` documents every knob in one place; the trainer reads nothing else (no hidden
+constants in modules).  Sections:
+
+==============  =====================================================================================
+``model``       weights source (preset name / HF dir / .gguf), dtypes, remat policy
+``lora``        LoRA on/off, rank, alpha, dropout, target projections
+``data``        source (traces or SQuAD gold answers), selection, prompt template, packing, lengths,
+                held-out fraction for the evaluation loss
+``train``       steps or epochs, global batch, gradient accumulation, non-finite handling
+``optim``       AdamW, schedule, warmup, clipping, weight-decay exclusions
+``mesh``        mesh axis sizes (-1 fills) and optional logical-axis rules override
+``checkpoint``  orbax cadence, keep-N, async, resume
+``eval``        evaluation-loss cadence and size
+``log``         metrics cadence, TensorBoard, progress bar, MFU peak FLOPs
+``export``      HF export at the end (LoRA merged)
+``distributed`` multi-host initialisation
+==============  =====================================================================================
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+import sys
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import ml_collections
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ============================================================================ preset arguments
+def _literal(v: str):
+    try:
+        return ast.literal_eval(v)
+    except (ValueError, SyntaxError):
+        return v
+
+
+def parse_arg(arg: Optional[str], **defaults) -> ml_collections.ConfigDict:
+    """big_vision-style config argument: ``"name"`` or ``"k1=v1,k2=v2"`` (or both:
+    ``"name,k=v"``, the bare token goes to the first default key).
+
+    Every key must be one of ``defaults``; values are converted to the default's type (a default
+    of ``None`` keeps the Python literal).  Unknown keys raise ``ValueError`` naming the valid
+    ones.
+    """
+    out = ml_collections.ConfigDict(dict(defaults))
+    if not arg:
+        return out
+    keys = list(defaults)
+    for i, tok in enumerate(t for t in arg.split(",") if t.strip()):
+        tok = tok.strip()
+        if "=" in tok:
+            k, v = (s.strip() for s in tok.split("=", 1))
+        elif i == 0 and keys:
+            k, v = keys[0], tok
+        else:
+            raise ValueError(f"config argument {arg!r}: {tok!r} is not key=value")
+        if k not in defaults:
+            raise ValueError(f"config argument {arg!r}: unknown key {k!r}; valid: "
+                             f"{', '.join(keys)}")
+        d = defaults[k]
+        if isinstance(d, bool):
+            low = v.lower()
+            if low not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(f"config argument {k}={v!r}: expected a boolean")
+            val = low in ("true", "1", "yes")
+        elif isinstance(d, int):
+            val = int(v)
+        elif isinstance(d, float):
+            val = float(v)
+        elif isinstance(d, str):
+            val = v
+        else:
+            val = _literal(v)
+        out[k] = val
+    return out
+
+
+# ============================================================================ the base config
+def base_config() -> ml_collections.ConfigDict:
+    """Every knob of the trainer with its default.  Presets change values, never add keys."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0  # model init of LoRA adapters, dropout, data order
+    c.workdir = ""  # required (or --workdir): checkpoints, TensorBoard, metrics, export
+    c.preset = ""  # informational: which preset built this config
+
+    # ---------------------------------------------------------------- model
+    c.model = ml_collections.ConfigDict()
+    # A preset name of regift_jax.models (e.g. "smollm2-135m-instruct"), a Hugging Face
+    # safetensors directory, or a .gguf file; loaded by regift_jax.models.load (never downloads
+    # unless download=True).
+    c.model.name = "smollm2-135m-instruct"
+    c.model.download = False
+    c.model.param_dtype = "float32"  # master weights (and optimizer state) dtype
+    c.model.dtype = "bfloat16"  # compute dtype (activations, matmuls)
+    c.model.remat_policy = "none"  # none | full | dots | dots_with_no_batch_dims | nothing_saveable
+
+    # ---------------------------------------------------------------- LoRA
+    c.lora = ml_collections.ConfigDict()
+    c.lora.enabled = True  # False: full fine-tuning
+    c.lora.rank = 16
+    c.lora.alpha = 32.0
+    c.lora.dropout = 0.05
+    c.lora.targets = ("q_proj", "v_proj")
+
+    # ---------------------------------------------------------------- data
+    c.data = ml_collections.ConfigDict()
+    # "traces": trace JSONL shards (regift_jax.traces.records schema), response = reasoning +
+    # answer.  "squad_gold": SQuAD-v2 questions with their gold answer (Instruction baseline).
+    c.data.kind = "traces"
+    # traces: a directory of *.jsonl shards, a glob, a file; relative paths are resolved against
+    # the working directory first, then the repository root.  squad_gold: a directory holding
+    # dev-v2.0.json or dev-v2.0.reconstructed.json ("" = the data root's squad_v2/).
+    c.data.source = "data/traces"
+    c.data.selection = "correct"  # traces: correct | incorrect | all
+    c.data.criterion = "lenient"  # traces: lenient | strict_em
+    c.data.squad_split = "pool"  # squad_gold: pool | heldout | validation
+    c.data.squad_num_buckets = 10  # squad_gold: article-hash split, as the SquadV2 builder
+    c.data.squad_pool_buckets = 8
+    c.data.template = "student_train"  # prompt template of regift_jax.prompts (name or name@vN)
+    c.data.chat_template = False  # wrap the prompt in the tokenizer's chat template
+    c.data.seq_len = 1024  # packed row length (= max example length in tokens)
+    c.data.packing = "first_fit"  # first_fit | sequential | none
+    c.data.max_open_rows = 16
+    c.data.overlong = "truncate_reasoning"  # drop | truncate_reasoning
+    c.data.boundary = "auto"  # prompt/response tokenization: auto | separate | joint
+    c.data.add_bos = ""  # "" = follow the tokenizer; "true" / "false" force it
+    c.data.add_eos = True
+    c.data.shuffle = True
+    c.data.epoch_boundary = "continue"  # continue | flush
+    # Held-out evaluation examples: a deterministic fraction of the training source, chosen by
+    # sha256(eval_salt + question id), so every sample of one question lands on the same side.
+    c.data.eval_fraction = 0.05
+    c.data.eval_salt = ""
+    c.data.max_examples = -1  # > 0: use only the first N training examples (ablations, smoke runs)
+    c.data.prefetch = 2
+    c.data.tokenize_chunk = 64
+
+    # ---------------------------------------------------------------- train
+    c.train = ml_collections.ConfigDict()
+    c.train.global_batch = 32  # rows (packed sequences) per optimizer step, all hosts together
+    c.train.grad_accum_steps = 1  # micro-batches per step (global_batch / k rows each)
+    c.train.num_steps = -1  # > 0: exactly this many steps; else num_epochs * steps_per_epoch
+    c.train.num_epochs = 10.0
+    c.train.max_nonfinite_in_a_row = 5  # halt after this many consecutive skipped steps
+
+    # ---------------------------------------------------------------- optimizer
+    c.optim = ml_collections.ConfigDict()
+    c.optim.learning_rate = 2e-4
+    c.optim.schedule = "linear"  # linear | cosine | constant (after warmup)
+    c.optim.warmup_fraction = 0.05  # of the total steps; used when warmup_steps < 0
+    c.optim.warmup_steps = -1
+    c.optim.end_lr_fraction = 0.0  # final lr = learning_rate * end_lr_fraction
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.weight_decay = 0.01
+    # Regexes matched (re.search) against "/"-joined parameter paths; matching parameters get no
+    # weight decay: RMSNorm scales, biases and the token embedding.  An untied lm_head is a
+    # projection and is decayed.
+    c.optim.no_decay = ("(^|/)scale$", "(^|/)bias$", "^embed_tokens$")
+    c.optim.clip_norm = 1.0  # global-norm gradient clipping (<= 0: off)
+
+    # ---------------------------------------------------------------- mesh
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+    # Logical-axis rules as ((logical, mesh axes or None), ...); () = sharding.DEFAULT_RULES.
+    # Entries given here replace the default entry of the same logical name.
+    c.mesh.rules = ()
+
+    # ---------------------------------------------------------------- checkpoints
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 500  # <= 0: only final / preemption saves
+    c.checkpoint.keep = 3
+    c.checkpoint.async_save = True
+    c.checkpoint.resume = True  # resume from the latest readable checkpoint in workdir
+
+    # ---------------------------------------------------------------- evaluation loss
+    c.eval = ml_collections.ConfigDict()
+    c.eval.every_steps = 500  # <= 0: only at the end
+    c.eval.max_batches = -1  # > 0: cap the held-out batches per evaluation
+    c.eval.at_start = False
+
+    # ---------------------------------------------------------------- logging
+    c.log = ml_collections.ConfigDict()
+    c.log.every_steps = 10
+    c.log.tensorboard = True
+    c.log.progress_bar = True
+    # Peak FLOP/s of ONE device for MFU; <= 0: known accelerators from a table, CPU measured
+    # once at start-up with a float32 matmul (see trainer.peak_flops_per_device).
+    c.log.peak_flops_per_device = -1.0
+
+    # ---------------------------------------------------------------- export
+    c.export = ml_collections.ConfigDict()
+    c.export.enabled = True
+    c.export.path = ""  # "" = <workdir>/export
+    c.export.dtype = "float32"  # float32 | bfloat16 | float16
+
+    # ---------------------------------------------------------------- multi-host
+    c.distributed = ml_collections.ConfigDict()
+    # auto: initialise when JAX_COORDINATOR_ADDRESS / coordinator_address is set or a multi-host
+    # TPU environment is detected; always / never.
+    c.distributed.initialize = "auto"
+    c.distributed.coordinator_address = ""
+    c.distributed.num_processes = -1  # -1: $JAX_NUM_PROCESSES
+    c.distributed.process_id = -1  # -1: $JAX_PROCESS_ID
+    c.distributed.initialization_timeout = 300
+    return c
+
+
+# ============================================================================ overrides
+def flat_keys(cfg, prefix: str = "") -> List[str]:
+    """Every dotted key of a (nested) ConfigDict, sections included."""
+    out = []
+    for k in sorted(cfg.keys()):
+        v = cfg[k]
+        full = f"{prefix}{k}"
+        out.append(full)
+        if isinstance(v, (ml_collections.ConfigDict, ml_collections.FrozenConfigDict)):
+            out.extend(flat_keys(v, full + "."))
+    return out
+
+
+class ConfigKeyError(KeyError):
+    def __str__(self):
+        return str(self.args[0]) if self.args else ""
+
+
+def check_key(cfg, key: str) -> None:
+    """Raise :class:`ConfigKeyError` listing the valid keys when ``key`` is not in ``cfg``."""
+    node, parts = cfg, key.split(".")
+    for i, p in enumerate(parts):
+        here = ".".join(parts[:i])
+        if not isinstance(node, (ml_collections.ConfigDict, ml_collections.FrozenConfigDict)):
+            raise ConfigKeyError(f"unknown config key {key!r}: {here!r} is a value, not a section")
+        if p not in node:
+            where = f"section {here!r}" if here else "the top level"
+            valid = ", ".join(sorted(node.keys()))
+            import difflib
+            close = difflib.get_close_matches(p, list(node.keys()), n=1)
+            hint = f" (did you mean {'.'.join(parts[:i] + [close[0]])!r}?)" if close else ""
+            raise ConfigKeyError(f"unknown config key {key!r}{hint}; valid keys in {where}: "
+                                 f"{valid}")
+        node = node[p]
+
+
+def override_keys(argv: Sequence[str], flag: str = "config") -> List[str]:
+    """Dotted keys of ``--config.a.b=v`` / ``--config.a.b v`` / ``--noconfig.a.b`` arguments."""
+    keys = []
+    for a in argv:
+        if a == "--":
+            break
+        for pre in (f"--{flag}.", f"-{flag}.", f"--no{flag}.", f"-no{flag}."):
+            if a.startswith(pre):
+                keys.append(a[len(pre):].split("=", 1)[0])
+                break
+    return keys
+
+
+def config_file_arg(argv: Sequence[str], flag: str = "config") -> Optional[str]:
+    for i, a in enumerate(argv):
+        for pre in (f"--{flag}=", f"-{flag}="):
+            if a.startswith(pre):
+                return a[len(pre):]
+        if a in (f"--{flag}", f"-{flag}") and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def load_config_file(spec: str):
+    """``"path.py[:arg]"`` -> the module's ``get_config(arg)`` (as ml_collections does)."""
+    path, _, arg = spec.partition(":")
+    if not os.path.exists(path):
+        alt = os.path.join(REPO_ROOT, path)
+        if os.path.exists(alt):
+            path = alt
+        else:
+            raise FileNotFoundError(f"config file {path!r} not found")
+    mod = load_module(os.path.abspath(path))
+    if not hasattr(mod, "get_config"):
+        raise AttributeError(f"{path}: no get_config()")
+    return mod.get_config(arg) if arg else mod.get_config()
+
+
+def load_module(path: str):
+    """Import a config file by path (config files are not a package on ``sys.path``)."""
+    name = "regift_config_" + os.path.splitext(os.path.basename(path))[0]
+    if name in sys.modules and getattr(sys.modules[name], "__file__", None) == path:
+        return sys.modules[name]
+    s = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(s)
+    s.loader.exec_module(mod)
+    sys.modules[name] = mod
+    return mod
+
+
+def sibling_config(this_file: str, name: str):
+    """The module ``<dir of this_file>/<name>.py`` (e.g. configs/llama.py from configs/phi4.py)."""
+    return load_module(os.path.join(os.path.dirname(os.path.abspath(this_file)), name + ".py"))
+
+
+def check_overrides(argv: Sequence[str], flag: str = "config") -> None:
+    """Validate every ``--config.KEY`` of ``argv`` against the config file named by
+    ``--config=...``; raises :class:`ConfigKeyError` (message lists the valid keys)."""
+    spec = config_file_arg(argv, flag)
+    keys = override_keys(argv, flag)
+    if spec is None or not keys:
+        return
+    cfg = load_config_file(spec)
+    for k in keys:
+        check_key(cfg, k)
+
+
+def merge_rules(default_rules: Iterable[Tuple[str, Any]], override: Iterable) -> Tuple:
+    """Rules table = defaults with entries of ``override`` (same logical name) replaced/added."""
+    table: Dict[str, Any] = {k: v for k, v in default_rules}
+    for item in override or ():
+        if len(item) != 2:
+            raise ValueError(f"mesh.rules entry {item!r} is not (logical_name, mesh_axes)")
+        k, v = item
+        if isinstance(v, list):
+            v = tuple(v)
+        table[str(k)] = v
+    return tuple(table.items())
+
+
+def to_dict(cfg) -> dict:
+    """JSON-friendly dict of a ConfigDict (tuples become lists)."""
+    return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+
+
+__all__ = ["parse_arg", "base_config", "check_key", "check_overrides", "override_keys",
+           "load_config_file", "merge_rules", "flat_keys", "ConfigKeyError", "REPO_ROOT"]
+
+if __name__ == "__main__":  # print every key with its default
+    for k in flat_keys(base_config()):
+        print(k)
+    sys.exit(0)
