@@ -50,7 +50,7 @@
 #   --workdir-flag FLAG        flag that receives --workdir (default --config.workdir)
 #   --srun                     run the script with bash inside the current allocation
 #   --dry-run                  print the script and the commands, run nothing
-#   -- EXTRA_ARGS...           passed to the entry point unchanged, e.g. --config.mesh.fsdp=-1
+#   -- EXTRA_ARGS...           passed to the entry point unchanged, e.g. --config.train.num_epochs=3
 
 set -euo pipefail
 

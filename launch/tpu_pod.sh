@@ -34,8 +34,8 @@
 #   --remote-dir DIR           checkout directory in each worker's home (default regift_jax)
 #   --python PYTHON            interpreter on the workers (default python3)
 #   --pip-extra EXTRA          extra of setup.py to install (default tpu)
-#   --setup CMD                further shell command run in the checkout after the install
-#                              (repeatable), e.g. --setup='python3 -m pip install gcsfs'
+#   --setup CMD                further shell command run in the checkout after the install, in
+#                              a subshell (repeatable), e.g. --setup='python3 -m pip install gcsfs'
 #   --skip-setup               skip the code copy and install (the slice was prepared before)
 #   --module MODULE            python -m entry point (default regift_jax.train; also
 #                              regift_jax.generate_traces, regift_jax.evaluate, ...)
@@ -47,7 +47,7 @@
 #   --detach                   start the run under nohup (log: REMOTE_DIR/run.log) and return
 #   --gcloud BIN               gcloud executable (default gcloud)
 #   --dry-run                  print the commands, run nothing
-#   -- EXTRA_ARGS...           passed to the entry point unchanged, e.g. --config.mesh.fsdp=-1
+#   -- EXTRA_ARGS...           passed to the entry point unchanged, e.g. --config.train.num_epochs=3
 
 set -euo pipefail
 
@@ -285,7 +285,7 @@ steps() {
     install="cd $d && $(join_quoted "$PYTHON" -m pip install --quiet --upgrade pip)"
     install+=" && $(join_quoted "$PYTHON" -m pip install --quiet -e ".[$PIP_EXTRA]")"
     for c in ${SETUP_CMDS[@]+"${SETUP_CMDS[@]}"}; do
-      install+=" && $c"
+      install+=" && ($c)"
     done
     ssh_all "$install" || return
   fi
