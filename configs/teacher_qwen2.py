@@ -35,7 +35,6 @@ def get_config(arg=None):
         max_reasoning_tokens=512, max_answer_tokens=64, chunk=64))
     c.num_samples = 1
     c.batch_size = 64
-    c.batches_per_part = 4
     c.length_bucket = 128
     c.out_dir = "traces_r1_qwen"
     c.progress = True

@@ -19,14 +19,13 @@ def get_config(arg=None):
     c.prompt = ml_collections.ConfigDict(dict(template="teacher_extraction", version=0,
                                               prefill=None))
     c.data = ml_collections.ConfigDict(dict(
-        squad_dir="", split="pool", num_buckets=10, pool_buckets=8, max_questions=1200,
-        answerable_fraction=0.75, seed=0))
+        squad_dir="", split="pool", num_buckets=10, pool_buckets=8, max_questions=1400,
+        answerable_fraction=0.8, seed=0))
     c.decode = ml_collections.ConfigDict(dict(
         mode="two_phase", temperature=0.7, top_p=0.95, top_k=0, seed=0,
-        max_new_tokens=160, max_reasoning_tokens=128, max_answer_tokens=24, chunk=32))
+        max_new_tokens=88, max_reasoning_tokens=64, max_answer_tokens=24, chunk=16))
     c.num_samples = 4
-    c.batch_size = 32
-    c.batches_per_part = 1
+    c.batch_size = 16
     c.length_bucket = 64
     c.out_dir = "data/traces"
     c.progress = True

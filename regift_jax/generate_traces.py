@@ -75,21 +75,32 @@ def load_questions(cfg) -> List[dict]:
         rows = [r for r in rows if (article_bucket(r["title"], nb) < pb) == (split == "pool")]
     elif split != "validation":
         raise ValueError(f"data.split must be pool, heldout or validation, got {split!r}")
-    if cfg.data.answerable_fraction >= 0:
-        # deterministic interleave: keep the configured share of answerable questions
+    if cfg.data.max_questions > 0 or cfg.data.answerable_fraction >= 0:
+        # Whole paragraphs in a seeded order (questions of one paragraph share the prompt
+        # prefix, which the sampler prefills once); within them every answerable question and
+        # a seeded share of unanswerable ones so that about ``answerable_fraction`` of the
+        # kept questions are answerable (negative: keep the natural mix).
         import random
-        ans = [r for r in rows if not r["is_impossible"]]
-        una = [r for r in rows if r["is_impossible"]]
         rnd = random.Random(cfg.data.seed)
-        rnd.shuffle(ans)
-        rnd.shuffle(una)
-        n = cfg.data.max_questions if cfg.data.max_questions > 0 else len(rows)
-        na = min(len(ans), round(n * cfg.data.answerable_fraction))
-        nu = min(len(una), n - na)
-        rows = ans[:na] + una[:nu]
-        rnd.shuffle(rows)
-    elif cfg.data.max_questions > 0:
-        rows = rows[:cfg.data.max_questions]
+        paras: Dict[str, List[dict]] = {}
+        for r in rows:
+            paras.setdefault(r["context"], []).append(r)
+        keys = sorted(paras)
+        rnd.shuffle(keys)
+        frac = cfg.data.answerable_fraction
+        n_ans = sum(not r["is_impossible"] for r in rows)
+        n_una = len(rows) - n_ans
+        p_una = 1.0 if frac < 0 or n_una == 0 else min(1.0, n_ans * (1 - frac) / frac / n_una)
+        out = []
+        limit = cfg.data.max_questions if cfg.data.max_questions > 0 else len(rows)
+        for k in keys:
+            for r in paras[k]:
+                if r["is_impossible"] and rnd.random() >= p_una:
+                    continue
+                out.append(r)
+            if len(out) >= limit:
+                break
+        rows = out[:limit]
     return rows
 
 
@@ -208,7 +219,7 @@ def run(cfg) -> dict:
     from tqdm.auto import tqdm
 
     from regift_jax import models, prompts
-    from regift_jax.sampling import SamplingConfig
+    from regift_jax.sampling import Continuation, SamplingConfig
     from regift_jax.traces.judge import judge
     from regift_jax.traces.records import parse_teacher_output
 
@@ -224,7 +235,9 @@ def run(cfg) -> dict:
     if cfg.decode.mode not in ("single", "two_phase"):
         raise ValueError(f"decode.mode must be single or two_phase, got {cfg.decode.mode!r}")
     prompt_version = tmpl.id + ("+two_phase" if two_phase else "")
-    sc = SamplingConfig(max_new_tokens=cfg.decode.max_new_tokens,
+    max_new = (cfg.decode.max_reasoning_tokens + cfg.decode.max_answer_tokens if two_phase
+               else cfg.decode.max_new_tokens)
+    sc = SamplingConfig(max_new_tokens=max_new,
                         temperature=cfg.decode.temperature, top_p=cfg.decode.top_p,
                         top_k=cfg.decode.top_k, stop_strings=(ANSWER_CLOSE,),
                         seed=cfg.decode.seed)
@@ -263,38 +276,55 @@ def run(cfg) -> dict:
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"traces p{proc}",
                unit="trace", dynamic_ncols=True, disable=not cfg.progress)
     t_start = time.time()
-    per_batch = cfg.batch_size * cfg.batches_per_part
-    for b0 in range(0, len(todo), per_batch):
-        chunk = todo[b0:b0 + per_batch]
+    # Group the remaining units by paragraph (shared prompt prefix), keep the unit order.
+    groups: Dict[str, List[tuple]] = {}
+    for u in todo:
+        groups.setdefault(questions[u[0]]["context"], []).append(u)
+    batches = []
+    for units_ in groups.values():
+        for b0 in range(0, len(units_), cfg.batch_size):
+            batches.append(units_[b0:b0 + cfg.batch_size])
+    sc1 = SamplingConfig(max_new_tokens=cfg.decode.max_reasoning_tokens,
+                         temperature=sc.temperature, top_p=sc.top_p, top_k=sc.top_k,
+                         stop_strings=(THINK_CLOSE, ANSWER_OPEN), seed=sc.seed)
+    sc2 = SamplingConfig(max_new_tokens=cfg.decode.max_answer_tokens,
+                         temperature=sc.temperature, top_p=sc.top_p, top_k=sc.top_k,
+                         stop_strings=(ANSWER_CLOSE,), seed=sc.seed + 1)
+
+    def bridge(texts):
+        # close the reasoning scaffold after phase 1, whichever way phase 1 ended
+        out = []
+        for t in texts:
+            if t.endswith(ANSWER_OPEN):
+                out.append("")
+            elif t.endswith(THINK_CLOSE):
+                out.append("\n" + ANSWER_OPEN)
+            else:
+                out.append("\n" + THINK_CLOSE + "\n" + ANSWER_OPEN)
+        return out
+
+    for chunk in batches:
         qs = [questions[qi] for qi, _ in chunk]
-        ptexts = [prompt_text(q) for q in qs]
+        full = [prompt_text(q) for q in qs]
+        marker = "Question:\n"
+        cut = full[0].rfind(marker, 0, full[0].rfind(qs[0]["question"]) + 1)
+        prefix = full[0][:cut + len(marker)] if cut >= 0 else None
+        if prefix is None or not all(f.startswith(prefix) for f in full):
+            prefix = None
+        ptexts = [f[len(prefix):] for f in full] if prefix else full
         seeds = [unit_seed(q["id"], s) for q, (_, s) in zip(qs, chunk)]
         if two_phase:
-            sc1 = SamplingConfig(max_new_tokens=cfg.decode.max_reasoning_tokens,
-                                 temperature=sc.temperature, top_p=sc.top_p, top_k=sc.top_k,
-                                 stop_strings=(THINK_CLOSE, ANSWER_OPEN), seed=sc.seed)
-            g1 = sampler.generate(ptexts, sc1, row_seeds=seeds)
-            cont = []
-            for g in g1:
-                t = g.text
-                for s_ in (THINK_CLOSE, ANSWER_OPEN):
-                    if s_ in t:
-                        t = t[:t.index(s_)]
-                cont.append(t.rstrip() + "\n" + THINK_CLOSE + "\n" + ANSWER_OPEN)
-            sc2 = SamplingConfig(max_new_tokens=cfg.decode.max_answer_tokens,
-                                 temperature=sc.temperature, top_p=sc.top_p, top_k=sc.top_k,
-                                 stop_strings=(ANSWER_CLOSE,), seed=sc.seed + 1)
-            g2 = sampler.generate([p + c for p, c in zip(ptexts, cont)], sc2, row_seeds=seeds)
+            gs_ = sampler.generate(ptexts, sc1, row_seeds=seeds, prefix=prefix,
+                                   then=Continuation(bridge, sc2))
             gens = []
-            for a, c, g in zip(g1, cont, g2):
-                text = c + g.text
+            for g in gs_:
+                text = g.text
                 if ANSWER_CLOSE not in text:
                     text = text.rstrip() + " " + ANSWER_CLOSE  # answer budget exhausted: close
-                gens.append((text, a.generated_tokens + g.generated_tokens,
-                             a.prompt_tokens))
+                gens.append((text, g.generated_tokens, g.prompt_tokens))
         else:
-            gs = sampler.generate(ptexts, sc, row_seeds=seeds)
-            gens = [(g.text, g.generated_tokens, g.prompt_tokens) for g in gs]
+            gs_ = sampler.generate(ptexts, sc, row_seeds=seeds, prefix=prefix)
+            gens = [(g.text, g.generated_tokens, g.prompt_tokens) for g in gs_]
         lines = []
         for q, (qi, s), (text, n_gen, n_prompt) in zip(qs, chunk, gens):
             raw = prompts.restore_prefill(tmpl, text)

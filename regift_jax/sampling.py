@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import List, Optional, Sequence, Union
+from typing import Callable, List, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +45,14 @@ class SamplingConfig:
         d = dataclasses.asdict(self)
         d["stop_strings"] = list(self.stop_strings)
         return d
+
+
+@dataclasses.dataclass(frozen=True)
+class Continuation:
+    """A second phase: ``forced(texts) -> list of strings`` appended to each row's first-phase
+    text, then sampling with ``sampling`` on the same cache."""
+    forced: Callable[[List[str]], List[str]]
+    sampling: SamplingConfig
 
 
 @dataclasses.dataclass
@@ -93,12 +101,27 @@ def prefill(params, input_ids, attention_mask, cfg: ModelConfig, cache_len: int)
     return logits[:, -1, :], cache, pos[:, -1]
 
 
+@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
+def extend(params, cache, input_ids, attention_mask, last_pos, logits, cfg: ModelConfig):
+    """Append a left-padded block of tokens [B, K] to every row's cache (padding slots get
+    segment 0 and are never attended).  Rows whose block is all padding keep their logits."""
+    m = attention_mask.astype(jnp.int32)
+    pos = last_pos[:, None] + jnp.cumsum(m, axis=1)
+    new_logits, cache = Decoder(cfg).apply({"params": params}, input_ids, positions=pos,
+                                           segment_ids=m, cache=cache)
+    n = jnp.sum(m, axis=1)
+    logits = jnp.where((n > 0)[:, None], new_logits[:, -1, :], logits)
+    return logits, cache, last_pos + n
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "n_steps", "temperature", "top_p", "top_k"),
                    donate_argnames=("cache",))
 def decode_chunk(params, cache, logits, last_pos, done, out_tokens, n_out, row_keys, eos_ids,
                  pad_id, cfg: ModelConfig, n_steps: int, temperature: float, top_p: float,
                  top_k: int):
-    """Up to ``n_steps`` decode steps.  ``out_tokens`` [B, max_new] is written at ``n_out``."""
+    """Up to ``n_steps`` decode steps.  ``out_tokens`` [B, max_new] is written at ``n_out``.
+    Finished rows write padding with segment 0 into their cache slot, so a later continuation of
+    the same cache never attends to it."""
     model = Decoder(cfg)
     max_new = out_tokens.shape[1]
 
@@ -112,10 +135,11 @@ def decode_chunk(params, cache, logits, last_pos, done, out_tokens, n_out, row_k
         tok = jnp.where(done, pad_id, tok)
         is_eos = jnp.any(tok[:, None] == eos_ids[None, :], axis=-1) & ~done
         out_tokens = jax.lax.dynamic_update_slice(out_tokens, tok[:, None], (0, n_out))
-        done = done | is_eos
-        pos = last_pos + 1
+        pos = jnp.where(done, last_pos, last_pos + 1)
         new_logits, cache = model.apply({"params": params}, tok[:, None], positions=pos[:, None],
-                                        segment_ids=jnp.ones_like(tok)[:, None], cache=cache)
+                                        segment_ids=(~done).astype(jnp.int32)[:, None],
+                                        cache=cache)
+        done = done | is_eos
         return (i + 1, cache, new_logits[:, -1, :], pos, done, out_tokens, n_out + 1)
 
     s = (jnp.zeros((), jnp.int32), cache, logits, last_pos, done, out_tokens, n_out)
@@ -123,22 +147,46 @@ def decode_chunk(params, cache, logits, last_pos, done, out_tokens, n_out, row_k
     return cache, logits, last_pos, done, out_tokens, n_out
 
 
+@functools.partial(jax.jit, static_argnames=("reps",))
+def _tile_rows(cache, logits, last_pos, reps: int):
+    """Repeat a 1-row prefilled state ``reps`` times along the batch."""
+    c = dict(cache)
+    c["k"] = jnp.repeat(cache["k"], reps, axis=1)
+    c["v"] = jnp.repeat(cache["v"], reps, axis=1)
+    c["pos"] = jnp.repeat(cache["pos"], reps, axis=0)
+    c["seg"] = jnp.repeat(cache["seg"], reps, axis=0)
+    return c, jnp.repeat(logits, reps, axis=0), jnp.repeat(last_pos, reps, axis=0)
+
+
 def _round_up(n, m):
     return ((n + m - 1) // m) * m
 
 
 class Sampler:
-    """Batched generation with a KV cache.  ``generate(prompts, sampling, row_seeds)``.
+    """Batched generation with a KV cache.
 
-    ``prompts``: strings (tokenized with ``tokenizer``, no special tokens added — render chat
-    templates / BOS in the prompt text) or lists of token ids.
+    ``generate(prompts, sampling, row_seeds, prefix=None, then=None)``:
+
+    * ``prompts``: strings (tokenized with ``tokenizer``, no special tokens added: render chat
+      templates / BOS in the text) or lists of token ids.
+    * ``prefix``: an optional text (or ids) shared by every prompt of the call, e.g. the
+      instruction and context paragraph that several questions and samples share.  It is
+      prefilled once and its cache copied to every row; the prompt's own tokens are appended.
+      The token sequence is ``encode(prefix) + encode(prompt)``, so split the text at a
+      pre-token boundary (a newline).
+    * ``then``: an optional :class:`Continuation` phase: after the first phase the harness appends ``forced_texts[i]`` to row i (e.g. closing a
+      reasoning scaffold: ``"</think>\n<answer>"``) and samples again on the same cache.  Tokens
+      the first phase produced after its stop string are masked out of the cache, so the second
+      phase sees exactly the returned text.  The returned ``Generation.text`` is
+      ``first + forced + second``.
     """
 
     def __init__(self, cfg: ModelConfig, params, tokenizer=None, mesh=None, batch_size: int = 8,
                  length_bucket: int = 64, chunk: int = 32, pad_id: Optional[int] = None,
-                 eos_ids: Optional[Sequence[int]] = None):
+                 eos_ids: Optional[Sequence[int]] = None, bridge_tokens: int = 16):
         self.cfg, self.params, self.tokenizer, self.mesh = cfg, params, tokenizer, mesh
         self.batch_size, self.length_bucket, self.chunk = batch_size, length_bucket, chunk
+        self.bridge_tokens = bridge_tokens
         if pad_id is None:
             pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
         self.pad_id = int(pad_id)
@@ -156,7 +204,7 @@ class Sampler:
     def _decode(self, ids) -> str:
         if self.tokenizer is None:
             return ""
-        return self.tokenizer.decode(ids, skip_special_tokens=False)
+        return self.tokenizer.decode([int(t) for t in ids], skip_special_tokens=False)
 
     def _place(self, x):
         if self.mesh is None:
@@ -165,9 +213,11 @@ class Sampler:
         return jax.device_put(x, batch_sharding(self.mesh, ndim=x.ndim))
 
     def generate(self, prompts: Sequence[Union[str, Sequence[int]]], sampling: SamplingConfig,
-                 row_seeds: Optional[Sequence[int]] = None, progress=None) -> List[Generation]:
+                 row_seeds: Optional[Sequence[int]] = None, progress=None, prefix=None,
+                 then: Optional[Continuation] = None) -> List[Generation]:
         """Generate for every prompt; ``row_seeds[i]`` (default ``i``) keys row i's randomness."""
         encoded = [self._encode(p) for p in prompts]
+        pre = self._encode(prefix) if prefix is not None else []
         if row_seeds is None:
             row_seeds = list(range(len(encoded)))
         results: List[Optional[Generation]] = [None] * len(encoded)
@@ -181,69 +231,64 @@ class Sampler:
         for start in range(0, len(order), self.batch_size):
             idx = order[start:start + self.batch_size]
             gens = self._generate_batch([encoded[i] for i in idx], sampling,
-                                        [row_seeds[i] for i in idx])
+                                        [row_seeds[i] for i in idx], pre, then)
             for i, g in zip(idx, gens):
                 results[i] = g
             if bar is not None:
                 bar.update(len(idx))
-                ntok = sum(g.generated_tokens for g in gens)
-                bar.set_postfix(new_tokens=ntok)
         if bar is not None:
             bar.close()
         return results  # type: ignore[return-value]
 
-    def _generate_batch(self, encoded, sampling: SamplingConfig, seeds) -> List[Generation]:
-        n = len(encoded)
-        B = self.batch_size
-        T = _round_up(max(1, max(len(e) for e in encoded)), self.length_bucket)
-        max_new = sampling.max_new_tokens
+    # ------------------------------------------------------------------ internals
+    def _left_pad(self, rows, T, B):
         ids = np.full((B, T), self.pad_id, np.int32)
         mask = np.zeros((B, T), np.int32)
-        for r, e in enumerate(encoded):
+        for r, e in enumerate(rows):
             if len(e):
                 ids[r, T - len(e):] = e
                 mask[r, T - len(e):] = 1
-        for r in range(n, B):  # filler rows: one token so no row is fully masked
-            ids[r, -1] = self.pad_id
-            mask[r, -1] = 1
+        return ids, mask
+
+    def _run_phase(self, st, sampling: SamplingConfig, n_rows: int):
+        """Decode until every row is done; returns per-row (tokens, finish_reason, text)."""
+        B = self.batch_size
+        max_new = sampling.max_new_tokens
         base = jax.random.PRNGKey(sampling.seed)
-        keys = jnp.stack([jax.random.fold_in(base, int(s)) for s in list(seeds) +
-                          [0] * (B - n)])
-        cache_len = T + _round_up(max_new, self.length_bucket)
-        logits, cache, last_pos = prefill(self.params, self._place(ids), self._place(mask),
-                                          self.cfg, cache_len)
+        keys = jnp.stack([jax.random.fold_in(base, int(s)) for s in st["seeds"]])
         done = np.zeros((B,), bool)
-        done[n:] = True
+        done[n_rows:] = True
         done = jnp.asarray(done)
         out = jnp.full((B, max_new), self.pad_id, jnp.int32)
         n_out = jnp.zeros((), jnp.int32)
         eos = jnp.asarray(self.eos_ids, jnp.int32)
-        stop_at = [None] * n
+        start_index = int(st["cache"]["index"])
+        stopped = [False] * n_rows
         while True:
             cache, logits, last_pos, done, out, n_out = decode_chunk(
-                self.params, cache, logits, last_pos, done, out, n_out, keys, eos,
-                jnp.int32(self.pad_id), self.cfg, self.chunk, float(sampling.temperature),
+                self.params, st["cache"], st["logits"], st["last_pos"], done, out, n_out, keys,
+                eos, jnp.int32(self.pad_id), self.cfg, self.chunk, float(sampling.temperature),
                 float(sampling.top_p), int(sampling.top_k))
+            st.update(cache=cache, logits=logits, last_pos=last_pos)
             n_done = int(n_out)
             done_h = np.array(done)
             if sampling.stop_strings and self.tokenizer is not None:
                 toks = np.asarray(out[:, :n_done])
-                for r in range(n):
-                    if done_h[r] or stop_at[r] is not None:
+                for r in range(n_rows):
+                    if done_h[r]:
                         continue
                     text = self._decode(self._strip(toks[r]))
-                    if any(s in text for s in sampling.stop_strings):
-                        stop_at[r] = True
+                    if any(x in text for x in sampling.stop_strings):
+                        stopped[r] = True
                         done_h[r] = True
                 done = jnp.asarray(done_h)
             if done_h.all() or n_done >= max_new:
                 break
         toks = np.asarray(out[:, :int(n_out)])
-        gens = []
-        for r in range(n):
-            row = list(toks[r])
-            reason = "length"
-            cut = len(row)
+        res = []
+        for r in range(n_rows):
+            row = [int(t) for t in toks[r]]
+            reason, cut = "length", len(row)
             for j, t in enumerate(row):
                 if t in self.eos_ids:
                     cut, reason = j, "eos"
@@ -251,17 +296,80 @@ class Sampler:
             row = row[:cut]
             text = self._decode(row)
             if sampling.stop_strings:
-                hits = [(text.find(s), s) for s in sampling.stop_strings if s in text]
+                hits = [(text.find(x), x) for x in sampling.stop_strings if x in text]
                 if hits:
-                    pos, s = min(hits)
-                    text = text[:pos + len(s)]
+                    p, x = min(hits)
+                    text = text[:p + len(x)]
                     reason = "stop"
-                    # keep the tokens that cover the kept text
-                    while len(row) > 1 and len(self._decode(row[:-1])) >= pos + len(s):
+                    while len(row) > 1 and len(self._decode(row[:-1])) >= p + len(x):
                         row = row[:-1]
-            gens.append(Generation(text=text, token_ids=[int(t) for t in row],
-                                   finish_reason=reason, prompt_tokens=len(encoded[r]),
-                                   generated_tokens=len(row)))
+            res.append((row, reason, text))
+        st["start_index"] = start_index
+        return res
+
+    def _generate_batch(self, encoded, sampling: SamplingConfig, seeds, pre, then
+                        ) -> List[Generation]:
+        n = len(encoded)
+        B = self.batch_size
+        T = _round_up(max(1, max(len(e) for e in encoded)), self.length_bucket)
+        P = _round_up(len(pre), self.length_bucket) if pre else 0
+        extra = 0
+        if then is not None:
+            extra = self.bridge_tokens + _round_up(then.sampling.max_new_tokens,
+                                                   self.length_bucket)
+        cache_len = P + T + _round_up(sampling.max_new_tokens, self.length_bucket) + extra
+        rows = list(encoded) + [[self.pad_id]] * (B - n)  # filler rows: one token each
+        ids, mask = self._left_pad(rows, T, B)
+        if pre:
+            pids, pmask = self._left_pad([pre], P, 1)
+            logits, cache, last_pos = prefill(self.params, jnp.asarray(pids), jnp.asarray(pmask),
+                                              self.cfg, cache_len)
+            cache, logits, last_pos = _tile_rows(cache, logits, last_pos, B)
+            logits, cache, last_pos = extend(self.params, cache, self._place(ids),
+                                             self._place(mask), last_pos, logits, self.cfg)
+        else:
+            logits, cache, last_pos = prefill(self.params, self._place(ids), self._place(mask),
+                                              self.cfg, cache_len)
+        st = {"cache": cache, "logits": logits, "last_pos": last_pos,
+              "seeds": list(seeds) + [0] * (B - n)}
+        pos0 = np.asarray(last_pos)
+        first = self._run_phase(st, sampling, n)
+        gens = []
+        if then is None:
+            for r, (row, reason, text) in enumerate(first):
+                gens.append(Generation(text=text, token_ids=row, finish_reason=reason,
+                                       prompt_tokens=len(pre) + len(encoded[r]),
+                                       generated_tokens=len(row)))
+            return gens
+        forced = list(then.forced([t for _, _, t in first]))
+        sampling2 = then.sampling
+        # Mask what phase 1 generated beyond each row's kept tokens; rewind positions.
+        cache = st["cache"]
+        start = st["start_index"]
+        keep = np.zeros((B,), np.int64)
+        keep[:n] = [len(row) for row, _, _ in first]
+        slots = np.arange(cache["seg"].shape[1])[None, :]
+        kill = (slots >= start + keep[:, None]) & (slots < int(cache["index"]))
+        cache = dict(cache)
+        cache["seg"] = jnp.where(jnp.asarray(kill), 0, cache["seg"])
+        last_pos = jnp.asarray(pos0 + keep, jnp.int32)
+        f_ids = [self._encode(f) for f in forced] + [[]] * (B - n)
+        K = max(1, max(len(f) for f in f_ids))
+        if K > self.bridge_tokens:
+            raise ValueError(f"continuation text of {K} tokens exceeds bridge_tokens="
+                             f"{self.bridge_tokens}")
+        fid, fmask = self._left_pad(f_ids, self.bridge_tokens, B)
+        logits, cache, last_pos = extend(self.params, cache, self._place(fid),
+                                         self._place(fmask), last_pos, st["logits"], self.cfg)
+        st.update(cache=cache, logits=logits, last_pos=last_pos)
+        second = self._run_phase(st, sampling2, n)
+        for r in range(n):
+            row1, _, t1 = first[r]
+            row2, reason, t2 = second[r]
+            gens.append(Generation(text=t1 + forced[r] + t2,
+                                   token_ids=row1 + f_ids[r] + row2, finish_reason=reason,
+                                   prompt_tokens=len(pre) + len(encoded[r]),
+                                   generated_tokens=len(row1) + len(row2)))
         return gens
 
     def _strip(self, row):
