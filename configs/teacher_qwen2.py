@@ -36,6 +36,7 @@ def get_config(arg=None):
     c.num_samples = 1
     c.batch_size = 64
     c.length_bucket = 128
+    c.cache_len = 0
     c.out_dir = "traces_r1_qwen"
     c.progress = True
     c.distributed = "auto"

@@ -183,8 +183,12 @@ class Sampler:
 
     def __init__(self, cfg: ModelConfig, params, tokenizer=None, mesh=None, batch_size: int = 8,
                  length_bucket: int = 64, chunk: int = 32, pad_id: Optional[int] = None,
-                 eos_ids: Optional[Sequence[int]] = None, bridge_tokens: int = 16):
+                 eos_ids: Optional[Sequence[int]] = None, bridge_tokens: int = 16,
+                 cache_len: Optional[int] = None):
+        """``cache_len``: a fixed KV-cache length for every batch (one compiled decode program
+        for a whole run; a batch that needs more raises).  Default: sized per batch."""
         self.cfg, self.params, self.tokenizer, self.mesh = cfg, params, tokenizer, mesh
+        self.fixed_cache_len = cache_len
         self.batch_size, self.length_bucket, self.chunk = batch_size, length_bucket, chunk
         self.bridge_tokens = bridge_tokens
         if pad_id is None:
@@ -318,6 +322,12 @@ class Sampler:
             extra = self.bridge_tokens + _round_up(then.sampling.max_new_tokens,
                                                    self.length_bucket)
         cache_len = P + T + _round_up(sampling.max_new_tokens, self.length_bucket) + extra
+        if self.fixed_cache_len:
+            if cache_len > self.fixed_cache_len:
+                raise ValueError(f"batch needs a KV cache of {cache_len} slots (prefix {P}, "
+                                 f"prompts {T}, generation {cache_len - P - T}) but the sampler "
+                                 f"was built with cache_len={self.fixed_cache_len}")
+            cache_len = self.fixed_cache_len
         rows = list(encoded) + [[self.pad_id]] * (B - n)  # filler rows: one token each
         ids, mask = self._left_pad(rows, T, B)
         if pre:
