@@ -23,7 +23,7 @@ def get_config(arg=None):
         answerable_fraction=0.8, seed=0))
     c.decode = ml_collections.ConfigDict(dict(
         mode="two_phase", temperature=0.7, top_p=0.95, top_k=0, seed=0,
-        max_new_tokens=88, max_reasoning_tokens=64, max_answer_tokens=24, chunk=16))
+        max_new_tokens=64, max_reasoning_tokens=48, max_answer_tokens=16, chunk=16))
     c.num_samples = 4
     c.batch_size = 16
     c.length_bucket = 64

@@ -214,6 +214,49 @@ def summarize(records: List[dict], out_dir: str, wall_s: float) -> dict:
     return s
 
 
+def write_data_card(out_dir: str, command: str, summary: dict, manifest: dict) -> str:
+    """``out_dir/README.md``: what the trace set is, how it was made, what it yields."""
+    yl = summary["yield_lenient"]
+    ys = summary["yield_strict_em"]
+    rt = summary["reasoning_tokens"]
+    pct = lambda d: "n/a" if d["yield"] is None else f"{100 * d['yield']:.1f}%"  # noqa: E731
+    lines = [
+        "# ReGiFT teacher traces (SQuAD-v2 pool) — data card", "",
+        f"- **Teacher**: {manifest['teacher']}",
+        f"- **Prompt**: `{manifest['prompt_version']}` (chat template: {manifest['chat']}; "
+        f"prefill `{manifest['prefill'].strip()}`)",
+        f"- **Decoding**: {json.dumps(manifest['decoding'])}, mode `{manifest['mode']}` "
+        f"(reasoning budget {manifest['max_reasoning_tokens']} tokens, answer budget "
+        f"{manifest['max_answer_tokens']}), {manifest['num_samples']} samples per question",
+        f"- **Source questions**: SQuAD-v2 dev, `{manifest['split']}` split "
+        "(article-hash split, see `regift_jax/data/builders/squad_v2.py`)",
+        f"- **Command**: `{command}`",
+        f"- **Wall time** (last run, this machine): {summary['wall_time_s']:.0f} s", "",
+        "| | records | correct (paper-lenient) | yield | correct (strict EM) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for g in ("answerable", "unanswerable", "all"):
+        lines.append(f"| {g} | {yl[g]['n']} | {yl[g]['correct']} | {pct(yl[g])} | "
+                     f"{ys[g]['correct']} ({pct(ys[g])}) |")
+    lines += [
+        "", f"Questions with at least one correct trace: "
+        f"{summary['questions_with_a_correct_trace']}.",
+        f"Reasoning length (tokens): correct mean {rt['correct']['mean']}, incorrect mean "
+        f"{rt['incorrect']['mean']} (plot: `summary.png`).", "",
+        "Every record (correct and incorrect) is kept; the `regift_traces` TFDS builder's "
+        "`correct` config selects the paper-lenient correct ones (the training default), "
+        "`incorrect`/`all` serve the correctness ablation.", "",
+        "## Licence", "",
+        "Contexts, questions and gold answers come from SQuAD 2.0 (Rajpurkar, Jia, Liang, ACL "
+        "2018), licensed CC BY-SA 4.0; this trace set is Adapted Material and is shared under "
+        "the same licence, CC BY-SA 4.0 (see `data/squad_v2/`). The generated text was produced "
+        "by SmolLM2-135M-Instruct (Apache-2.0).", ""]
+    path = os.path.join(out_dir, "README.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+    return path
+
+
 def run(cfg) -> dict:
     import jax
     from tqdm.auto import tqdm
@@ -358,6 +401,8 @@ def run(cfg) -> dict:
     s = summarize(records, out_dir, wall) if proc == 0 else {}
     s["read_report"] = report.to_dict()
     if proc == 0:
+        write_data_card(out_dir, "python -m regift_jax.generate_traces " + " ".join(sys.argv[1:]),
+                        s, manifest)
         print(json.dumps({k: v for k, v in s.items() if k != "read_report"}, indent=1))
         print(f"dropped on read: {report.summary()}")
     return s
