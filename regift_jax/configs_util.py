@@ -160,6 +160,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.num_steps = -1  # > 0: exactly this many steps; else num_epochs * steps_per_epoch
     c.train.num_epochs = 10.0
     c.train.max_nonfinite_in_a_row = 5  # halt after this many consecutive skipped steps
+    # Persistent XLA compilation cache ("" = off): a restarted (preempted) job reuses compiled
+    # steps instead of recompiling them.
+    c.train.compilation_cache_dir = ""
 
     # ---------------------------------------------------------------- optimizer
     c.optim = ml_collections.ConfigDict()

@@ -722,6 +722,8 @@ def run(config, workdir: Optional[str] = None, *, callbacks: Sequence[Callable] 
     workdir = os.path.abspath(workdir)
     _validate(config)
     os.makedirs(workdir, exist_ok=True)
+    if config.train.compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", str(config.train.compilation_cache_dir))
     pid, nproc = jax.process_index(), jax.process_count()
     if pid == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -923,6 +925,7 @@ def run(config, workdir: Optional[str] = None, *, callbacks: Sequence[Callable] 
         preempt.uninstall()
         logger.close()
         train_pipe.close()
+        ckpt.wait()  # never leave a save half-written behind an exception
 
     export_dir = ""
     if not preempted and config.export.enabled:
