@@ -116,9 +116,9 @@ def main(argv=None):
     result = {}
 
     def _main(_):
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
-                            "%(message)s")
-        for noisy in ("absl", "orbax", "jax._src"):
+        from absl import logging as absl_logging
+        absl_logging.set_verbosity(absl_logging.INFO)  # our INFO lines go through absl's handler
+        for noisy in ("absl", "orbax", "jax._src"):  # orbax logs its internals at INFO via absl
             logging.getLogger(noisy).setLevel(logging.WARNING)
         config = config_flag.value
         workdir = flags.FLAGS.workdir or config.workdir

@@ -863,6 +863,8 @@ def run(config, workdir: Optional[str] = None, *, callbacks: Sequence[Callable] 
         if config.eval.at_start and start_step == 0:
             last_eval = evaluate(0)
         step = start_step
+        log.info("setup done in %.1f s (steps %d -> %d)", time.time() - t_start, start_step,
+                 total_steps)
         pending: List[Tuple[int, Any]] = []
         prev = None
         t_log = time.perf_counter()
@@ -872,6 +874,9 @@ def run(config, workdir: Optional[str] = None, *, callbacks: Sequence[Callable] 
             gbatch = _global_batch(batch, mesh, data_axes)
             state, metrics = step_fn(state, frozen, gbatch)
             step += 1
+            if step == start_step + 1:
+                jax.block_until_ready(metrics)
+                log.info("first step (with compilation) done at %.1f s", time.time() - t_start)
             pending.append((step, metrics))
             # Halting check one step late: the device queue keeps one step in flight.
             if prev is not None:
