@@ -1,0 +1,696 @@
+"""Log-likelihood scoring of continuations: BBQ multiple choice and StereoSet, jitted and batched.
+
+A *request* is a context (token ids) and ``K`` continuations (token ids); its score is, per
+continuation, ``sum_t log p(c_t | context, c_<t)`` (float), the number of tokens, and whether the
+continuation is the model's greedy continuation (every token the argmax; lm-eval-harness's
+``is_greedy``).  BBQ: context = the rendered prompt, continuations = the three answer options;
+StereoSet: see :func:`stereoset_scores`.
+
+Three exact methods, one result (``tests/test_loglik.py`` checks that they agree with each
+other and with transformers):
+
+``"prefix"`` (default, fastest)
+    Three levels of a prefix tree, with the decoder's KV cache.  (1) The longest token prefix
+    shared by *every* context of the call (for BBQ: the chat header, system turn and instruction,
+    ~55 of ~110 tokens) runs once, into a one-row cache.  (2) Stage A: each request's remaining
+    context tokens, one request per row (right-padded to a length bucket), extend a copy of that
+    cache.  (3) Stage B: the cache is repeated ``K`` times along the batch and each copy extends
+    with one continuation.  Segment ids are 1 on tokens and 0 on padding, positions are the true
+    positions, so every token attends to exactly its own prefix: the options never see each other
+    and the computation equals scoring ``context + option`` as one sequence.  Per BBQ item this
+    runs ~55 + 3 x ~4 tokens instead of 3 x ~113.
+``"packed"``
+    Each ``context + continuation`` is one sequence; sequences are packed first-fit into rows of
+    ``seq_len`` tokens (:class:`regift_jax.data.packing.Packer`) with one segment id per sequence
+    and positions restarting at 0, so packed sequences never see each other.  One forward pass per
+    batch of rows, no cache.
+``"unpacked"``
+    One sequence per row, rows right-padded to a length bucket (the plainest reference).
+
+In every method the LM head (``[D, V]``) runs only on the hidden states that predict a
+continuation token (the decoder is called with ``return_hidden=True`` and the needed positions
+are gathered), so the long prompt costs no vocabulary projection.
+
+Shapes are bucketed so a whole run compiles a few programs: rows are ``batch_rows`` (filler rows
+are all padding); stage A lengths are rounded up to ``length_bucket``, continuation lengths to
+``cont_bucket``; requests are sorted by these buckets and batched within a bucket.  With a mesh
+(``handle.mesh``) every batch is placed with :func:`regift_jax.sharding.batch_sharding` (so
+``batch_rows`` must divide by the data-parallel size) and ``jit`` propagates the sharding.
+
+Tokenisation: ``encode(context) + encode(continuation)``, each without special tokens (a chat
+template already writes them).  For the BBQ option texts after a chat header ending in a newline,
+or after ``"Answer:"`` with the continuation ``" " + option``, this equals tokenising the joined
+string; the tokens scored are exactly the continuation's own tokens.
+
+Normalisation (BBQ, :class:`OptionScores`): ``acc`` uses the argmax of the summed log-probability
+(lm-eval-harness ``acc``); the per-byte normalised sum (``sum / len(option.encode("utf-8"))``,
+lm-eval-harness ``acc_norm``) and the per-token mean are returned beside it.  Ties go to the lower
+option index (``np.argmax``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from regift_jax.data.packing import Packer, build_row, stack_rows
+from regift_jax.models.config import ModelConfig
+from regift_jax.models.decoder import Decoder, init_cache, to_dtype
+
+METHODS = ("prefix", "packed", "unpacked")
+
+
+# --------------------------------------------------------------------------------------------
+# Requests and results
+# --------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """``context`` ids and ``K`` continuations (ids); ``where`` names it in error messages."""
+    context: Tuple[int, ...]
+    continuations: Tuple[Tuple[int, ...], ...]
+    where: str = ""
+
+
+@dataclasses.dataclass
+class Scores:
+    """Per request and continuation: ``logprob_sum`` (float64), ``n_tokens``, ``is_greedy``."""
+    logprob_sum: np.ndarray  # [N, K]
+    n_tokens: np.ndarray  # [N, K] int
+    is_greedy: np.ndarray  # [N, K] bool
+    method: str = "prefix"
+    shared_prefix_tokens: int = 0
+    tokens_computed: int = 0  # token slots run through the model (padding included)
+    tokens_real: int = 0  # of which real tokens
+
+    @property
+    def logprob_mean(self) -> np.ndarray:
+        return self.logprob_sum / np.maximum(self.n_tokens, 1)
+
+
+def _check_requests(requests: Sequence[Request]) -> int:
+    if not requests:
+        raise ValueError("no requests to score")
+    K = len(requests[0].continuations)
+    for i, r in enumerate(requests):
+        where = r.where or f"request {i}"
+        if not r.context:
+            raise ValueError(f"{where}: empty context (give at least a BOS token)")
+        if len(r.continuations) != K or K == 0:
+            raise ValueError(f"{where}: {len(r.continuations)} continuations, expected "
+                             f"{K} like the first request (and at least one)")
+        for k, c in enumerate(r.continuations):
+            if not c:
+                raise ValueError(f"{where}: continuation {k} has no tokens")
+    return K
+
+
+def _round_up(n: int, m: int) -> int:
+    return max(m, ((n + m - 1) // m) * m)
+
+
+def merge_buckets(shapes: Sequence[Tuple[int, ...]], weights: Sequence[int],
+                  threshold_tokens: int) -> Dict[Tuple[int, ...], Tuple[int, ...]]:
+    """Fold rare shape buckets into larger ones to save compilations.
+
+    ``shapes[i]`` is an item's padded shape (a tuple of lengths), ``weights`` the token cost of
+    one unit of each length (e.g. ``(1, K)`` for stage A and ``K`` continuations).  Repeatedly,
+    the bucket with the fewest items moves into the existing bucket that is at least as large in
+    every length and costs its items the fewest extra padded tokens, if that extra is below
+    ``threshold_tokens`` (roughly what one compilation costs in model time).  Returns
+    ``{original shape: final shape}``; deterministic.
+    """
+    counts: Dict[Tuple[int, ...], int] = {}
+    for sh in shapes:
+        counts[sh] = counts.get(sh, 0) + 1
+    moved: Dict[Tuple[int, ...], Tuple[int, ...]] = {}
+    while True:
+        best = None
+        for src, n in sorted(counts.items(), key=lambda kv: (kv[1], kv[0])):
+            cands = [(n * sum(w * (d - s) for w, d, s in zip(weights, dst, src)), dst)
+                     for dst in sorted(counts) if dst != src
+                     and all(d >= s for d, s in zip(dst, src))]
+            if cands:
+                cost, dst = min(cands)
+                if cost < threshold_tokens:
+                    best = (src, dst)
+                    break
+        if best is None:
+            break
+        src, dst = best
+        counts[dst] += counts.pop(src)
+        moved[src] = dst
+        for k, v in list(moved.items()):
+            if v == src:
+                moved[k] = dst
+    return {sh: moved.get(sh, sh) for sh in set(shapes)}
+
+
+def shared_prefix_length(contexts: Sequence[Sequence[int]]) -> int:
+    """Longest common token prefix of all contexts, leaving each at least one own token."""
+    first = contexts[0]
+    n = min(len(c) for c in contexts) - 1
+    for c in contexts[1:]:
+        i = 0
+        while i < n and c[i] == first[i]:
+            i += 1
+        n = i
+        if n == 0:
+            break
+    return max(n, 0)
+
+
+# --------------------------------------------------------------------------------------------
+# Jitted pieces
+# --------------------------------------------------------------------------------------------
+
+def lm_head(params, cfg: ModelConfig, h):
+    """Logits (float32) from final hidden states ``h [..., D]``, as :class:`Decoder` computes."""
+    dt = to_dtype(cfg.dtype)
+    if cfg.tie_word_embeddings:
+        w = params["embed_tokens"].T
+    else:
+        w = params["lm_head"]
+    return jnp.einsum("...d,dv->...v", h.astype(dt), w.astype(dt),
+                      preferred_element_type=jnp.float32).astype(jnp.float32)
+
+
+def _token_logprobs(params, cfg, h, targets, mask):
+    """Log p(target) and argmax == target for hidden states ``h [B, M, D]``."""
+    logits = lm_head(params, cfg, h)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    tl = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    lp = jnp.where(mask, tl - lse, 0.0)
+    hit = (jnp.argmax(logits, axis=-1) == targets) | ~mask
+    return lp, hit
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _prefix_state(params, ids, n_real, cfg: ModelConfig):
+    """One-row KV cache of the shared prefix ``ids [1, P]`` (first ``n_real`` are tokens)."""
+    P = ids.shape[1]
+    seg = (jnp.arange(P) < n_real).astype(jnp.int32)[None]
+    pos = jnp.arange(P, dtype=jnp.int32)[None] * seg
+    cache = init_cache(cfg, 1, P)
+    _, cache = Decoder(cfg).apply({"params": params}, ids, positions=pos, segment_ids=seg,
+                                  cache=cache, return_hidden=True)
+    return cache
+
+
+@functools.lru_cache(maxsize=None)
+def cache_axes(cfg: ModelConfig) -> Dict[str, Tuple[int, int]]:
+    """``{name: (batch axis, sequence axis)}`` of every array of :func:`init_cache`, found from
+    abstract shapes (so this module does not depend on the cache layout)."""
+    base = jax.eval_shape(lambda: init_cache(cfg, 2, 5))
+    more_b = jax.eval_shape(lambda: init_cache(cfg, 3, 5))
+    more_s = jax.eval_shape(lambda: init_cache(cfg, 2, 7))
+    out = {}
+    for name, a in base.items():
+        if not a.shape:
+            continue
+        diff = lambda other: [i for i, (x, y) in enumerate(zip(a.shape, other[name].shape))  # noqa: E731
+                              if x != y]
+        b_ax, s_ax = diff(more_b), diff(more_s)
+        if len(b_ax) != 1 or len(s_ax) != 1:
+            raise ValueError(f"cannot locate the batch / sequence axes of cache[{name!r}] "
+                             f"{a.shape}")
+        out[name] = (b_ax[0], s_ax[0])
+    return out
+
+
+def _start_cache(cfg: ModelConfig, pre, B: int, S: int):
+    """A ``B``-row cache of ``S`` slots whose first slots hold the shared prefix ``pre``."""
+    cache = init_cache(cfg, B, S)
+    if pre is None:
+        return cache
+    out = {"index": jnp.asarray(pre["index"], jnp.int32)}
+    for name, (b_ax, s_ax) in cache_axes(cfg).items():
+        x = pre[name]
+        shape = list(x.shape)
+        shape[b_ax] = B
+        x = jnp.broadcast_to(x, shape)
+        tail = list(shape)
+        tail[s_ax] = S - x.shape[s_ax]
+        out[name] = jnp.concatenate([x, jnp.zeros(tail, x.dtype)], axis=s_ax)
+    return out
+
+
+def _repeat_rows(cfg: ModelConfig, cache, reps: int):
+    """Every cache row repeated ``reps`` times (row ``b`` -> rows ``b*reps .. b*reps+reps-1``)."""
+    out = dict(cache)
+    for name, (b_ax, _) in cache_axes(cfg).items():
+        out[name] = jnp.repeat(cache[name], reps, axis=b_ax)
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _prefix_block(params, pre, n_pre, a_ids, a_len, b_ids, b_len, cfg: ModelConfig):
+    """Stage A (own context tokens ``a_ids [B, LA]``) then stage B (``b_ids [B, K, LB]``, one
+    continuation per repeated cache row).  Returns per-token log-probs ``[B, K, LB]`` and
+    greedy hits."""
+    B, LA = a_ids.shape
+    _, K, LB = b_ids.shape
+    P = 0 if pre is None else pre["seg"].shape[cache_axes(cfg)["seg"][1]]
+    model = Decoder(cfg)
+    cache = _start_cache(cfg, pre, B, P + LA + LB)
+    ar = jnp.arange(LA, dtype=jnp.int32)[None]
+    a_seg = (ar < a_len[:, None]).astype(jnp.int32)
+    a_pos = (n_pre + ar) * a_seg
+    h_a, cache = model.apply({"params": params}, a_ids, positions=a_pos, segment_ids=a_seg,
+                             cache=cache, return_hidden=True)
+    last = jnp.take_along_axis(h_a, jnp.maximum(a_len - 1, 0)[:, None, None], axis=1)  # [B,1,D]
+
+    rep = lambda x, axis: jnp.repeat(x, K, axis=axis)  # noqa: E731
+    cache = _repeat_rows(cfg, cache, K)
+    ids = b_ids.reshape(B * K, LB)
+    br = jnp.arange(LB, dtype=jnp.int32)[None]
+    b_seg = (br < b_len.reshape(B * K, 1)).astype(jnp.int32)
+    b_pos = (rep(n_pre + a_len, 0)[:, None] + br) * b_seg
+    h_b, _ = model.apply({"params": params}, ids, positions=b_pos, segment_ids=b_seg,
+                         cache=cache, return_hidden=True)
+    h = jnp.concatenate([rep(last, 0), h_b[:, :LB - 1]], axis=1)  # predicts ids[:, t]
+    lp, hit = _token_logprobs(params, cfg, h, ids, b_seg.astype(bool))
+    return lp.reshape(B, K, LB), hit.reshape(B, K, LB)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _packed_block(params, ids, seg, pos, pred_idx, pred_tgt, pred_mask, cfg: ModelConfig):
+    """One forward pass over packed rows; log-probs of the ``pred_tgt`` tokens predicted at
+    positions ``pred_idx [B, M]``."""
+    h = Decoder(cfg).apply({"params": params}, ids, positions=pos, segment_ids=seg,
+                           return_hidden=True)
+    hs = jnp.take_along_axis(h, pred_idx[..., None], axis=1)
+    return _token_logprobs(params, cfg, hs, pred_tgt, pred_mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Host drivers
+# --------------------------------------------------------------------------------------------
+
+class _Progress:
+    def __init__(self, total: int, desc, unit: str = "item"):
+        self.bar = None
+        if desc:
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=total, desc=desc if isinstance(desc, str) else "loglik",
+                            unit=unit, dynamic_ncols=True)
+
+    def update(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _placer(mesh):
+    if mesh is None:
+        return jnp.asarray
+    from regift_jax.sharding import batch_sharding
+    return lambda x: jax.device_put(x, batch_sharding(mesh, ndim=np.ndim(x)))
+
+
+def _score_prefix(cfg, params, requests, K, *, batch_rows, length_bucket, cont_bucket,
+                  min_shared_prefix, pad_id, place, progress, max_len, compile_cost_tokens):
+    N = len(requests)
+    ctxs = [r.context for r in requests]
+    n_pre = shared_prefix_length(ctxs)
+    if n_pre < min_shared_prefix:
+        n_pre = 0
+    pre = None
+    computed = 0
+    if n_pre:
+        P = _round_up(n_pre, length_bucket)
+        pids = np.full((1, P), pad_id, np.int32)
+        pids[0, :n_pre] = ctxs[0][:n_pre]
+        pre = _prefix_state(params, jnp.asarray(pids), jnp.int32(n_pre), cfg)
+        computed += P
+    P = 0 if pre is None else pre["seg"].shape[cache_axes(cfg)["seg"][1]]
+    a_lens = np.array([len(c) - n_pre for c in ctxs])
+    b_lens = np.array([[len(c) for c in r.continuations] for r in requests])
+    a_bucket = np.array([_round_up(int(n), length_bucket) for n in a_lens])
+    b_bucket = np.array([_round_up(int(n), cont_bucket) for n in b_lens.max(1)])
+    too_long = np.nonzero(P + a_bucket + b_bucket > max_len)[0]
+    if len(too_long):
+        i = int(too_long[0])
+        raise ValueError(f"{requests[i].where or f'request {i}'}: {n_pre + a_lens[i]} context "
+                         f"+ {b_lens[i].max()} continuation tokens exceed seq_len={max_len}")
+    final = merge_buckets([(int(x), int(y)) for x, y in zip(a_bucket, b_bucket)], (1, K),
+                          compile_cost_tokens)
+    for i in range(N):
+        a_bucket[i], b_bucket[i] = final[(int(a_bucket[i]), int(b_bucket[i]))]
+    order = sorted(range(N), key=lambda i: (a_bucket[i], b_bucket[i], i))
+    lp_sum = np.zeros((N, K), np.float64)
+    greedy = np.zeros((N, K), bool)
+    bar = _Progress(N, progress)
+    start = 0
+    try:
+        while start < N:
+            la, lb = a_bucket[order[start]], b_bucket[order[start]]
+            idx = []
+            while (start < N and len(idx) < batch_rows and a_bucket[order[start]] == la
+                   and b_bucket[order[start]] == lb):
+                idx.append(order[start])
+                start += 1
+            a_ids = np.full((batch_rows, la), pad_id, np.int32)
+            a_len = np.ones((batch_rows,), np.int32)  # filler rows: one padding token
+            b_ids = np.full((batch_rows, K, lb), pad_id, np.int32)
+            b_len = np.zeros((batch_rows, K), np.int32)
+            for r, i in enumerate(idx):
+                own = requests[i].context[n_pre:]
+                a_ids[r, :len(own)] = own
+                a_len[r] = len(own)
+                for k, c in enumerate(requests[i].continuations):
+                    b_ids[r, k, :len(c)] = c
+                    b_len[r, k] = len(c)
+            lp, hit = _prefix_block(params, pre, jnp.int32(n_pre), place(a_ids), place(a_len),
+                                    place(b_ids), place(b_len), cfg)
+            lp = np.asarray(lp, np.float64)
+            hit = np.asarray(hit)
+            for r, i in enumerate(idx):
+                lp_sum[i] = lp[r].sum(-1)
+                greedy[i] = hit[r].all(-1)
+            computed += batch_rows * (la + K * lb)
+            bar.update(len(idx))
+    finally:
+        bar.close()
+    real = n_pre + int(a_lens.sum()) + int(b_lens.sum())
+    return Scores(lp_sum, b_lens, greedy, "prefix", n_pre, computed, real)
+
+
+def _score_packed(cfg, params, requests, K, *, batch_rows, seq_len, length_bucket, packed,
+                  pad_id, place, progress, compile_cost_tokens, max_open_rows=64):
+    N = len(requests)
+    seqs = []  # (request, k, ids, n_context)
+    for i, r in enumerate(requests):
+        for k, c in enumerate(r.continuations):
+            ids = tuple(r.context) + tuple(c)
+            if len(ids) > seq_len:
+                raise ValueError(f"{r.where or f'request {i}'}: {len(r.context)} context + "
+                                 f"{len(c)} continuation tokens exceed seq_len={seq_len}")
+            seqs.append((i, k, ids, len(r.context)))
+    # Longest first: tighter first-fit packing, and unpacked rows of similar length together.
+    seqs.sort(key=lambda s: (-len(s[2]), s[0], s[1]))
+    rows: List[Tuple[int, List[Tuple[Any, dict]]]] = []  # (row length, [(ref, example)])
+    if packed:
+        packer = Packer(seq_len, "first_fit", max_open_rows)
+        for j, s in enumerate(seqs):
+            ex = {"input_ids": np.asarray(s[2], np.int32),
+                  "loss_mask": (np.arange(len(s[2])) >= s[3]).astype(np.int32)}
+            rows.extend((seq_len, r) for r in packer.add(ex, j))
+        rows.extend((seq_len, r) for r in packer.flush())
+    else:
+        for j, s in enumerate(seqs):
+            ex = {"input_ids": np.asarray(s[2], np.int32),
+                  "loss_mask": (np.arange(len(s[2])) >= s[3]).astype(np.int32)}
+            rows.append((_round_up(len(s[2]), length_bucket), [(j, ex)]))
+        final = merge_buckets([(L,) for L, _ in rows], (1,), compile_cost_tokens)
+        rows = sorted(((final[(L,)][0], r) for L, r in rows), key=lambda x: x[0])
+    # One gather width for the whole call: the most continuation tokens in any row.
+    M = _round_up(max(sum(len(seqs[j][2]) - seqs[j][3] for j, _ in r) for _, r in rows), 8)
+    lp_sum = np.zeros((N, K), np.float64)
+    greedy = np.ones((N, K), bool)
+    remaining = np.full(N, K)  # continuations not yet scored, for the items/s progress
+    bar = _Progress(N, progress)
+    computed = 0
+    try:
+        start = 0
+        while start < len(rows):
+            L = rows[start][0]
+            group = []
+            while start < len(rows) and len(group) < batch_rows and rows[start][0] == L:
+                group.append(rows[start][1])
+                start += 1
+            built = [build_row([ex for _, ex in r], L, pad_id) for r in group]
+            batch = stack_rows(built, L, batch_rows, pad_id=pad_id)
+            owners = np.full((batch_rows, L), -1, np.int64)  # seqs index per target position
+            for b, r in enumerate(group):
+                seg = batch["segment_ids"][b]
+                for s, (j, _) in enumerate(r, start=1):
+                    owners[b, seg == s] = j
+            scored = batch["loss_mask"] > 0
+            pred_idx = np.zeros((batch_rows, M), np.int32)
+            pred_tgt = np.full((batch_rows, M), pad_id, np.int32)
+            pred_mask = np.zeros((batch_rows, M), bool)
+            pred_owner = np.full((batch_rows, M), -1, np.int64)
+            for b in range(batch_rows):
+                pos = np.nonzero(scored[b])[0]
+                pred_idx[b, :len(pos)] = pos
+                pred_tgt[b, :len(pos)] = batch["targets"][b, pos]
+                pred_mask[b, :len(pos)] = True
+                pred_owner[b, :len(pos)] = owners[b, pos]
+            lp, hit = _packed_block(params, place(batch["inputs"]), place(batch["segment_ids"]),
+                                    place(batch["positions"]), place(pred_idx), place(pred_tgt),
+                                    place(pred_mask), cfg)
+            lp, hit = np.asarray(lp, np.float64), np.asarray(hit)
+            sel = pred_mask
+            for j, v, h in zip(pred_owner[sel], lp[sel], hit[sel]):
+                i, k = seqs[j][0], seqs[j][1]
+                lp_sum[i, k] += v
+                greedy[i, k] &= bool(h)
+            done_items = 0
+            for r in group:
+                for j, _ in r:
+                    i = seqs[j][0]
+                    remaining[i] -= 1
+                    done_items += remaining[i] == 0
+            computed += batch_rows * L
+            bar.update(int(done_items))
+    finally:
+        bar.close()
+    n_tok = np.array([[len(c) for c in r.continuations] for r in requests])
+    real = sum(len(s[2]) for s in seqs)
+    return Scores(lp_sum, n_tok, greedy, "packed" if packed else "unpacked", 0, computed, real)
+
+
+def score_requests(model, requests: Sequence[Request], *, method: str = "prefix",
+                   batch_rows: int = 8, seq_len: int = 512, length_bucket: int = 16,
+                   cont_bucket: int = 4, min_shared_prefix: int = 8,
+                   compile_cost_tokens: int = 2048, pad_id: Optional[int] = None, mesh=None,
+                   progress=None) -> Scores:
+    """Score every request's continuations (see the module docstring for ``method``).
+
+    ``model``: a :class:`regift_jax.models.ModelHandle` (its ``mesh`` is used) or a
+    ``(cfg, params)`` pair.  ``seq_len``: the packed row length (``"packed"``) and, for every
+    method, the longest ``context + continuation`` accepted (a longer request is an error naming
+    it).  ``length_bucket`` / ``cont_bucket``: context / continuation lengths are padded to
+    multiples of these; ``compile_cost_tokens``: rare shapes are folded into larger ones when
+    that adds fewer padded tokens than this (:func:`merge_buckets`).  ``progress``: a tqdm
+    description (items/s bar) or ``None``.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if batch_rows < 1:
+        raise ValueError(f"batch_rows must be >= 1, got {batch_rows}")
+    if isinstance(model, tuple):
+        cfg, params = model
+    else:
+        cfg, params = model.cfg, model.params
+        mesh = mesh if mesh is not None else getattr(model, "mesh", None)
+    if pad_id is None:
+        pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+    K = _check_requests(requests)
+    place = _placer(mesh)
+    if method == "prefix":
+        return _score_prefix(cfg, params, requests, K, batch_rows=batch_rows,
+                             length_bucket=length_bucket, cont_bucket=cont_bucket,
+                             min_shared_prefix=min_shared_prefix, pad_id=pad_id, place=place,
+                             progress=progress, max_len=seq_len,
+                             compile_cost_tokens=compile_cost_tokens)
+    return _score_packed(cfg, params, requests, K, batch_rows=batch_rows, seq_len=seq_len,
+                         length_bucket=length_bucket, packed=method == "packed", pad_id=pad_id,
+                         place=place, progress=progress, compile_cost_tokens=compile_cost_tokens)
+
+
+# --------------------------------------------------------------------------------------------
+# BBQ
+# --------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class OptionScores:
+    """BBQ option scores ``[N, 3]`` with the three normalisations and their argmax."""
+    scores: Scores
+    n_bytes: np.ndarray  # [N, 3] UTF-8 bytes of each option's continuation text
+    prompts: List[str]
+    continuations: List[Tuple[str, str, str]]
+
+    @property
+    def logprob_sum(self) -> np.ndarray:
+        return self.scores.logprob_sum
+
+    @property
+    def logprob_mean(self) -> np.ndarray:
+        return self.scores.logprob_mean
+
+    @property
+    def logprob_per_byte(self) -> np.ndarray:
+        return self.scores.logprob_sum / np.maximum(self.n_bytes, 1)
+
+    @property
+    def prediction(self) -> np.ndarray:
+        """lm-eval-harness ``acc``: argmax of the summed log-probability."""
+        return np.argmax(self.logprob_sum, axis=1).astype(np.int32)
+
+    @property
+    def prediction_norm(self) -> np.ndarray:
+        """lm-eval-harness ``acc_norm``: argmax of the per-byte normalised log-probability."""
+        return np.argmax(self.logprob_per_byte, axis=1).astype(np.int32)
+
+    @property
+    def prediction_mean(self) -> np.ndarray:
+        return np.argmax(self.logprob_mean, axis=1).astype(np.int32)
+
+
+def _resolve_template(template):
+    from regift_jax import prompts
+    return prompts.get_template(template) if isinstance(template, str) else template
+
+
+def use_chat(tokenizer, chat) -> bool:
+    """``chat``: True / False, or ``"auto"``/``None`` = wrap when the tokenizer has a template."""
+    if chat in (None, "auto"):
+        return bool(tokenizer is not None and getattr(tokenizer, "chat_template", None))
+    if isinstance(chat, str):
+        if chat not in ("on", "off"):
+            raise ValueError(f"chat must be auto, on or off, got {chat!r}")
+        return chat == "on"
+    return bool(chat)
+
+
+def bbq_prompt(item, template, tokenizer=None, *, chat=False, system=None,
+               include_prefill: bool = True) -> str:
+    """The rendered prompt for one BBQ item (fields the template asks for: context, question,
+    and for multiple-choice templates ans0..ans2)."""
+    from regift_jax import prompts
+    t = _resolve_template(template)
+    values = {"context": item.context, "question": item.question,
+              "ans0": item.options[0], "ans1": item.options[1], "ans2": item.options[2]}
+    fields = {k: values[k] for k in t.required_fields}
+    return prompts.render_for_model(t, tokenizer, chat=use_chat(tokenizer, chat), system=system,
+                                    include_prefill=include_prefill, **fields)
+
+
+def option_continuation(prompt: str, option: str, answer_format: str = "{option}") -> str:
+    """The scored continuation text: ``answer_format`` with the option, preceded by one space
+    when the prompt does not end in whitespace (``"Answer:"`` -> ``" The Muslim one"``)."""
+    text = answer_format.replace("{option}", option)
+    if prompt and not prompt[-1].isspace() and not text[:1].isspace():
+        text = " " + text
+    return text
+
+
+def bbq_requests(items, template, tokenizer, *, chat="auto", system=None,
+                 answer_format: str = "{option}", include_prefill: bool = False
+                 ) -> Tuple[List[Request], List[str], List[Tuple[str, str, str]]]:
+    """Requests (prompt ids, three option ids) for BBQ items, with the texts they came from.
+
+    The prompt excludes the template's prefill by default (a ``<think>`` scaffold is not where
+    an option would follow); pass ``include_prefill=True`` to keep it.
+    """
+    if tokenizer is None:
+        raise ValueError("BBQ log-likelihood scoring needs a tokenizer")
+    enc = lambda s: tuple(tokenizer(s, add_special_tokens=False)["input_ids"])  # noqa: E731
+    reqs, texts, conts = [], [], []
+    for it in items:
+        p = bbq_prompt(it, template, tokenizer, chat=chat, system=system,
+                       include_prefill=include_prefill)
+        cs = tuple(option_continuation(p, o, answer_format) for o in it.options)
+        reqs.append(Request(enc(p), tuple(enc(c) for c in cs), it.source or
+                            f"{it.category} example_id {it.example_id}"))
+        texts.append(p)
+        conts.append(cs)  # type: ignore[arg-type]
+    return reqs, texts, conts
+
+
+def option_scores(handle, items, template="bbq_base", *, chat="auto", system=None,
+                  answer_format: str = "{option}", include_prefill: bool = False,
+                  **kw) -> OptionScores:
+    """Score the three options of every BBQ item (``kw`` go to :func:`score_requests`)."""
+    reqs, texts, conts = bbq_requests(items, template, handle.tokenizer, chat=chat,
+                                      system=system, answer_format=answer_format,
+                                      include_prefill=include_prefill)
+    sc = score_requests(handle, reqs, **kw)
+    n_bytes = np.array([[len(c.encode("utf-8")) for c in cs] for cs in conts])
+    return OptionScores(sc, n_bytes, texts, conts)
+
+
+def score_options(handle, items, template="bbq_base", *, batch_rows: int = 8,
+                  seq_len: int = 512, **kw) -> np.ndarray:
+    """``[N, 3]`` summed log-probabilities of each BBQ item's options (see
+    :func:`option_scores` for the normalised variants and the predictions)."""
+    return option_scores(handle, items, template, batch_rows=batch_rows, seq_len=seq_len,
+                         **kw).logprob_sum
+
+
+# --------------------------------------------------------------------------------------------
+# StereoSet
+# --------------------------------------------------------------------------------------------
+
+def stereoset_requests(items, tokenizer, *, empty_context_ids: Optional[Sequence[int]] = None
+                       ) -> List[Request]:
+    """One request per StereoSet item, its three sentences (stereotype, anti-stereotype,
+    unrelated) as continuations.  Intrasentence: the whole sentence after
+    ``empty_context_ids`` (default ``[bos_token_id]``, as lm-eval-harness does for an empty
+    context); intersentence: ``" " + sentence`` after the context."""
+    from regift_jax.eval.stereoset import scoring_requests
+    if tokenizer is None:
+        raise ValueError("StereoSet scoring needs a tokenizer")
+    if empty_context_ids is None:
+        bos = getattr(tokenizer, "bos_token_id", None)
+        if bos is None:
+            bos = getattr(tokenizer, "eos_token_id", None)
+        if bos is None:
+            raise ValueError("tokenizer has neither a BOS nor an EOS token: pass "
+                             "empty_context_ids for intrasentence items")
+        empty_context_ids = (int(bos),)
+    enc = lambda s: tuple(tokenizer(s, add_special_tokens=False)["input_ids"])  # noqa: E731
+    pairs = scoring_requests(items)
+    out = []
+    for n, it in enumerate(items):
+        trio = pairs[3 * n:3 * n + 3]
+        ctx = enc(trio[0][0]) if trio[0][0] else tuple(empty_context_ids)
+        out.append(Request(ctx, tuple(enc(c) for _, c in trio), it.source))
+    return out
+
+
+def stereoset_scores(handle, items, *, empty_context_ids=None, **kw) -> Scores:
+    """Log-likelihoods ``[N, 3]`` of every StereoSet item's sentences (``kw`` go to
+    :func:`score_requests`).  Feed ``.logprob_mean`` (the official per-token average; it does
+    not favour short sentences) or ``.logprob_sum`` to
+    :func:`regift_jax.eval.stereoset.stereoset_metrics`."""
+    reqs = stereoset_requests(items, handle.tokenizer, empty_context_ids=empty_context_ids)
+    return score_requests(handle, reqs, **kw)
+
+
+# --------------------------------------------------------------------------------------------
+# A torch-free reference for tests: plain full-sequence logits through ModelHandle.logits.
+# --------------------------------------------------------------------------------------------
+
+def reference_logprob_sums(logits_fn: Callable[[np.ndarray], np.ndarray],
+                           requests: Sequence[Request]) -> np.ndarray:
+    """``[N, K]`` sums from one full forward per ``context + continuation`` sequence, via
+    ``logits_fn(ids [1, T]) -> logits [1, T, V]`` (slow; tests and benchmarks)."""
+    out = np.zeros((len(requests), len(requests[0].continuations)))
+    for i, r in enumerate(requests):
+        for k, c in enumerate(r.continuations):
+            ids = np.asarray(tuple(r.context) + tuple(c), np.int64)[None]
+            logits = np.asarray(logits_fn(ids), np.float64)[0]
+            n = len(r.context)
+            lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) \
+                + logits.max(-1)
+            tgt = ids[0, n:]
+            out[i, k] = float(np.sum(logits[np.arange(n - 1, n - 1 + len(c)), tgt]
+                                     - lse[n - 1:n - 1 + len(c)]))
+    return out
+
+
+__all__ = ["Request", "Scores", "OptionScores", "METHODS", "score_requests", "score_options",
+           "option_scores", "bbq_requests", "bbq_prompt", "option_continuation",
+           "stereoset_requests", "stereoset_scores", "shared_prefix_length",
+           "reference_logprob_sums", "lm_head", "use_chat"]
