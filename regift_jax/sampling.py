@@ -29,7 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from regift_jax.models.config import ModelConfig
-from regift_jax.models.decoder import Decoder, init_cache, positions_from_mask
+from regift_jax.models.decoder import (Decoder, forward_unrolled, init_cache, positions_from_mask,
+                                       unstack_params)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,14 +73,21 @@ def filter_logits(logits, temperature: float, top_p: float, top_k: int):
         kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
         logits = jnp.where(logits < kth, neg, logits)
     if top_p < 1.0:
-        srt = jnp.sort(logits, axis=-1)[:, ::-1]
-        probs = jax.nn.softmax(srt, axis=-1)
-        cum = jnp.cumsum(probs, axis=-1)
-        # keep token i if the mass strictly before it is < top_p (top token always kept)
-        keep = (cum - probs) < top_p
-        n_keep = jnp.sum(keep, axis=-1, keepdims=True)
-        thr = jnp.take_along_axis(srt, n_keep - 1, axis=-1)
-        logits = jnp.where(logits < thr, neg, logits)
+        # Nucleus by bisection on the probability threshold t: keep p >= t for the largest t
+        # whose kept mass reaches top_p (the sort-based definition, up to exact ties; a full
+        # sort of the vocabulary per step costs more than the model on a CPU).
+        probs = jax.nn.softmax(logits, axis=-1)
+        lo = jnp.zeros(probs.shape[:-1] + (1,), jnp.float32)
+        hi = jnp.max(probs, axis=-1, keepdims=True)
+
+        def bisect(_, lh):
+            lo, hi = lh
+            mid = 0.5 * (lo + hi)
+            ok = jnp.sum(jnp.where(probs >= mid, probs, 0.0), -1, keepdims=True) >= top_p
+            return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+        lo, hi = jax.lax.fori_loop(0, 32, bisect, (lo, hi))
+        logits = jnp.where(probs >= lo, logits, neg)
     return logits
 
 
@@ -91,38 +99,46 @@ def sample_next(logits, row_keys, step, temperature: float, top_p: float, top_k:
     return jax.vmap(jax.random.categorical)(keys, filt).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "cache_len"))
-def prefill(params, input_ids, attention_mask, cfg: ModelConfig, cache_len: int):
+def _call(params, ids, pos, seg, cache, cfg, unrolled):
+    if unrolled:
+        return forward_unrolled(cfg, params, ids, pos, seg, cache)
+    return Decoder(cfg).apply({"params": params}, ids, positions=pos, segment_ids=seg,
+                              cache=cache)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "cache_len", "unrolled"))
+def prefill(params, input_ids, attention_mask, cfg: ModelConfig, cache_len: int,
+            unrolled: bool = False):
     B = input_ids.shape[0]
-    cache = init_cache(cfg, B, cache_len)
+    cache = init_cache(cfg, B, cache_len, unrolled=unrolled)
     pos = positions_from_mask(attention_mask)
-    logits, cache = Decoder(cfg).apply({"params": params}, input_ids, positions=pos,
-                                       segment_ids=attention_mask.astype(jnp.int32), cache=cache)
+    logits, cache = _call(params, input_ids, pos, attention_mask.astype(jnp.int32), cache, cfg,
+                          unrolled)
     return logits[:, -1, :], cache, pos[:, -1]
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
-def extend(params, cache, input_ids, attention_mask, last_pos, logits, cfg: ModelConfig):
+@functools.partial(jax.jit, static_argnames=("cfg", "unrolled"), donate_argnames=("cache",))
+def extend(params, cache, input_ids, attention_mask, last_pos, logits, cfg: ModelConfig,
+           unrolled: bool = False):
     """Append a left-padded block of tokens [B, K] to every row's cache (padding slots get
     segment 0 and are never attended).  Rows whose block is all padding keep their logits."""
     m = attention_mask.astype(jnp.int32)
     pos = last_pos[:, None] + jnp.cumsum(m, axis=1)
-    new_logits, cache = Decoder(cfg).apply({"params": params}, input_ids, positions=pos,
-                                           segment_ids=m, cache=cache)
+    new_logits, cache = _call(params, input_ids, pos, m, cache, cfg, unrolled)
     n = jnp.sum(m, axis=1)
     logits = jnp.where((n > 0)[:, None], new_logits[:, -1, :], logits)
     return logits, cache, last_pos + n
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "n_steps", "temperature", "top_p", "top_k"),
+@functools.partial(jax.jit, static_argnames=("cfg", "n_steps", "temperature", "top_p", "top_k",
+                                             "unrolled"),
                    donate_argnames=("cache",))
 def decode_chunk(params, cache, logits, last_pos, done, out_tokens, n_out, row_keys, eos_ids,
                  pad_id, cfg: ModelConfig, n_steps: int, temperature: float, top_p: float,
-                 top_k: int):
+                 top_k: int, unrolled: bool = False):
     """Up to ``n_steps`` decode steps.  ``out_tokens`` [B, max_new] is written at ``n_out``.
     Finished rows write padding with segment 0 into their cache slot, so a later continuation of
     the same cache never attends to it."""
-    model = Decoder(cfg)
     max_new = out_tokens.shape[1]
 
     def cond(s):
@@ -136,9 +152,8 @@ def decode_chunk(params, cache, logits, last_pos, done, out_tokens, n_out, row_k
         is_eos = jnp.any(tok[:, None] == eos_ids[None, :], axis=-1) & ~done
         out_tokens = jax.lax.dynamic_update_slice(out_tokens, tok[:, None], (0, n_out))
         pos = jnp.where(done, last_pos, last_pos + 1)
-        new_logits, cache = model.apply({"params": params}, tok[:, None], positions=pos[:, None],
-                                        segment_ids=(~done).astype(jnp.int32)[:, None],
-                                        cache=cache)
+        new_logits, cache = _call(params, tok[:, None], pos[:, None],
+                                  (~done).astype(jnp.int32)[:, None], cache, cfg, unrolled)
         done = done | is_eos
         return (i + 1, cache, new_logits[:, -1, :], pos, done, out_tokens, n_out + 1)
 
@@ -151,8 +166,8 @@ def decode_chunk(params, cache, logits, last_pos, done, out_tokens, n_out, row_k
 def _tile_rows(cache, logits, last_pos, reps: int):
     """Repeat a 1-row prefilled state ``reps`` times along the batch."""
     c = dict(cache)
-    c["k"] = jnp.repeat(cache["k"], reps, axis=1)
-    c["v"] = jnp.repeat(cache["v"], reps, axis=1)
+    c["k"] = jax.tree.map(lambda x: jnp.repeat(x, reps, axis=1), cache["k"])
+    c["v"] = jax.tree.map(lambda x: jnp.repeat(x, reps, axis=1), cache["v"])
     c["pos"] = jnp.repeat(cache["pos"], reps, axis=0)
     c["seg"] = jnp.repeat(cache["seg"], reps, axis=0)
     return c, jnp.repeat(logits, reps, axis=0), jnp.repeat(last_pos, reps, axis=0)
@@ -184,10 +199,19 @@ class Sampler:
     def __init__(self, cfg: ModelConfig, params, tokenizer=None, mesh=None, batch_size: int = 8,
                  length_bucket: int = 64, chunk: int = 32, pad_id: Optional[int] = None,
                  eos_ids: Optional[Sequence[int]] = None, bridge_tokens: int = 16,
-                 cache_len: Optional[int] = None):
+                 cache_len: Optional[int] = None, unroll_layers=False):
         """``cache_len``: a fixed KV-cache length for every batch (one compiled decode program
-        for a whole run; a batch that needs more raises).  Default: sized per batch."""
+        for a whole run; a batch that needs more raises).  Default: sized per batch.
+        ``unroll_layers``: run the layers unrolled over per-layer weights instead of the layer
+        scan (a second copy of the weights, a longer compile; measured slower than the scan on
+        the 2-core CPU machine, kept for accelerators); ``"auto"``: when the weights take under
+        2 GiB."""
         self.cfg, self.params, self.tokenizer, self.mesh = cfg, params, tokenizer, mesh
+        if unroll_layers == "auto":
+            nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+            unroll_layers = nbytes < 2 * 2 ** 30
+        self.unrolled = bool(unroll_layers)
+        self.run_params = unstack_params(params) if self.unrolled else params
         self.fixed_cache_len = cache_len
         self.batch_size, self.length_bucket, self.chunk = batch_size, length_bucket, chunk
         self.bridge_tokens = bridge_tokens
@@ -270,9 +294,10 @@ class Sampler:
         stopped = [False] * n_rows
         while True:
             cache, logits, last_pos, done, out, n_out = decode_chunk(
-                self.params, st["cache"], st["logits"], st["last_pos"], done, out, n_out, keys,
-                eos, jnp.int32(self.pad_id), self.cfg, self.chunk, float(sampling.temperature),
-                float(sampling.top_p), int(sampling.top_k))
+                self.run_params, st["cache"], st["logits"], st["last_pos"], done, out, n_out,
+                keys, eos, jnp.int32(self.pad_id), self.cfg, self.chunk,
+                float(sampling.temperature), float(sampling.top_p), int(sampling.top_k),
+                self.unrolled)
             st.update(cache=cache, logits=logits, last_pos=last_pos)
             n_done = int(n_out)
             done_h = np.array(done)
@@ -332,14 +357,17 @@ class Sampler:
         ids, mask = self._left_pad(rows, T, B)
         if pre:
             pids, pmask = self._left_pad([pre], P, 1)
-            logits, cache, last_pos = prefill(self.params, jnp.asarray(pids), jnp.asarray(pmask),
-                                              self.cfg, cache_len)
+            logits, cache, last_pos = prefill(self.run_params, jnp.asarray(pids),
+                                              jnp.asarray(pmask), self.cfg, cache_len,
+                                              self.unrolled)
             cache, logits, last_pos = _tile_rows(cache, logits, last_pos, B)
-            logits, cache, last_pos = extend(self.params, cache, self._place(ids),
-                                             self._place(mask), last_pos, logits, self.cfg)
+            logits, cache, last_pos = extend(self.run_params, cache, self._place(ids),
+                                             self._place(mask), last_pos, logits, self.cfg,
+                                             self.unrolled)
         else:
-            logits, cache, last_pos = prefill(self.params, self._place(ids), self._place(mask),
-                                              self.cfg, cache_len)
+            logits, cache, last_pos = prefill(self.run_params, self._place(ids),
+                                              self._place(mask), self.cfg, cache_len,
+                                              self.unrolled)
         st = {"cache": cache, "logits": logits, "last_pos": last_pos,
               "seeds": list(seeds) + [0] * (B - n)}
         pos0 = np.asarray(last_pos)
@@ -369,8 +397,9 @@ class Sampler:
             raise ValueError(f"continuation text of {K} tokens exceeds bridge_tokens="
                              f"{self.bridge_tokens}")
         fid, fmask = self._left_pad(f_ids, self.bridge_tokens, B)
-        logits, cache, last_pos = extend(self.params, cache, self._place(fid),
-                                         self._place(fmask), last_pos, st["logits"], self.cfg)
+        logits, cache, last_pos = extend(self.run_params, cache, self._place(fid),
+                                         self._place(fmask), last_pos, st["logits"], self.cfg,
+                                         self.unrolled)
         st.update(cache=cache, logits=logits, last_pos=last_pos)
         second = self._run_phase(st, sampling2, n)
         for r in range(n):

@@ -22,9 +22,11 @@ both have the same non-zero segment id and ``k_pos <= q_pos`` (and inside the sl
 This one rule covers left-padded batches (padding has segment 0), packed rows (one segment per
 example, positions restarting at 0) and the KV cache (cached keys keep their position/segment).
 
-The KV cache is an explicit pytree ``{"k", "v": [L, B, S, KV, hd], "pos", "seg": [B, S],
-"index": int32[]}``; ``__call__(..., cache=c)`` writes the new keys at ``c["index"]`` and returns
-``(logits, new_cache)``.  Prefill and per-token decode are the same function.
+The KV cache is an explicit pytree ``{"k": [L, B, KV, hd, S], "v": [L, B, KV, S, hd], "pos",
+"seg": [B, S], "index": int32[]}`` (keys stored transposed so attention needs no transposes of
+the cache); ``__call__(..., cache=c)`` writes the new keys at ``c["index"]`` and returns
+``(logits, new_cache)``.  The stacked cache travels through the layer scan as carry and each
+layer writes only its new slots in place.  Prefill and per-token decode are the same function.
 """
 
 from __future__ import annotations
@@ -197,22 +199,32 @@ class Attention(nn.Module):
                  **_lora_kw(cfg, "v_proj"))(x, deterministic)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
+        B, T = q.shape[:2]
+        G = H // KV
+        # Attention layouts chosen so both products are plain batched matmuls over (b, kv):
+        # keys as [B, KV, hd, S] (q @ K), values as [B, KV, S, hd] (p @ V); the cache stores them
+        # that way, so a decode step never transposes the cache.
+        k_t = k.transpose(0, 2, 3, 1)  # [B, KV, hd, T]
+        v_t = v.transpose(0, 2, 1, 3)  # [B, KV, T, hd]
         new_cache = None
         if layer_cache is not None:
-            ck, cv = layer_cache
-            k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, cache_index, 0, 0))
-            v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_index, 0, 0))
-            new_cache = (k, v)
-            k, v = k.astype(dt), v.astype(dt)
-        B, T = q.shape[:2]
-        S = k.shape[1]
-        G = H // KV
-        qg = q.reshape(B, T, KV, G, hd)
-        scores = jnp.einsum("btkgh,bskh->bkgts", qg, k,
+            ck, cv, li = layer_cache  # whole stacked cache + this layer's index (scan carry)
+            ck = jax.lax.dynamic_update_slice(ck, k_t[None].astype(ck.dtype),
+                                              (li, 0, 0, 0, cache_index))
+            cv = jax.lax.dynamic_update_slice(cv, v_t[None].astype(cv.dtype),
+                                              (li, 0, 0, cache_index, 0))
+            new_cache = (ck, cv, li)
+            k_t = jax.lax.dynamic_index_in_dim(ck, li, 0, keepdims=False).astype(dt)
+            v_t = jax.lax.dynamic_index_in_dim(cv, li, 0, keepdims=False).astype(dt)
+        S = k_t.shape[-1]
+        qg = q.reshape(B, T, KV, G, hd).transpose(0, 2, 3, 1, 4).reshape(B, KV, G * T, hd)
+        scores = jnp.einsum("bkqh,bkhs->bkqs", qg, k_t,
                             preferred_element_type=jnp.float32) / math.sqrt(hd)
+        scores = scores.reshape(B, KV, G, T, S)
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(B, T, H, hd)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt).reshape(B, KV, G * T, S)
+        out = jnp.einsum("bkqs,bksh->bkqh", probs, v_t)
+        out = out.reshape(B, KV, G, T, hd).transpose(0, 3, 1, 2, 4).reshape(B, T, H, hd)
         y = Proj((H, hd), (D,), ("heads", "head_dim"), ("embed",), name="o_proj", **common,
                  **_lora_kw(cfg, "o_proj"))(out, deterministic)
         return y, new_cache
@@ -240,7 +252,8 @@ class Block(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x, layer_cache, cos, sin, mask, cache_index):
+    def __call__(self, carry, cos, sin, mask, cache_index):
+        x, layer_cache = carry
         cfg = self.cfg
         pd, dt = to_dtype(cfg.param_dtype), to_dtype(cfg.dtype)
         h = RMSNorm(cfg.rms_norm_eps, pd, dt, name="input_layernorm")(x)
@@ -249,7 +262,9 @@ class Block(nn.Module):
         x = x + a
         h = RMSNorm(cfg.rms_norm_eps, pd, dt, name="post_attention_layernorm")(x)
         x = x + MLP(cfg, name="mlp")(h, self.deterministic)
-        return x, new_cache
+        if new_cache is not None:
+            new_cache = (new_cache[0], new_cache[1], new_cache[2] + 1)
+        return (x, new_cache), None
 
 
 _REMAT_POLICIES = {
@@ -296,7 +311,7 @@ class Decoder(nn.Module):
             block,
             variable_axes={"params": 0},
             split_rngs={"params": True, "dropout": True},
-            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
             length=cfg.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(cfg, deterministic, name="layers")
@@ -318,19 +333,21 @@ class Decoder(nn.Module):
             k_pos = jax.lax.dynamic_update_slice(cache["pos"], positions, (0, idx))
             k_seg = jax.lax.dynamic_update_slice(cache["seg"], segment_ids, (0, idx))
             mask = attention_mask(positions, segment_ids, k_pos, k_seg, cfg.sliding_window)
-            kv = (cache["k"], cache["v"])
-        x, new_kv = layers(x, kv, cos, sin, mask, idx)
+            kv = (cache["k"], cache["v"], jnp.zeros((), jnp.int32))
+        (x, new_kv), _ = layers((x, kv), cos, sin, mask, idx)
         x = RMSNorm(cfg.rms_norm_eps, pd, dt, name="norm")(x)
         if return_hidden:
             out = x
         else:
             if cfg.tie_word_embeddings:
-                w = embed.T
+                out = jnp.einsum("btd,vd->btv", x, embed.astype(dt),
+                                 preferred_element_type=jnp.float32)
             else:
                 w = self.param("lm_head", nn.with_logical_partitioning(
                     nn.initializers.normal(stddev=0.02), ("embed", "vocab")),
                     (cfg.hidden_size, cfg.vocab_size), pd)
-            out = jnp.einsum("btd,dv->btv", x, w.astype(dt), preferred_element_type=jnp.float32)
+                out = jnp.einsum("btd,dv->btv", x, w.astype(dt),
+                                 preferred_element_type=jnp.float32)
             out = out.astype(jnp.float32)
         if cache is None:
             return out
@@ -339,11 +356,63 @@ class Decoder(nn.Module):
         return out, new_cache
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
+def unstack_params(params) -> dict:
+    """``{"layers": [per-layer params] * L, ...rest}`` for :func:`forward_unrolled`."""
+    L = jax.tree.leaves(params["layers"])[0].shape[0]
+    out = {k: v for k, v in params.items() if k != "layers"}
+    out["layers"] = [jax.tree.map(lambda x, i=i: x[i], params["layers"]) for i in range(L)]
+    return out
+
+
+def forward_unrolled(cfg: ModelConfig, uparams: dict, input_ids, positions, segment_ids, cache):
+    """The same computation as ``Decoder(cfg).apply(..., cache=cache)`` with the layers unrolled
+    over per-layer parameter and cache arrays (``unstack_params``, ``init_cache(...,
+    unrolled=True)``).  For inference: a scanned decode step slices (copies) every layer's
+    weights and cache out of the stacked arrays each step, which dominates a CPU decode step;
+    unrolled, a step reads each weight in place and writes only its new cache slots."""
+    dt = to_dtype(cfg.dtype)
+    pd = to_dtype(cfg.param_dtype)
+    B, T = input_ids.shape
+    positions = positions.astype(jnp.int32)
+    segment_ids = segment_ids.astype(jnp.int32)
+    embed = uparams["embed_tokens"]
+    x = jnp.take(embed, input_ids, axis=0).astype(dt)
+    cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg))
+    idx = cache["index"]
+    k_pos = jax.lax.dynamic_update_slice(cache["pos"], positions, (0, idx))
+    k_seg = jax.lax.dynamic_update_slice(cache["seg"], segment_ids, (0, idx))
+    mask = attention_mask(positions, segment_ids, k_pos, k_seg, cfg.sliding_window)
+    block = Block(cfg, True)
+    new_k, new_v = [], []
+    for lp, ck, cv in zip(uparams["layers"], cache["k"], cache["v"]):
+        (x, (ck, cv, _)), _ = block.apply({"params": lp}, (x, (ck, cv, jnp.zeros((), jnp.int32))),
+                                          cos, sin, mask, idx)
+        new_k.append(ck)
+        new_v.append(cv)
+    x = RMSNorm(cfg.rms_norm_eps, pd, dt).apply({"params": uparams["norm"]}, x)
+    if cfg.tie_word_embeddings:
+        out = jnp.einsum("btd,vd->btv", x, embed.astype(dt), preferred_element_type=jnp.float32)
+    else:
+        out = jnp.einsum("btd,dv->btv", x, uparams["lm_head"].astype(dt),
+                         preferred_element_type=jnp.float32)
+    new_cache = {"k": tuple(new_k), "v": tuple(new_v), "pos": k_pos, "seg": k_seg,
+                 "index": idx + T}
+    return out.astype(jnp.float32), new_cache
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None,
+               unrolled: bool = False) -> dict:
     """An empty KV cache for ``batch`` rows of up to ``max_len`` tokens."""
     dt = to_dtype(dtype or cfg.dtype)
-    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-    return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt),
+    L, KV, hd = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
+    if unrolled:  # one [1, B, ...] array per layer
+        return {"k": tuple(jnp.zeros((1, batch, KV, hd, max_len), dt) for _ in range(L)),
+                "v": tuple(jnp.zeros((1, batch, KV, max_len, hd), dt) for _ in range(L)),
+                "pos": jnp.zeros((batch, max_len), jnp.int32),
+                "seg": jnp.zeros((batch, max_len), jnp.int32),
+                "index": jnp.zeros((), jnp.int32)}
+    return {"k": jnp.zeros((L, batch, KV, hd, max_len), dt),
+            "v": jnp.zeros((L, batch, KV, max_len, hd), dt),
             "pos": jnp.zeros((batch, max_len), jnp.int32),
             "seg": jnp.zeros((batch, max_len), jnp.int32),
             "index": jnp.zeros((), jnp.int32)}
