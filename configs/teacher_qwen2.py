@@ -40,4 +40,6 @@ def get_config(arg=None):
     c.out_dir = "traces_r1_qwen"
     c.progress = True
     c.distributed = "auto"
+    # compact the parts written so far and write summary + data card, generate nothing
+    c.finalize_only = False
     return c

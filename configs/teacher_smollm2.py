@@ -32,6 +32,8 @@ def get_config(arg=None):
     c.out_dir = "data/traces"
     c.progress = True
     c.distributed = "auto"
+    # compact the parts written so far and write summary + data card, generate nothing
+    c.finalize_only = False
     if arg == "smoke":
         c.data.max_questions = 8
         c.num_samples = 2
