@@ -729,6 +729,15 @@ def run(config, workdir: Optional[str] = None, *, callbacks: Sequence[Callable] 
         with open(os.path.join(workdir, "config.json"), "w") as f:
             json.dump(config.to_dict(), f, indent=1, default=str)
 
+    # ------------------------------------------------------------- examples (fail fast)
+    examples, data_summary = load_examples(config.data)
+    train_ex, eval_ex = split_heldout(examples, float(config.data.eval_fraction),
+                                      str(config.data.eval_salt))
+    if int(config.data.max_examples) > 0:
+        train_ex = train_ex[:int(config.data.max_examples)]
+    if not train_ex:
+        raise ValueError(f"no training examples left (source summary: {data_summary})")
+
     # ------------------------------------------------------------- mesh and model
     mesh = shd.make_mesh({"data": int(config.mesh.data), "fsdp": int(config.mesh.fsdp),
                           "tensor": int(config.mesh.tensor)})
@@ -750,13 +759,6 @@ def run(config, workdir: Optional[str] = None, *, callbacks: Sequence[Callable] 
     log.info("params: %d trainable, %d frozen", n_trainable, n_frozen)
 
     # ------------------------------------------------------------- data
-    examples, data_summary = load_examples(config.data)
-    train_ex, eval_ex = split_heldout(examples, float(config.data.eval_fraction),
-                                      str(config.data.eval_salt))
-    if int(config.data.max_examples) > 0:
-        train_ex = train_ex[:int(config.data.max_examples)]
-    if not train_ex:
-        raise ValueError(f"no training examples left (source summary: {data_summary})")
     render, template_id = make_render(config.data, tokenizer)
     gb = int(config.train.global_batch)
     k = int(config.train.grad_accum_steps)
@@ -792,24 +794,36 @@ def run(config, workdir: Optional[str] = None, *, callbacks: Sequence[Callable] 
                                    transform_non_params=lambda _: repl)
     state_sh = TrainState(step=repl, params=trainable_sh, opt_state=opt_sh, rng=repl,
                           applied=repl, skipped=repl, bad_streak=repl)
-    init_opt = jax.jit(tx.init, out_shardings=opt_sh)
-    z = lambda: jnp.zeros((), jnp.int32)  # noqa: E731  (distinct buffers: the state is donated)
-    state = TrainState(step=z(), params=trainable, opt_state=init_opt(trainable),
-                       rng=jax.random.PRNGKey(int(config.seed)), applied=z(), skipped=z(),
-                       bad_streak=z())
-    state = jax.device_put(state, state_sh)
-
     ckpt = Checkpointer(workdir, config.checkpoint,
                         finite_fn=jax.jit(all_finite, out_shardings=repl))
-    start_step = 0
+    start_step, state = 0, None
     if config.checkpoint.resume:
-        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                state, state_sh)
+        # Restore into abstract arrays: the fresh optimizer state is never materialised.
+        scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=repl)
+        abstract = TrainState(
+            step=scalar, applied=scalar, skipped=scalar, bad_streak=scalar,
+            params=jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                trainable, trainable_sh),
+            opt_state=jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                                     sharding=s),
+                                   opt_abstract, opt_sh),
+            rng=jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=repl))
         restored = ckpt.restore(abstract)
         if restored is not None:
             start_step, state, data_json = restored
             train_pipe.set_state(data_json["data"])
             log.info("resumed from step %d (%s)", start_step, ckpt.dir)
+    elif ckpt.steps():
+        raise ValueError(f"{ckpt.dir} already holds checkpoints {ckpt.steps()} and "
+                         "checkpoint.resume is False: use a new workdir (or resume)")
+    if state is None:
+        init_opt = jax.jit(tx.init, out_shardings=opt_sh)
+        z = lambda: jnp.zeros((), jnp.int32)  # noqa: E731  (distinct buffers: state is donated)
+        state = TrainState(step=z(), params=trainable, opt_state=init_opt(trainable),
+                           rng=jax.random.PRNGKey(int(config.seed)), applied=z(), skipped=z(),
+                           bad_streak=z())
+        state = jax.device_put(state, state_sh)
+    del trainable
 
     step_fn = jax.jit(functools.partial(train_step, model_cfg=model_cfg, tx=tx,
                                         schedule=schedule, accum=k, batch_sharding=batch_sh),

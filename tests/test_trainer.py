@@ -474,3 +474,29 @@ def test_eight_devices_give_the_same_loss_curve(ref, tiny_dir, cache_dir, tmp_pa
     # The adapters really are sharded: lora_a of q_proj is (layers, embed->fsdp, lora).
     spec = [v for k, v in got["shardings"].items() if "q_proj" in k and "lora_a" in k][0]
     assert "fsdp" in spec, got["shardings"]
+
+
+def test_instruction_baseline_data():
+    """configs/instruction.py: SQuAD-v2 pool questions with gold answers, rendered with the
+    instruction_baseline template (no reasoning)."""
+    c = configs_util.load_config_file(os.path.join(REPO, "configs", "instruction.py"))
+    ex, summary = trainer.load_examples(c.data)
+    assert len(ex) == 10152 and summary["split"] == "pool"  # see data/builders/squad_v2.py
+    unanswerable = [e for e in ex if e["answer"] == "Not in background."]
+    assert 0.3 * len(ex) < len(unanswerable) < 0.7 * len(ex)
+    train_ex, held = trainer.split_heldout(ex, c.data.eval_fraction)
+    assert abs(len(held) / len(ex) - c.data.eval_fraction) < 0.01
+    assert not {e["id"] for e in held} & {e["id"] for e in train_ex}
+    assert trainer.split_heldout(ex[::-1], c.data.eval_fraction)[1] == held[::-1]  # by id only
+    render, tid = trainer.make_render(c.data, None)
+    prompt, pieces = render(ex[0])
+    assert tid == "instruction_baseline@v1" and prompt.endswith("### Response:\n")
+    assert "".join(p.text for p in pieces) == f"<answer> {ex[0]['answer'].strip()} </answer>"
+
+
+def test_no_resume_refuses_a_used_workdir(ref, tiny_dir, cache_dir, tmp_path):
+    wd = str(tmp_path / "used")
+    shutil.copytree(ref["workdir"], wd)
+    cfg = make_config(tiny_dir, cache_dir, checkpoint__resume=False)
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        train.run_training(cfg, wd)
