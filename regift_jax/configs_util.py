@@ -15,7 +15,7 @@ An override naming a key that does not exist fails *before* training with the li
 :func:`base_config` documents every knob in one place; the trainer reads nothing else (no hidden
 constants in modules).  Sections:
 
-==============  =====================================================================================
+==============  ====================================================================================
 ``model``       weights source (preset name / HF dir / .gguf), dtypes, remat policy
 ``lora``        LoRA on/off, rank, alpha, dropout, target projections
 ``data``        source (traces or SQuAD gold answers), selection, prompt template, packing, lengths,
@@ -28,7 +28,7 @@ constants in modules).  Sections:
 ``log``         metrics cadence, TensorBoard, progress bar, MFU peak FLOPs
 ``export``      HF export at the end (LoRA merged)
 ``distributed`` multi-host initialisation
-==============  =====================================================================================
+==============  ====================================================================================
 """
 
 from __future__ import annotations

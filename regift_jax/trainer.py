@@ -89,7 +89,6 @@ At the end the trainable params are combined with the base, LoRA is merged
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import json
@@ -104,7 +103,6 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -223,13 +221,15 @@ def _micro_batches(batch, k: int, batch_sharding=None):
 
 
 def loss_and_grads(trainable, frozen, batch, rng, *, model_cfg: ModelConfig, accum: int = 1,
-                   batch_sharding=None, combine: Callable = lora_lib.combine):
+                   batch_sharding=None, param_shardings=None):
     """Per-token mean loss over the whole batch and its gradient w.r.t. ``trainable``.
 
     Returns ``(grads, {"loss", "tokens", "correct"})`` with ``grads`` = d(mean loss)/d(params);
-    ``accum`` micro-batches are scanned (see the module docstring)."""
+    ``accum`` micro-batches are scanned (see the module docstring).  ``param_shardings`` (of
+    ``trainable``) pins the gradient accumulator to the parameters' sharding (FSDP: never a
+    replicated full-size gradient)."""
     def summed(p, b, key):
-        logits = _forward(model_cfg, combine(p, frozen), b, key, deterministic=False)
+        logits = _forward(model_cfg, lora_lib.combine(p, frozen), b, key, deterministic=False)
         s, n, c = token_loss(logits, b["targets"], b["loss_mask"])
         return s, (n, c)
 
@@ -249,6 +249,8 @@ def loss_and_grads(trainable, frozen, batch, rng, *, model_cfg: ModelConfig, acc
             return (jax.tree.map(jnp.add, g_acc, g), s_acc + s, n_acc + n, c_acc + c), None
 
         zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), trainable)
+        if param_shardings is not None:
+            zeros = jax.lax.with_sharding_constraint(zeros, param_shardings)
         init = (zeros, jnp.float32(0), jnp.float32(0), jnp.float32(0))
         (g, s, n, c), _ = jax.lax.scan(body, init, (mb, jnp.arange(accum)))
     denom = jnp.maximum(n, 1.0)
@@ -262,11 +264,12 @@ def _value_and_grad(fn, p, b, key):
 
 
 def train_step(state: TrainState, frozen, batch, *, model_cfg: ModelConfig, tx, schedule,
-               accum: int = 1, batch_sharding=None):
+               accum: int = 1, batch_sharding=None, param_shardings=None):
     """One optimizer step (pure).  Returns ``(new_state, metrics)``; see the module docstring."""
     rng = jax.random.fold_in(state.rng, state.step)
     grads, aux = loss_and_grads(state.params, frozen, batch, rng, model_cfg=model_cfg,
-                                accum=accum, batch_sharding=batch_sharding)
+                                accum=accum, batch_sharding=batch_sharding,
+                                param_shardings=param_shardings)
     gnorm = optax.global_norm(grads)
     finite = jnp.isfinite(aux["loss"]) & jnp.isfinite(gnorm)
     updates, new_opt = tx.update(grads, state.opt_state, state.params)
@@ -826,7 +829,8 @@ def run(config, workdir: Optional[str] = None, *, callbacks: Sequence[Callable] 
     del trainable
 
     step_fn = jax.jit(functools.partial(train_step, model_cfg=model_cfg, tx=tx,
-                                        schedule=schedule, accum=k, batch_sharding=batch_sh),
+                                        schedule=schedule, accum=k, batch_sharding=batch_sh,
+                                        param_shardings=trainable_sh),
                       in_shardings=(state_sh, frozen_sh, batch_sh),
                       out_shardings=(state_sh, repl), donate_argnums=(0,))
     eval_fn = jax.jit(functools.partial(eval_step, model_cfg=model_cfg),
@@ -953,6 +957,15 @@ def run(config, workdir: Optional[str] = None, *, callbacks: Sequence[Callable] 
                      str(config.export.dtype))
     skipped = int(jax.device_get(state.skipped))
     ckpt.close()
+    pstats = train_pipe.stats.to_dict()
+    tok_stats = pstats["tokenize"]
+    log.info("data: %d examples read, %d kept (%d with truncated reasoning), dropped %s; packing "
+             "efficiency %.3f", tok_stats["seen"], tok_stats["kept"], tok_stats["truncated"],
+             tok_stats["dropped"] or "none", pstats["packing_efficiency"])
+    if tok_stats["dropped"]:
+        log.warning("%d of %d training examples read were dropped by tokenization: %s "
+                    "(see data.seq_len / data.overlong)", sum(tok_stats["dropped"].values()),
+                    tok_stats["seen"], tok_stats["dropped"])
     result = {
         "step": int(jax.device_get(state.step)), "total_steps": total_steps,
         "steps_per_epoch": steps_per_epoch, "preempted": preempted,
@@ -963,7 +976,7 @@ def run(config, workdir: Optional[str] = None, *, callbacks: Sequence[Callable] 
         "metrics_file": os.path.join(workdir, "metrics.jsonl"), "export_dir": export_dir,
         "data": data_summary, "template": template_id,
         "num_train_examples": len(train_ex), "num_eval_examples": len(eval_ex),
-        "pipeline_stats": train_pipe.stats.to_dict(),
+        "pipeline_stats": pstats,
         "trainable_params": n_trainable, "frozen_params": n_frozen,
         "wall_time_s": time.time() - t_start, "history": logger.history,
     }

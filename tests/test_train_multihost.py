@@ -3,7 +3,8 @@ collectives, JAX's CPU default) launched through the command line
 (``python -m regift_jax.train`` with ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` /
 ``JAX_PROCESS_ID``), mesh data=2 (across processes) x fsdp=2 (within), full fine-tuning.
 
-Reference: the same config on 1 device in this process.  The data is read unshuffled and unpacked
+Reference: the same config on 1 device in this process, without gradient accumulation (the
+multi-process run accumulates 2 micro-batches of 4 rows per step).  The data is read unshuffled and unpacked
 (``packing=none``) so that the two hosts' shards (examples k, k+2, ...) together make exactly the
 rows of the single-process batch (in another row order, which a per-token mean over the global
 batch does not see); the loss curves must agree to 1e-5 and the exported weights closely.
@@ -17,7 +18,6 @@ import sys
 
 import jax
 import numpy as np
-import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tests"))
@@ -56,7 +56,8 @@ def test_two_processes_match_one_device(tmp_path):
     port = _free_port()
     wd = str(tmp_path / "multi")
     cmd = [sys.executable, "-m", "regift_jax.train", "--config=configs/llama.py",
-           f"--workdir={wd}", "--config.mesh.data=2", "--config.mesh.fsdp=2"]
+           f"--workdir={wd}", "--config.mesh.data=2", "--config.mesh.fsdp=2",
+           "--config.train.grad_accum_steps=2"]
     cmd += [f"--config.{k}={v}" for k, v in over.items()]
     procs = []
     for pid in range(2):
@@ -84,7 +85,13 @@ def test_two_processes_match_one_device(tmp_path):
         sec, key = k.split(".")
         cfg[sec][key] = v
     assert jax.device_count() == 1
-    ref = train.run_training(cfg, str(tmp_path / "single"))
+    from jax.experimental.compilation_cache import compilation_cache
+    before = jax.config.jax_compilation_cache_dir
+    try:
+        ref = train.run_training(cfg, str(tmp_path / "single"))
+    finally:  # the run switched the persistent cache on; leave this process as it was
+        jax.config.update("jax_compilation_cache_dir", before)
+        compilation_cache.reset_cache()
 
     with open(os.path.join(wd, "metrics.jsonl")) as f:
         recs = [json.loads(line) for line in f]
