@@ -88,7 +88,7 @@ class ModelHandle:
         params, cfg = self.params, self.cfg
         if cfg.lora_rank > 0:
             from regift_jax.models.lora import merge_lora
-            params, cfg = merge_lora(cfg, params)
+            cfg, params = merge_lora(cfg, params)
         return export_hf(path, cfg, params, tokenizer=self.tokenizer, dtype=dtype)
 
 
