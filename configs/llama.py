@@ -58,6 +58,8 @@ def paper_recipe(c, model_name: str, full_ft: bool = False):
 def smollm2_cpu(c):
     """The offline default: a bounded LoRA run of SmolLM2-135M-Instruct on 2 CPU cores."""
     c.model.name = "smollm2-135m-instruct"
+    c.workdir = "runs/regift_smollm2"
+    c.experiment.enabled = True  # evaluate before, train, evaluate after, report
     c.model.dtype = "float32"
     c.model.param_dtype = "float32"
     c.model.remat_policy = "none"

@@ -218,6 +218,24 @@ def base_config() -> ml_collections.ConfigDict:
     c.export.path = ""  # "" = <workdir>/export
     c.export.dtype = "float32"  # float32 | bfloat16 | float16
 
+    # ---------------------------------------------------------------- experiment
+    # The whole ReGiFT experiment around training (regift_jax.experiment): BBQ evaluation of
+    # the base student, training, the same evaluation of the exported student, a before/after
+    # report.  Off by default; the offline default preset turns it on.
+    c.experiment = ml_collections.ConfigDict()
+    c.experiment.enabled = False
+    c.experiment.modes = "loglik,generate"  # comma list of loglik | generate
+    c.experiment.categories = ""  # "" = every BBQ category found in data/bbq
+    c.experiment.subset_seed = 0
+    c.experiment.bootstrap_resamples = 200
+    c.experiment.train_est_seconds = 600  # only for the "time left" estimate
+    c.experiment.loglik = ml_collections.ConfigDict(dict(
+        prompt="bbq_base", max_items_per_category=50, batch_size=8, max_new_tokens=0,
+        est_seconds=120))
+    c.experiment.generate = ml_collections.ConfigDict(dict(
+        prompt="bbq_reasoning", max_items_per_category=2, batch_size=8, max_new_tokens=64,
+        est_seconds=240))
+
     # ---------------------------------------------------------------- multi-host
     c.distributed = ml_collections.ConfigDict()
     # auto: initialise when JAX_COORDINATOR_ADDRESS / coordinator_address is set or a multi-host

@@ -176,7 +176,7 @@ def run_experiment(config, workdir: str, train_fn: Callable[..., dict]) -> dict:
                            "evaluate the tuned student")
     results = {"model": base, "traces": str(config.data.get("path", "")), "modes": {},
                "training": {k: v for k, v in train_res.items()
-                            if isinstance(v, (int, float, str))}}
+                            if isinstance(v, (int, float, str)) or k in ("train", "eval")}}
     for m in modes:
         name = f"evaluate tuned student ({m})"
         st.start(name)
@@ -197,4 +197,5 @@ def run_experiment(config, workdir: str, train_fn: Callable[..., dict]) -> dict:
     path = write_summary(workdir, results)
     print(open(path).read())
     print(f"[experiment] report: {path}  (wall time {results['wall_time_s'] / 60:.1f} min)")
+    results["train_result"] = train_res
     return results

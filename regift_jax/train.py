@@ -130,8 +130,13 @@ def main(argv=None):
         from regift_jax.models.checkpoints import CheckpointError
         from regift_jax.trainer import NonFiniteError
         try:
-            res = run_training(config, workdir)
-        except (NonFiniteError, CheckpointError, FileNotFoundError, ValueError) as e:
+            if config.experiment.enabled:
+                from regift_jax.experiment import run_experiment
+                res = run_experiment(config, workdir, run_training)["train_result"]
+            else:
+                res = run_training(config, workdir)
+        except (NonFiniteError, CheckpointError, FileNotFoundError, ValueError,
+                RuntimeError) as e:
             print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
             sys.exit(1)
         print(_summary_line(res), flush=True)
