@@ -511,13 +511,19 @@ def evaluate_model(handle, items: Mapping[str, Sequence[bbq_lib.BBQItem]], *,
                    top_p: float = 1.0, top_k: int = 0, sample_seed: int = 0,
                    loglik_method: str = "prefix", seq_len: int = 512,
                    answer_format: str = "{option}", tie_break: str = "first",
-                   overlap_threshold: float = 0.8, num_resamples: int = 1000, seed: int = 0, confidence: float = 0.95,
+                   overlap_threshold: float = 0.8, num_resamples: int = 1000, seed: int = 0,
+                   confidence: float = 0.95,
                    progress=True, title: Optional[str] = None,
-                   settings: Optional[Mapping[str, object]] = None) -> Dict[str, object]:
+                   settings: Optional[Mapping[str, object]] = None,
+                   loglik_options: Optional[Mapping[str, object]] = None
+                   ) -> Dict[str, object]:
     """Evaluate a loaded model on BBQ items (``{category: [BBQItem]}``, e.g. from
     :func:`select_subset`) in ``mode`` ``"loglik"`` or ``"generate"``; returns the report dict
     (write it with :func:`regift_jax.eval.report.write_all`).  For ``"generate"`` the report's
-    ``generations`` holds one row per item (the ``--generations`` JSONL schema)."""
+    ``generations`` holds one row per item (the ``--generations`` JSONL schema).
+    ``loglik_options``: further keyword arguments of
+    :func:`regift_jax.eval.loglik.score_requests` (``length_bucket``, ``compile_cost_tokens``,
+    ...)."""
     from regift_jax import prompts as prompts_lib
     categories = [c for c in items if items[c]]
     flat = [it for c in categories for it in items[c]]
@@ -560,7 +566,8 @@ def evaluate_model(handle, items: Mapping[str, Sequence[bbq_lib.BBQItem]], *,
         sc = ll.option_scores(handle, flat, t, chat=wrap, system=system,
                               answer_format=answer_format, method=loglik_method,
                               batch_rows=batch_size, seq_len=seq_len,
-                              progress="loglik" if progress else None)
+                              progress="loglik" if progress else None,
+                              **dict(loglik_options or {}))
         records = loglik_records(flat, sc)
         st.update(loglik_method=loglik_method, seq_len=seq_len, answer_format=answer_format)
         extra["loglik"] = {
@@ -594,7 +601,8 @@ def evaluate_model(handle, items: Mapping[str, Sequence[bbq_lib.BBQItem]], *,
 def stereoset_report(handle, path: str = DEFAULT_STEREOSET, *, splits=None,
                      max_items: Optional[int] = None, batch_size: int = 8,
                      loglik_method: str = "prefix", seq_len: int = 512,
-                     progress=True) -> Dict[str, object]:
+                     progress=True, loglik_options: Optional[Mapping[str, object]] = None
+                     ) -> Dict[str, object]:
     """StereoSet metrics from log-likelihoods: ``metrics`` uses the per-token mean (the
     official choice), ``metrics_sum`` the summed log-probability."""
     from regift_jax.eval import loglik as ll
@@ -608,7 +616,8 @@ def stereoset_report(handle, path: str = DEFAULT_STEREOSET, *, splits=None,
         items = [items[int(i * step)] for i in range(max_items)]
     t0 = time.perf_counter()
     sc = ll.stereoset_scores(handle, items, method=loglik_method, batch_rows=batch_size,
-                             seq_len=seq_len, progress="stereoset" if progress else None)
+                             seq_len=seq_len, progress="stereoset" if progress else None,
+                             **dict(loglik_options or {}))
     elapsed = time.perf_counter() - t0
     return {
         "schema": "regift_jax.stereoset_report/1",
@@ -830,7 +839,8 @@ def run_model(args: argparse.Namespace) -> Dict[str, object]:
         stop_strings=stops, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         sample_seed=args.sample_seed, loglik_method=args.loglik_method, seq_len=args.seq_len,
         answer_format=args.answer_format, tie_break=args.tie_break,
-        overlap_threshold=args.overlap_threshold, num_resamples=args.bootstrap_resamples, seed=args.seed, confidence=args.confidence,
+        overlap_threshold=args.overlap_threshold, num_resamples=args.bootstrap_resamples,
+        seed=args.seed, confidence=args.confidence,
         progress=not args.no_progress, title=args.title,
         settings={"bbq_dir": os.path.abspath(args.bbq_dir), "max_items": args.max_items,
                   "max_items_per_category": args.max_items_per_category,

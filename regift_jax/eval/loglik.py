@@ -169,6 +169,21 @@ def shared_prefix_length(contexts: Sequence[Sequence[int]]) -> int:
 # Jitted pieces
 # --------------------------------------------------------------------------------------------
 
+class StaticCfg:
+    """A hashable wrapper for a :class:`ModelConfig` as a static ``jit`` argument (a config with
+    a ``rope_scaling`` dict, e.g. Llama-3.1, is not hashable itself); equal iff ``repr`` is."""
+
+    def __init__(self, cfg: ModelConfig):
+        self.cfg = cfg
+        self._key = repr(cfg)
+
+    def __hash__(self) -> int:
+        return hash(self._key)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, StaticCfg) and other._key == self._key
+
+
 def lm_head(params, cfg: ModelConfig, h):
     """Logits (float32) from final hidden states ``h [..., D]``, as :class:`Decoder` computes."""
     dt = to_dtype(cfg.dtype)
@@ -190,9 +205,10 @@ def _token_logprobs(params, cfg, h, targets, mask):
     return lp, hit
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _prefix_state(params, ids, n_real, cfg: ModelConfig):
+@functools.partial(jax.jit, static_argnames=("scfg",))
+def _prefix_state(params, ids, n_real, scfg: StaticCfg):
     """One-row KV cache of the shared prefix ``ids [1, P]`` (first ``n_real`` are tokens)."""
+    cfg = scfg.cfg
     P = ids.shape[1]
     seg = (jnp.arange(P) < n_real).astype(jnp.int32)[None]
     pos = jnp.arange(P, dtype=jnp.int32)[None] * seg
@@ -202,10 +218,15 @@ def _prefix_state(params, ids, n_real, cfg: ModelConfig):
     return cache
 
 
-@functools.lru_cache(maxsize=None)
 def cache_axes(cfg: ModelConfig) -> Dict[str, Tuple[int, int]]:
     """``{name: (batch axis, sequence axis)}`` of every array of :func:`init_cache`, found from
     abstract shapes (so this module does not depend on the cache layout)."""
+    return _cache_axes(StaticCfg(cfg))
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_axes(scfg: StaticCfg) -> Dict[str, Tuple[int, int]]:
+    cfg = scfg.cfg
     base = jax.eval_shape(lambda: init_cache(cfg, 2, 5))
     more_b = jax.eval_shape(lambda: init_cache(cfg, 3, 5))
     more_s = jax.eval_shape(lambda: init_cache(cfg, 2, 7))
@@ -213,8 +234,8 @@ def cache_axes(cfg: ModelConfig) -> Dict[str, Tuple[int, int]]:
     for name, a in base.items():
         if not a.shape:
             continue
-        diff = lambda other: [i for i, (x, y) in enumerate(zip(a.shape, other[name].shape))  # noqa: E731
-                              if x != y]
+        def diff(other, name=name, a=a):
+            return [i for i, (x, y) in enumerate(zip(a.shape, other[name].shape)) if x != y]
         b_ax, s_ax = diff(more_b), diff(more_s)
         if len(b_ax) != 1 or len(s_ax) != 1:
             raise ValueError(f"cannot locate the batch / sequence axes of cache[{name!r}] "
@@ -248,11 +269,12 @@ def _repeat_rows(cfg: ModelConfig, cache, reps: int):
     return out
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _prefix_block(params, pre, n_pre, a_ids, a_len, b_ids, b_len, cfg: ModelConfig):
+@functools.partial(jax.jit, static_argnames=("scfg",))
+def _prefix_block(params, pre, n_pre, a_ids, a_len, b_ids, b_len, scfg: StaticCfg):
     """Stage A (own context tokens ``a_ids [B, LA]``) then stage B (``b_ids [B, K, LB]``, one
     continuation per repeated cache row).  Returns per-token log-probs ``[B, K, LB]`` and
     greedy hits."""
+    cfg = scfg.cfg
     B, LA = a_ids.shape
     _, K, LB = b_ids.shape
     P = 0 if pre is None else pre["seg"].shape[cache_axes(cfg)["seg"][1]]
@@ -278,10 +300,11 @@ def _prefix_block(params, pre, n_pre, a_ids, a_len, b_ids, b_len, cfg: ModelConf
     return lp.reshape(B, K, LB), hit.reshape(B, K, LB)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _packed_block(params, ids, seg, pos, pred_idx, pred_tgt, pred_mask, cfg: ModelConfig):
+@functools.partial(jax.jit, static_argnames=("scfg",))
+def _packed_block(params, ids, seg, pos, pred_idx, pred_tgt, pred_mask, scfg: StaticCfg):
     """One forward pass over packed rows; log-probs of the ``pred_tgt`` tokens predicted at
     positions ``pred_idx [B, M]``."""
+    cfg = scfg.cfg
     h = Decoder(cfg).apply({"params": params}, ids, positions=pos, segment_ids=seg,
                            return_hidden=True)
     hs = jnp.take_along_axis(h, pred_idx[..., None], axis=1)
@@ -329,7 +352,7 @@ def _score_prefix(cfg, params, requests, K, *, batch_rows, length_bucket, cont_b
         P = _round_up(n_pre, length_bucket)
         pids = np.full((1, P), pad_id, np.int32)
         pids[0, :n_pre] = ctxs[0][:n_pre]
-        pre = _prefix_state(params, jnp.asarray(pids), jnp.int32(n_pre), cfg)
+        pre = _prefix_state(params, jnp.asarray(pids), jnp.int32(n_pre), StaticCfg(cfg))
         computed += P
     P = 0 if pre is None else pre["seg"].shape[cache_axes(cfg)["seg"][1]]
     a_lens = np.array([len(c) - n_pre for c in ctxs])
@@ -370,7 +393,7 @@ def _score_prefix(cfg, params, requests, K, *, batch_rows, length_bucket, cont_b
                     b_ids[r, k, :len(c)] = c
                     b_len[r, k] = len(c)
             lp, hit = _prefix_block(params, pre, jnp.int32(n_pre), place(a_ids), place(a_len),
-                                    place(b_ids), place(b_len), cfg)
+                                    place(b_ids), place(b_len), StaticCfg(cfg))
             lp = np.asarray(lp, np.float64)
             hit = np.asarray(hit)
             for r, i in enumerate(idx):
@@ -447,7 +470,7 @@ def _score_packed(cfg, params, requests, K, *, batch_rows, seq_len, length_bucke
                 pred_owner[b, :len(pos)] = owners[b, pos]
             lp, hit = _packed_block(params, place(batch["inputs"]), place(batch["segment_ids"]),
                                     place(batch["positions"]), place(pred_idx), place(pred_tgt),
-                                    place(pred_mask), cfg)
+                                    place(pred_mask), StaticCfg(cfg))
             lp, hit = np.asarray(lp, np.float64), np.asarray(hit)
             sel = pred_mask
             for j, v, h in zip(pred_owner[sel], lp[sel], hit[sel]):
