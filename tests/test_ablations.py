@@ -1,4 +1,4 @@
-"""Ablation / baseline presets (configs/ablations.py) and the preset runner (scripts/run_presets.py).
+"""Ablation and baseline presets (configs/ablations.py) and the runner (scripts/run_presets.py).
 
 Nothing here trains or loads a model.  Independent references: the number of correct training
 traces is recounted from the JSONL with this file's own sha256 held-out split and correctness
