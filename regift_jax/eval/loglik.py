@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -339,48 +339,83 @@ def _placer(mesh):
     return lambda x: jax.device_put(x, batch_sharding(mesh, ndim=np.ndim(x)))
 
 
-def _score_prefix(cfg, params, requests, K, *, batch_rows, length_bucket, cont_bucket,
-                  min_shared_prefix, pad_id, place, progress, max_len, compile_cost_tokens):
+@dataclasses.dataclass
+class PrefixPlan:
+    """How the ``"prefix"`` method will run a list of requests (no model needed):
+    ``n_pre`` shared tokens (padded to ``P`` slots), then ``batches`` of
+    ``(stage A length, continuation length, request indices)``."""
+    n_pre: int
+    P: int
+    K: int
+    batch_rows: int
+    batches: List[Tuple[int, int, List[int]]]
+    tokens_real: int
+
+    @property
+    def programs(self) -> int:
+        """Distinct compiled block shapes."""
+        return len({(la, lb) for la, lb, _ in self.batches})
+
+    @property
+    def tokens_computed(self) -> int:
+        return self.P + sum(self.batch_rows * (la + self.K * lb) for la, lb, _ in self.batches)
+
+
+def plan_prefix(requests: Sequence[Request], *, batch_rows: int = 8, length_bucket: int = 16,
+                cont_bucket: int = 4, min_shared_prefix: int = 8, seq_len: int = 512,
+                compile_cost_tokens: int = 2048) -> PrefixPlan:
+    """The batches of the ``"prefix"`` method (see :func:`score_requests` for the arguments)."""
+    K = _check_requests(requests)
     N = len(requests)
     ctxs = [r.context for r in requests]
     n_pre = shared_prefix_length(ctxs)
     if n_pre < min_shared_prefix:
         n_pre = 0
-    pre = None
-    computed = 0
-    if n_pre:
-        P = _round_up(n_pre, length_bucket)
-        pids = np.full((1, P), pad_id, np.int32)
-        pids[0, :n_pre] = ctxs[0][:n_pre]
-        pre = _prefix_state(params, jnp.asarray(pids), jnp.int32(n_pre), StaticCfg(cfg))
-        computed += P
-    P = 0 if pre is None else pre["seg"].shape[cache_axes(cfg)["seg"][1]]
+    P = _round_up(n_pre, length_bucket) if n_pre else 0
     a_lens = np.array([len(c) - n_pre for c in ctxs])
     b_lens = np.array([[len(c) for c in r.continuations] for r in requests])
     a_bucket = np.array([_round_up(int(n), length_bucket) for n in a_lens])
     b_bucket = np.array([_round_up(int(n), cont_bucket) for n in b_lens.max(1)])
-    too_long = np.nonzero(P + a_bucket + b_bucket > max_len)[0]
+    too_long = np.nonzero(P + a_bucket + b_bucket > seq_len)[0]
     if len(too_long):
         i = int(too_long[0])
         raise ValueError(f"{requests[i].where or f'request {i}'}: {n_pre + a_lens[i]} context "
-                         f"+ {b_lens[i].max()} continuation tokens exceed seq_len={max_len}")
+                         f"+ {b_lens[i].max()} continuation tokens exceed seq_len={seq_len}")
     final = merge_buckets([(int(x), int(y)) for x, y in zip(a_bucket, b_bucket)], (1, K),
                           compile_cost_tokens)
     for i in range(N):
         a_bucket[i], b_bucket[i] = final[(int(a_bucket[i]), int(b_bucket[i]))]
     order = sorted(range(N), key=lambda i: (a_bucket[i], b_bucket[i], i))
+    batches = []
+    start = 0
+    while start < N:
+        la, lb = int(a_bucket[order[start]]), int(b_bucket[order[start]])
+        idx = []
+        while (start < N and len(idx) < batch_rows and a_bucket[order[start]] == la
+               and b_bucket[order[start]] == lb):
+            idx.append(order[start])
+            start += 1
+        batches.append((la, lb, idx))
+    real = n_pre + int(a_lens.sum()) + int(b_lens.sum())
+    return PrefixPlan(n_pre, P, K, batch_rows, batches, real)
+
+
+def _score_prefix(cfg, params, requests, K, *, batch_rows, length_bucket, cont_bucket,
+                  min_shared_prefix, pad_id, place, progress, max_len, compile_cost_tokens):
+    plan = plan_prefix(requests, batch_rows=batch_rows, length_bucket=length_bucket,
+                       cont_bucket=cont_bucket, min_shared_prefix=min_shared_prefix,
+                       seq_len=max_len, compile_cost_tokens=compile_cost_tokens)
+    N, n_pre = len(requests), plan.n_pre
+    pre = None
+    if n_pre:
+        pids = np.full((1, plan.P), pad_id, np.int32)
+        pids[0, :n_pre] = requests[0].context[:n_pre]
+        pre = _prefix_state(params, jnp.asarray(pids), jnp.int32(n_pre), StaticCfg(cfg))
     lp_sum = np.zeros((N, K), np.float64)
     greedy = np.zeros((N, K), bool)
     bar = _Progress(N, progress)
-    start = 0
     try:
-        while start < N:
-            la, lb = a_bucket[order[start]], b_bucket[order[start]]
-            idx = []
-            while (start < N and len(idx) < batch_rows and a_bucket[order[start]] == la
-                   and b_bucket[order[start]] == lb):
-                idx.append(order[start])
-                start += 1
+        for la, lb, idx in plan.batches:
             a_ids = np.full((batch_rows, la), pad_id, np.int32)
             a_len = np.ones((batch_rows,), np.int32)  # filler rows: one padding token
             b_ids = np.full((batch_rows, K, lb), pad_id, np.int32)
@@ -399,12 +434,12 @@ def _score_prefix(cfg, params, requests, K, *, batch_rows, length_bucket, cont_b
             for r, i in enumerate(idx):
                 lp_sum[i] = lp[r].sum(-1)
                 greedy[i] = hit[r].all(-1)
-            computed += batch_rows * (la + K * lb)
             bar.update(len(idx))
     finally:
         bar.close()
-    real = n_pre + int(a_lens.sum()) + int(b_lens.sum())
-    return Scores(lp_sum, b_lens, greedy, "prefix", n_pre, computed, real)
+    n_tok = np.array([[len(c) for c in r.continuations] for r in requests])
+    return Scores(lp_sum, n_tok, greedy, "prefix", n_pre, plan.tokens_computed,
+                  plan.tokens_real)
 
 
 def _score_packed(cfg, params, requests, K, *, batch_rows, seq_len, length_bucket, packed,
@@ -691,29 +726,8 @@ def stereoset_scores(handle, items, *, empty_context_ids=None, **kw) -> Scores:
     return score_requests(handle, reqs, **kw)
 
 
-# --------------------------------------------------------------------------------------------
-# A torch-free reference for tests: plain full-sequence logits through ModelHandle.logits.
-# --------------------------------------------------------------------------------------------
-
-def reference_logprob_sums(logits_fn: Callable[[np.ndarray], np.ndarray],
-                           requests: Sequence[Request]) -> np.ndarray:
-    """``[N, K]`` sums from one full forward per ``context + continuation`` sequence, via
-    ``logits_fn(ids [1, T]) -> logits [1, T, V]`` (slow; tests and benchmarks)."""
-    out = np.zeros((len(requests), len(requests[0].continuations)))
-    for i, r in enumerate(requests):
-        for k, c in enumerate(r.continuations):
-            ids = np.asarray(tuple(r.context) + tuple(c), np.int64)[None]
-            logits = np.asarray(logits_fn(ids), np.float64)[0]
-            n = len(r.context)
-            lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) \
-                + logits.max(-1)
-            tgt = ids[0, n:]
-            out[i, k] = float(np.sum(logits[np.arange(n - 1, n - 1 + len(c)), tgt]
-                                     - lse[n - 1:n - 1 + len(c)]))
-    return out
-
-
 __all__ = ["Request", "Scores", "OptionScores", "METHODS", "score_requests", "score_options",
-           "option_scores", "bbq_requests", "bbq_prompt", "option_continuation",
-           "stereoset_requests", "stereoset_scores", "shared_prefix_length",
-           "reference_logprob_sums", "lm_head", "use_chat"]
+           "option_scores", "bbq_requests", "plan_prefix", "PrefixPlan", "merge_buckets",
+           "bbq_prompt", "option_continuation", "stereoset_requests", "stereoset_scores",
+           "shared_prefix_length", "lm_head", "use_chat",
+           "StaticCfg", "cache_axes"]
