@@ -174,7 +174,8 @@ def run_experiment(config, workdir: str, train_fn: Callable[..., dict]) -> dict:
     if not export_dir or not os.path.isdir(export_dir):
         raise RuntimeError("training did not export a model (config.export.enabled?); cannot "
                            "evaluate the tuned student")
-    results = {"model": base, "traces": str(config.data.get("path", "")), "modes": {},
+    traces = f"{config.data.source} ({config.data.selection}, {config.data.criterion})"
+    results = {"model": base, "traces": traces, "modes": {},
                "training": {k: v for k, v in train_res.items()
                             if isinstance(v, (int, float, str)) or k in ("train", "eval")}}
     for m in modes:
