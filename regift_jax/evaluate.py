@@ -23,8 +23,9 @@ Model modes (``--model`` = a preset name, a Hugging Face directory or a ``.gguf`
   (``DIR/stereoset.json`` and ``stereoset.md``).
 
 ``--max_items`` / ``--max_items_per_category`` pick a deterministic, balanced subset
-(:func:`select_subset`: equal shares of ambiguous/disambiguated x negative/non-negative items,
-seeded by ``--subset_seed``).  :func:`evaluate_model` is the Python API behind the model modes.
+(:func:`select_subset`: whole context paragraphs, i.e. equal shares of ambiguous/disambiguated x
+negative/non-negative items, seeded by ``--subset_seed``).  :func:`evaluate_model` is the
+Python API behind the model modes.
 
 Import mode: score generations produced elsewhere.
 
@@ -388,23 +389,44 @@ MODEL_MODES = ("loglik", "generate", "stereoset")
 DEFAULT_STEREOSET = os.path.join(REPO_ROOT, "data", "stereoset", "stereoset_dev_flat.jsonl")
 
 
-def balanced_order(items: Sequence[bbq_lib.BBQItem], seed: int = 0) -> List[bbq_lib.BBQItem]:
-    """``items`` reordered so that every prefix is balanced over the four strata (context
-    condition x question polarity): each stratum is shuffled with a PRNG seeded by ``seed`` and
-    the category name (deterministic, independent of the other categories), then the strata are
-    interleaved round-robin."""
-    strata: Dict[Tuple[str, str], List[bbq_lib.BBQItem]] = collections.defaultdict(list)
+_STRATA = (("ambig", "neg"), ("ambig", "nonneg"), ("disambig", "neg"), ("disambig", "nonneg"))
+
+
+def context_units(items: Sequence[bbq_lib.BBQItem]) -> List[List[bbq_lib.BBQItem]]:
+    """BBQ items grouped by context paragraph, in file order: an ambiguous context and every
+    item whose context extends it (its disambiguated versions), usually the four variants
+    ambiguous/disambiguated x negative/non-negative question.  An item that extends no
+    ambiguous context of the list is a unit of its own."""
+    ambig = {it.context for it in items if it.context_condition == "ambig"}
+    units: Dict[str, List[bbq_lib.BBQItem]] = {}
     for it in items:
-        strata[(it.context_condition, it.question_polarity)].append(it)
-    lists = []
-    for key in sorted(strata):
-        group = strata[key]
-        name = f"{group[0].category}/{key[0]}/{key[1]}".encode()
-        rng = np.random.default_rng([int(seed), zlib.crc32(name)])
-        lists.append([group[i] for i in rng.permutation(len(group))])
+        key = it.context
+        if it.context_condition != "ambig":
+            cuts = [i for i, ch in enumerate(it.context) if ch == " "]
+            hits = [it.context[:i] for i in cuts if it.context[:i] in ambig]
+            key = max(hits, key=len) if hits else "\0" + it.context
+        units.setdefault(key, []).append(it)
+    return list(units.values())
+
+
+def balanced_order(items: Sequence[bbq_lib.BBQItem], seed: int = 0) -> List[bbq_lib.BBQItem]:
+    """``items`` reordered for subsetting: whole context units (:func:`context_units`) in an
+    order shuffled by a PRNG seeded with ``seed`` and the category name (deterministic,
+    independent of other categories), each unit's items interleaved over the four strata
+    (context condition x question polarity).  Every prefix of the result is therefore balanced
+    over the strata (within one item when the units are complete) and keeps a context's
+    variants together (paired comparisons; shared prompt prefixes for the scorer)."""
+    units = context_units(items)
+    if not units:
+        return []
+    name = units[0][0].category.encode()
+    rng = np.random.default_rng([int(seed), zlib.crc32(name)])
     out = []
-    for j in range(max((len(x) for x in lists), default=0)):
-        out.extend(x[j] for x in lists if j < len(x))
+    for u in rng.permutation(len(units)):
+        by = {s: [it for it in units[u] if (it.context_condition, it.question_polarity) == s]
+              for s in _STRATA}
+        for j in range(max(len(v) for v in by.values())):
+            out.extend(by[s][j] for s in _STRATA if j < len(by[s]))
     return out
 
 
@@ -416,8 +438,9 @@ def select_subset(items: Mapping[str, Sequence[bbq_lib.BBQItem]],
 
     ``max_items_per_category`` caps every category; ``max_items`` caps the total, shared as
     evenly as possible between the categories (a category with fewer items passes its unused
-    share on).  Within a category the first items of :func:`balanced_order` are taken, so the
-    subset holds equal shares of ambiguous/disambiguated and negative/non-negative questions.
+    share on).  Within a category the first items of :func:`balanced_order` are taken: whole
+    context paragraphs with their four variants, so the subset holds equal shares of
+    ambiguous/disambiguated and negative/non-negative questions.
     """
     for name, v in (("max_items", max_items), ("max_items_per_category",
                                                max_items_per_category)):
@@ -591,9 +614,13 @@ def evaluate_model(handle, items: Mapping[str, Sequence[bbq_lib.BBQItem]], *,
                        confidence=confidence, settings=st,
                        title=title or f"BBQ {mode} {t.id}: {os.path.basename(st['model'])}")
     if mode == "loglik":
-        rep["notes"].append("loglik mode: the prediction is the option with the largest summed "
-                            "log-probability; it is never unparseable, and the paper exact "
-                            "match reads the chosen option's text")
+        tot = lambda m: m["total"]["acc_overall"]  # noqa: E731
+        rep["notes"].append(
+            "loglik mode: the prediction is the option with the largest summed log-probability "
+            "(lm-eval-harness acc); it is never unparseable, and the paper exact match reads "
+            f"the chosen option's text.  Overall accuracy with per-byte normalisation "
+            f"(acc_norm): {100 * tot(extra['loglik']['metrics_acc_norm']):.2f}%, with the "
+            f"per-token mean: {100 * tot(extra['loglik']['metrics_token_mean']):.2f}%")
     rep.update(extra)
     return rep
 

@@ -148,6 +148,31 @@ def test_tiny_all_methods_equal_transformers(tiny):
             assert sc.shared_prefix_tokens == 12
         if method == "packed":  # 21 sequences of <= 40 tokens in rows of 64: really packed
             assert sc.tokens_computed <= 12 * 64 < sc.tokens_real * 2
+    # Groups: three paragraphs of 20 tokens, each with three questions (BBQ's structure; the
+    # group stage computes a paragraph once for its questions).
+    rng = np.random.RandomState(5)
+    head = tuple(int(t) for t in rng.randint(3, 101, 10))
+    reqs_g = []
+    for g in range(3):
+        para = tuple(int(t) for t in rng.randint(3, 101, 20))
+        for q in range(3):
+            tail = tuple(int(t) for t in rng.randint(3, 101, 2 + 3 * q))
+            conts = tuple(tuple(int(t) for t in rng.randint(3, 101, 1 + (q + k) % 4))
+                          for k in range(3))
+            reqs_g.append(Request(head + para + tail, conts, f"g{g}q{q}"))
+    plan = loglik.plan_prefix(reqs_g, batch_rows=4, length_bucket=8, max_group=3,
+                              compile_cost_tokens=ONE_BUCKET)
+    assert plan.group_rows >= 1 and plan.n_pre == 10
+    assert sorted(len(idx) for b in plan.batches for _, idx in b.groups) == [3, 3, 3]
+    assert plan.tokens_real == 10 + 3 * 20 + sum(
+        len(r.context) - 30 + sum(map(len, r.continuations)) for r in reqs_g)
+    ref_g, greedy_g = torch_sums(m, reqs_g)
+    for max_group in (3, 2):  # groups of three; pairs and singletons (the default)
+        sc_g = loglik.score_requests((cfg, params), reqs_g, batch_rows=4, seq_len=64,
+                                     length_bucket=8, max_group=max_group,
+                                     compile_cost_tokens=ONE_BUCKET)
+        np.testing.assert_allclose(sc_g.logprob_sum, ref_g, atol=2e-4)
+        np.testing.assert_array_equal(sc_g.is_greedy, greedy_g)
     # No shared prefix: every context starts differently (the prefix cache is skipped).
     reqs0 = _tiny_requests(2, shared=0)
     sc0 = loglik.score_requests((cfg, params), reqs0, batch_rows=3, seq_len=64,
@@ -382,6 +407,11 @@ def test_select_subset_balanced_and_deterministic():
         assert len(counts) == 4 and counts[-1] - counts[0] <= 1
         pos = {x.example_id: n for n, x in enumerate(items[cat])}
         assert [pos[x.example_id] for x in v] == sorted(pos[x.example_id] for x in v)
+        # Whole context paragraphs (all four variants), except one partial paragraph.
+        sizes = sorted(len(u) for u in evaluate.context_units(v))
+        assert sizes[1:] == [4] * (len(sizes) - 1) and sizes[0] == 2
+    unit = evaluate.context_units(items["Religion"][:8])
+    assert [[x.example_id for x in u] for u in unit] == [[0, 1, 2, 3], [4, 5, 6, 7]]
     per = evaluate.select_subset(items, max_items_per_category=6)
     assert {k: len(v) for k, v in per.items()} == {"Religion": 6, "Age": 6}
     # A category smaller than its share passes the rest on.

@@ -10,15 +10,23 @@ Three exact methods, one result (``tests/test_loglik.py`` checks that they agree
 other and with transformers):
 
 ``"prefix"`` (default, fastest)
-    Three levels of a prefix tree, with the decoder's KV cache.  (1) The longest token prefix
+    Four levels of a prefix tree, with the decoder's KV cache.  (1) The longest token prefix
     shared by *every* context of the call (for BBQ: the chat header, system turn and instruction,
-    ~55 of ~110 tokens) runs once, into a one-row cache.  (2) Stage A: each request's remaining
-    context tokens, one request per row (right-padded to a length bucket), extend a copy of that
-    cache.  (3) Stage B: the cache is repeated ``K`` times along the batch and each copy extends
-    with one continuation.  Segment ids are 1 on tokens and 0 on padding, positions are the true
-    positions, so every token attends to exactly its own prefix: the options never see each other
-    and the computation equals scoring ``context + option`` as one sequence.  Per BBQ item this
-    runs ~55 + 3 x ~4 tokens instead of 3 x ~113.
+    55 of ~110 tokens) runs once, into a one-row cache.  (2) Stage G: requests whose remaining
+    contexts share a prefix of at least ``min_group_prefix`` tokens form groups of up to
+    ``max_group`` (:func:`group_requests`; BBQ asks two questions, negative and non-negative,
+    about every context paragraph, so the paragraph is computed once per pair); each group's
+    prefix extends a copy of the shared cache, one group per row.  (3) Stage A: each request's
+    own remaining tokens extend (a gathered copy of) its group's row.  (4) Stage B: the cache is
+    repeated ``K`` times along the batch and each copy extends with one continuation.  Segment
+    ids are 1 on tokens and 0 on padding, positions are the true positions, so every token
+    attends to exactly its own prefix: options never see each other and the computation equals
+    scoring ``context + option`` as one sequence.  On the six BBQ categories this runs ~52 real
+    tokens (69 with padding) per item instead of 3 x ~113 (:func:`plan_prefix` counts them).
+    Groups larger than two are possible but pad the shorter members' own tokens to the longest
+    (BBQ's ambiguous and disambiguated items of one paragraph differ by a sentence), which
+    costs more than it saves; when fewer than half of the requests fall into groups the group
+    stage is skipped.
 ``"packed"``
     Each ``context + continuation`` is one sequence; sequences are packed first-fit into rows of
     ``seq_len`` tokens (:class:`regift_jax.data.packing.Packer`) with one segment id per sequence
@@ -32,10 +40,12 @@ continuation token (the decoder is called with ``return_hidden=True`` and the ne
 are gathered), so the long prompt costs no vocabulary projection.
 
 Shapes are bucketed so a whole run compiles a few programs: rows are ``batch_rows`` (filler rows
-are all padding); stage A lengths are rounded up to ``length_bucket``, continuation lengths to
-``cont_bucket``; requests are sorted by these buckets and batched within a bucket.  With a mesh
-(``handle.mesh``) every batch is placed with :func:`regift_jax.sharding.batch_sharding` (so
-``batch_rows`` must divide by the data-parallel size) and ``jit`` propagates the sharding.
+are all padding); group and stage A lengths are rounded up to ``length_bucket``, continuation
+lengths to ``cont_bucket``; rare shapes are folded into larger ones (:func:`merge_buckets`) and
+groups are sorted by shape and batched within a shape (about 20 programs for all of BBQ).  With a
+mesh (``handle.mesh``) every batch is placed with :func:`regift_jax.sharding.batch_sharding` (so
+``batch_rows`` and the group rows must divide by the data-parallel size) and ``jit`` propagates
+the sharding.
 
 Tokenisation: ``encode(context) + encode(continuation)``, each without special tokens (a chat
 template already writes them).  For the BBQ option texts after a chat header ending in a newline,
@@ -269,20 +279,41 @@ def _repeat_rows(cfg: ModelConfig, cache, reps: int):
     return out
 
 
+def _take_rows(cfg: ModelConfig, cache, rows):
+    """Cache rows ``rows [B]`` (a gather along the batch axis)."""
+    out = dict(cache)
+    for name, (b_ax, _) in cache_axes(cfg).items():
+        out[name] = jnp.take(cache[name], rows, axis=b_ax)
+    return out
+
+
 @functools.partial(jax.jit, static_argnames=("scfg",))
-def _prefix_block(params, pre, n_pre, a_ids, a_len, b_ids, b_len, scfg: StaticCfg):
-    """Stage A (own context tokens ``a_ids [B, LA]``) then stage B (``b_ids [B, K, LB]``, one
-    continuation per repeated cache row).  Returns per-token log-probs ``[B, K, LB]`` and
-    greedy hits."""
+def _prefix_block(params, pre, n_pre, g_ids, g_len, a_grp, a_ids, a_len, b_ids, b_len,
+                  scfg: StaticCfg):
+    """Stage G (group prefixes ``g_ids [G, LG]``; skipped when ``g_ids`` is None), stage A (own
+    context tokens ``a_ids [B, LA]`` on the cache row of group ``a_grp``) and stage B
+    (``b_ids [B, K, LB]``, one continuation per repeated cache row).  Returns per-token
+    log-probs ``[B, K, LB]`` and greedy hits."""
     cfg = scfg.cfg
     B, LA = a_ids.shape
     _, K, LB = b_ids.shape
     P = 0 if pre is None else pre["seg"].shape[cache_axes(cfg)["seg"][1]]
     model = Decoder(cfg)
-    cache = _start_cache(cfg, pre, B, P + LA + LB)
+    if g_ids is None:
+        cache = _start_cache(cfg, pre, B, P + LA + LB)
+        start = jnp.zeros((B,), jnp.int32) + n_pre
+    else:
+        G, LG = g_ids.shape
+        cache = _start_cache(cfg, pre, G, P + LG + LA + LB)
+        gr = jnp.arange(LG, dtype=jnp.int32)[None]
+        g_seg = (gr < g_len[:, None]).astype(jnp.int32)
+        _, cache = model.apply({"params": params}, g_ids, positions=(n_pre + gr) * g_seg,
+                               segment_ids=g_seg, cache=cache, return_hidden=True)
+        cache = _take_rows(cfg, cache, a_grp)
+        start = n_pre + jnp.take(g_len, a_grp)
     ar = jnp.arange(LA, dtype=jnp.int32)[None]
     a_seg = (ar < a_len[:, None]).astype(jnp.int32)
-    a_pos = (n_pre + ar) * a_seg
+    a_pos = (start[:, None] + ar) * a_seg
     h_a, cache = model.apply({"params": params}, a_ids, positions=a_pos, segment_ids=a_seg,
                              cache=cache, return_hidden=True)
     last = jnp.take_along_axis(h_a, jnp.maximum(a_len - 1, 0)[:, None, None], axis=1)  # [B,1,D]
@@ -292,7 +323,7 @@ def _prefix_block(params, pre, n_pre, a_ids, a_len, b_ids, b_len, scfg: StaticCf
     ids = b_ids.reshape(B * K, LB)
     br = jnp.arange(LB, dtype=jnp.int32)[None]
     b_seg = (br < b_len.reshape(B * K, 1)).astype(jnp.int32)
-    b_pos = (rep(n_pre + a_len, 0)[:, None] + br) * b_seg
+    b_pos = (rep(start + a_len, 0)[:, None] + br) * b_seg
     h_b, _ = model.apply({"params": params}, ids, positions=b_pos, segment_ids=b_seg,
                          cache=cache, return_hidden=True)
     h = jnp.concatenate([rep(last, 0), h_b[:, :LB - 1]], axis=1)  # predicts ids[:, t]
@@ -340,72 +371,136 @@ def _placer(mesh):
 
 
 @dataclasses.dataclass
+class PrefixBatch:
+    """One ``"prefix"`` batch: padded lengths (``lg = 0``: no group stage) and its groups, each
+    ``(group prefix length, request indices)``."""
+    lg: int
+    la: int
+    lb: int
+    groups: List[Tuple[int, List[int]]]
+
+    @property
+    def requests(self) -> List[int]:
+        return [i for _, idx in self.groups for i in idx]
+
+
+@dataclasses.dataclass
 class PrefixPlan:
-    """How the ``"prefix"`` method will run a list of requests (no model needed):
-    ``n_pre`` shared tokens (padded to ``P`` slots), then ``batches`` of
-    ``(stage A length, continuation length, request indices)``."""
+    """How the ``"prefix"`` method will run a list of requests (no model needed): ``n_pre``
+    tokens shared by all (padded to ``P`` slots), then ``batches`` of ``batch_rows`` request rows
+    and ``group_rows`` group rows."""
     n_pre: int
     P: int
     K: int
     batch_rows: int
-    batches: List[Tuple[int, int, List[int]]]
+    group_rows: int
+    batches: List[PrefixBatch]
     tokens_real: int
 
     @property
     def programs(self) -> int:
         """Distinct compiled block shapes."""
-        return len({(la, lb) for la, lb, _ in self.batches})
+        return len({(b.lg, b.la, b.lb) for b in self.batches})
 
     @property
     def tokens_computed(self) -> int:
-        return self.P + sum(self.batch_rows * (la + self.K * lb) for la, lb, _ in self.batches)
+        return self.P + sum(self.group_rows * b.lg + self.batch_rows * (b.la + self.K * b.lb)
+                            for b in self.batches)
+
+
+def _common(a: Sequence[int], b: Sequence[int], n: int) -> int:
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def group_requests(own: Sequence[Sequence[int]], min_group_prefix: int, max_group: int
+                   ) -> List[Tuple[int, List[int]]]:
+    """Groups of requests whose own contexts share a prefix: ``[(prefix length, indices)]``.
+
+    Contexts are sorted (so the BBQ items of one context paragraph are neighbours: the
+    ambiguous context is a prefix of the disambiguated one), then consecutive contexts join a
+    group while the group's common prefix stays at least ``min_group_prefix`` tokens (and
+    leaves every member one own token) and the group has at most ``max_group`` members.  A
+    request that joins no group is a group of its own with prefix length 0.  Deterministic.
+    """
+    order = sorted(range(len(own)), key=lambda i: (tuple(own[i]), i))
+    groups: List[Tuple[int, List[int]]] = []
+    cur: List[int] = []
+    lcp = 0
+    for i in order:
+        if cur and len(cur) < max_group:
+            n = _common(own[cur[0]], own[i], min(lcp, len(own[i]) - 1))
+            if n >= min_group_prefix:
+                cur.append(i)
+                lcp = n
+                continue
+        if cur:
+            groups.append((lcp if len(cur) > 1 else 0, cur))
+        cur, lcp = [i], len(own[i]) - 1
+    if cur:
+        groups.append((lcp if len(cur) > 1 else 0, cur))
+    return groups
 
 
 def plan_prefix(requests: Sequence[Request], *, batch_rows: int = 8, length_bucket: int = 16,
-                cont_bucket: int = 4, min_shared_prefix: int = 8, seq_len: int = 512,
-                compile_cost_tokens: int = 2048) -> PrefixPlan:
+                cont_bucket: int = 4, min_shared_prefix: int = 8, min_group_prefix: int = 16,
+                max_group: int = 2, seq_len: int = 512, compile_cost_tokens: int = 2048
+                ) -> PrefixPlan:
     """The batches of the ``"prefix"`` method (see :func:`score_requests` for the arguments)."""
     K = _check_requests(requests)
-    N = len(requests)
     ctxs = [r.context for r in requests]
     n_pre = shared_prefix_length(ctxs)
     if n_pre < min_shared_prefix:
         n_pre = 0
     P = _round_up(n_pre, length_bucket) if n_pre else 0
-    a_lens = np.array([len(c) - n_pre for c in ctxs])
-    b_lens = np.array([[len(c) for c in r.continuations] for r in requests])
-    a_bucket = np.array([_round_up(int(n), length_bucket) for n in a_lens])
-    b_bucket = np.array([_round_up(int(n), cont_bucket) for n in b_lens.max(1)])
-    too_long = np.nonzero(P + a_bucket + b_bucket > seq_len)[0]
-    if len(too_long):
-        i = int(too_long[0])
-        raise ValueError(f"{requests[i].where or f'request {i}'}: {n_pre + a_lens[i]} context "
-                         f"+ {b_lens[i].max()} continuation tokens exceed seq_len={seq_len}")
-    final = merge_buckets([(int(x), int(y)) for x, y in zip(a_bucket, b_bucket)], (1, K),
-                          compile_cost_tokens)
-    for i in range(N):
-        a_bucket[i], b_bucket[i] = final[(int(a_bucket[i]), int(b_bucket[i]))]
-    order = sorted(range(N), key=lambda i: (a_bucket[i], b_bucket[i], i))
-    batches = []
-    start = 0
-    while start < N:
-        la, lb = int(a_bucket[order[start]]), int(b_bucket[order[start]])
-        idx = []
-        while (start < N and len(idx) < batch_rows and a_bucket[order[start]] == la
-               and b_bucket[order[start]] == lb):
-            idx.append(order[start])
-            start += 1
-        batches.append((la, lb, idx))
-    real = n_pre + int(a_lens.sum()) + int(b_lens.sum())
-    return PrefixPlan(n_pre, P, K, batch_rows, batches, real)
+    own = [c[n_pre:] for c in ctxs]
+    max_group = max(1, min(max_group, batch_rows))
+    if max_group > 1:
+        groups = group_requests(own, min_group_prefix, max_group)
+    else:
+        groups = [(0, [i]) for i in range(len(requests))]
+    sizes = [len(g) for _, g in groups]
+    grouped = sum(n for n in sizes if n > 1) >= len(requests) / 2
+    if not grouped:  # too little to share: one request per group, no group stage
+        groups = [(0, [i]) for _, g in groups for i in g]
+        sizes = [1] * len(groups)
+    group_rows = max(1, min(batch_rows, int(batch_rows * len(groups) / len(requests) + 0.5)))
+    b_len = [max(len(c) for c in r.continuations) for r in requests]
+    shapes = []
+    for lcp, idx in groups:
+        lg = _round_up(lcp, length_bucket) if grouped else 0
+        la = _round_up(max(len(own[i]) - lcp for i in idx), length_bucket)
+        lb = _round_up(max(b_len[i] for i in idx), cont_bucket)
+        if P + lg + la + lb > seq_len:
+            i = max(idx, key=lambda j: len(ctxs[j]))
+            r = requests[i]
+            raise ValueError(f"{r.where or f'request {i}'}: {len(r.context)} context + "
+                             f"{b_len[i]} continuation tokens exceed seq_len={seq_len}")
+        shapes.append((lg, la, lb))
+    mean = len(requests) / len(groups)
+    final = merge_buckets(shapes, (1, mean, mean * K), compile_cost_tokens)
+    shapes = [final[sh] for sh in shapes]
+    order = sorted(range(len(groups)), key=lambda g: (shapes[g], g))
+    batches: List[PrefixBatch] = []
+    for g in order:
+        b = batches[-1] if batches else None
+        if (b is None or (b.lg, b.la, b.lb) != shapes[g] or len(b.groups) >= group_rows
+                or len(b.requests) + sizes[g] > batch_rows):
+            b = PrefixBatch(*shapes[g], [])
+            batches.append(b)
+        b.groups.append(groups[g])
+    real = n_pre + sum(lcp for lcp, _ in groups) + sum(
+        len(own[i]) - lcp for lcp, idx in groups for i in idx) + sum(
+        len(c) for r in requests for c in r.continuations)
+    return PrefixPlan(n_pre, P, K, batch_rows, group_rows if grouped else 0, batches, real)
 
 
-def _score_prefix(cfg, params, requests, K, *, batch_rows, length_bucket, cont_bucket,
-                  min_shared_prefix, pad_id, place, progress, max_len, compile_cost_tokens):
-    plan = plan_prefix(requests, batch_rows=batch_rows, length_bucket=length_bucket,
-                       cont_bucket=cont_bucket, min_shared_prefix=min_shared_prefix,
-                       seq_len=max_len, compile_cost_tokens=compile_cost_tokens)
-    N, n_pre = len(requests), plan.n_pre
+def _score_prefix(cfg, params, requests, K, *, batch_rows, pad_id, place, progress,
+                  **plan_kw):
+    plan = plan_prefix(requests, batch_rows=batch_rows, **plan_kw)
+    N, n_pre, G = len(requests), plan.n_pre, plan.group_rows
     pre = None
     if n_pre:
         pids = np.full((1, plan.P), pad_id, np.int32)
@@ -415,26 +510,43 @@ def _score_prefix(cfg, params, requests, K, *, batch_rows, length_bucket, cont_b
     greedy = np.zeros((N, K), bool)
     bar = _Progress(N, progress)
     try:
-        for la, lb, idx in plan.batches:
-            a_ids = np.full((batch_rows, la), pad_id, np.int32)
+        for b in plan.batches:
+            g_ids = g_len = a_grp = None
+            if G:
+                g_ids = np.full((G, b.lg), pad_id, np.int32)
+                g_len = np.zeros((G,), np.int32)
+                a_grp = np.zeros((batch_rows,), np.int32)
+            a_ids = np.full((batch_rows, b.la), pad_id, np.int32)
             a_len = np.ones((batch_rows,), np.int32)  # filler rows: one padding token
-            b_ids = np.full((batch_rows, K, lb), pad_id, np.int32)
+            b_ids = np.full((batch_rows, K, b.lb), pad_id, np.int32)
             b_len = np.zeros((batch_rows, K), np.int32)
-            for r, i in enumerate(idx):
-                own = requests[i].context[n_pre:]
-                a_ids[r, :len(own)] = own
-                a_len[r] = len(own)
-                for k, c in enumerate(requests[i].continuations):
-                    b_ids[r, k, :len(c)] = c
-                    b_len[r, k] = len(c)
-            lp, hit = _prefix_block(params, pre, jnp.int32(n_pre), place(a_ids), place(a_len),
-                                    place(b_ids), place(b_len), StaticCfg(cfg))
+            rows = []
+            for g, (lcp, idx) in enumerate(b.groups):
+                if G:
+                    g_ids[g, :lcp] = requests[idx[0]].context[n_pre:n_pre + lcp]
+                    g_len[g] = lcp
+                for i in idx:
+                    r = len(rows)
+                    rows.append(i)
+                    own = requests[i].context[n_pre + lcp:]
+                    a_ids[r, :len(own)] = own
+                    a_len[r] = len(own)
+                    if G:
+                        a_grp[r] = g
+                    for k, c in enumerate(requests[i].continuations):
+                        b_ids[r, k, :len(c)] = c
+                        b_len[r, k] = len(c)
+            if G:
+                g_ids, g_len, a_grp = place(g_ids), place(g_len), place(a_grp)
+            lp, hit = _prefix_block(params, pre, jnp.int32(n_pre), g_ids, g_len, a_grp,
+                                    place(a_ids), place(a_len), place(b_ids), place(b_len),
+                                    StaticCfg(cfg))
             lp = np.asarray(lp, np.float64)
             hit = np.asarray(hit)
-            for r, i in enumerate(idx):
+            for r, i in enumerate(rows):
                 lp_sum[i] = lp[r].sum(-1)
                 greedy[i] = hit[r].all(-1)
-            bar.update(len(idx))
+            bar.update(len(rows))
     finally:
         bar.close()
     n_tok = np.array([[len(c) for c in r.continuations] for r in requests])
@@ -530,6 +642,7 @@ def _score_packed(cfg, params, requests, K, *, batch_rows, seq_len, length_bucke
 def score_requests(model, requests: Sequence[Request], *, method: str = "prefix",
                    batch_rows: int = 8, seq_len: int = 512, length_bucket: int = 16,
                    cont_bucket: int = 4, min_shared_prefix: int = 8,
+                   min_group_prefix: int = 16, max_group: int = 2,
                    compile_cost_tokens: int = 2048, pad_id: Optional[int] = None, mesh=None,
                    progress=None) -> Scores:
     """Score every request's continuations (see the module docstring for ``method``).
@@ -539,8 +652,10 @@ def score_requests(model, requests: Sequence[Request], *, method: str = "prefix"
     method, the longest ``context + continuation`` accepted (a longer request is an error naming
     it).  ``length_bucket`` / ``cont_bucket``: context / continuation lengths are padded to
     multiples of these; ``compile_cost_tokens``: rare shapes are folded into larger ones when
-    that adds fewer padded tokens than this (:func:`merge_buckets`).  ``progress``: a tqdm
-    description (items/s bar) or ``None``.
+    that adds fewer padded tokens than this (:func:`merge_buckets`).  ``min_shared_prefix``,
+    ``min_group_prefix``, ``max_group``: the ``"prefix"`` method's sharing levels (module
+    docstring; ``max_group=1`` turns groups off).  ``progress``: a tqdm description (items/s
+    bar) or ``None``.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -556,11 +671,11 @@ def score_requests(model, requests: Sequence[Request], *, method: str = "prefix"
     K = _check_requests(requests)
     place = _placer(mesh)
     if method == "prefix":
-        return _score_prefix(cfg, params, requests, K, batch_rows=batch_rows,
-                             length_bucket=length_bucket, cont_bucket=cont_bucket,
-                             min_shared_prefix=min_shared_prefix, pad_id=pad_id, place=place,
-                             progress=progress, max_len=seq_len,
-                             compile_cost_tokens=compile_cost_tokens)
+        return _score_prefix(cfg, params, requests, K, batch_rows=batch_rows, pad_id=pad_id,
+                             place=place, progress=progress, length_bucket=length_bucket,
+                             cont_bucket=cont_bucket, min_shared_prefix=min_shared_prefix,
+                             min_group_prefix=min_group_prefix, max_group=max_group,
+                             seq_len=seq_len, compile_cost_tokens=compile_cost_tokens)
     return _score_packed(cfg, params, requests, K, batch_rows=batch_rows, seq_len=seq_len,
                          length_bucket=length_bucket, packed=method == "packed", pad_id=pad_id,
                          place=place, progress=progress, compile_cost_tokens=compile_cost_tokens)
@@ -727,7 +842,8 @@ def stereoset_scores(handle, items, *, empty_context_ids=None, **kw) -> Scores:
 
 
 __all__ = ["Request", "Scores", "OptionScores", "METHODS", "score_requests", "score_options",
-           "option_scores", "bbq_requests", "plan_prefix", "PrefixPlan", "merge_buckets",
+           "option_scores", "bbq_requests", "plan_prefix", "PrefixPlan", "PrefixBatch",
+           "group_requests", "merge_buckets",
            "bbq_prompt", "option_continuation", "stereoset_requests", "stereoset_scores",
            "shared_prefix_length", "lm_head", "use_chat",
            "StaticCfg", "cache_axes"]
