@@ -119,3 +119,17 @@ def test_unrolled_forward_equals_scanned(family_model):
     valid = np.asarray(mask).astype(bool)
     assert float(np.abs(np.asarray(a) - np.asarray(b))[valid].max()) <= 1e-5
     np.testing.assert_allclose(np.asarray(ca["k"][1]), np.asarray(cb["k"][1][0]), atol=1e-5)
+
+
+def test_llama3_config_is_a_valid_static_argument():
+    # rope_scaling is a dict in HF configs; the config must still hash for jax.jit static args
+    from regift_jax.models.presets import get_model_config
+    cfg = get_model_config("llama-3.1-8b")
+    assert cfg.rope_scaling["rope_type"] == "llama3"
+    assert hash(cfg) == hash(get_model_config("llama-3.1-8b"))
+    tiny = cfg.replace(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=1,
+                       num_heads=2, num_kv_heads=1, head_dim=8)
+    f = jax.jit(lambda ids, c: ids * 2, static_argnums=1)
+    assert int(f(jnp.ones((1,), jnp.int32), tiny)[0]) == 2
+    with pytest.raises(TypeError, match="read-only"):
+        cfg.rope_scaling["factor"] = 2.0

@@ -22,6 +22,18 @@ HF_ARCHITECTURES = {
 }
 
 
+class _HashableDict(dict):
+    """A read-only dict that can live in a hashable (jit-static) dataclass."""
+
+    def __hash__(self):
+        return hash(tuple(sorted((k, repr(v)) for k, v in self.items())))
+
+    def _ro(self, *a, **k):
+        raise TypeError("ModelConfig.rope_scaling is read-only; use ModelConfig.replace")
+
+    __setitem__ = __delitem__ = update = pop = popitem = clear = setdefault = _ro
+
+
 class UnsupportedArchitectureError(ValueError):
     """Raised for a checkpoint whose architecture this project cannot run."""
 
@@ -72,6 +84,9 @@ class ModelConfig:
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, _HashableDict):
+            # the config is a static argument of jitted functions: it must hash
+            object.__setattr__(self, "rope_scaling", _HashableDict(self.rope_scaling))
 
     def replace(self, **kw) -> "ModelConfig":
         return dataclasses.replace(self, **kw)
