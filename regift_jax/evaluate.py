@@ -246,6 +246,15 @@ def letter_option(text: str) -> Tuple[int, str]:
     return "ABC".index(m.group(1)), m.group(0)
 
 
+def _item_fields(it: bbq_lib.BBQItem) -> Dict[str, object]:
+    """The BBQ item's own fields, as every per-item record carries them."""
+    return {"example_id": it.example_id, "category": it.category,
+            "context_condition": it.context_condition,
+            "question_polarity": it.question_polarity, "label": it.label,
+            "gold_text": it.gold_text, "unknown_option": it.unknown_option,
+            "biased_option": it.biased_option}
+
+
 def judge_items(pairs: Sequence[Tuple[bbq_lib.BBQItem, str]], *, tie_break: str = "first",
                 unknown_phrases: Sequence[str] = bbq_lib.UNKNOWN_PHRASES,
                 overlap_threshold: float = 0.8, letter_options: bool = False
@@ -266,14 +275,7 @@ def judge_items(pairs: Sequence[Tuple[bbq_lib.BBQItem, str]], *, tie_break: str 
                                            option_index=idx, matched=(idx,), tie=False)
         paper_text, pj = bbq_lib.paper_score(text, it, unknown_phrases, overlap_threshold)
         out.append({
-            "example_id": it.example_id,
-            "category": it.category,
-            "context_condition": it.context_condition,
-            "question_polarity": it.question_polarity,
-            "label": it.label,
-            "gold_text": it.gold_text,
-            "unknown_option": it.unknown_option,
-            "biased_option": it.biased_option,
+            **_item_fields(it),
             "answer_text": sp.answer_text,
             "span_source": sp.span_source,
             "option_index": sp.option_index,
@@ -487,14 +489,7 @@ def loglik_records(items: Sequence[bbq_lib.BBQItem], scores) -> List[Dict[str, o
         pj = bbq_lib.paper_judgement(bbq_lib.paper_answer_text(text), it.gold_text,
                                      it.context_condition)
         out.append({
-            "example_id": it.example_id,
-            "category": it.category,
-            "context_condition": it.context_condition,
-            "question_polarity": it.question_polarity,
-            "label": it.label,
-            "gold_text": it.gold_text,
-            "unknown_option": it.unknown_option,
-            "biased_option": it.biased_option,
+            **_item_fields(it),
             "answer_text": text,
             "span_source": "loglik",
             "option_index": k,

@@ -316,13 +316,8 @@ class Sampler:
         toks = np.asarray(out[:, :int(n_out)])
         res = []
         for r in range(n_rows):
-            row = [int(t) for t in toks[r]]
-            reason, cut = "length", len(row)
-            for j, t in enumerate(row):
-                if t in self.eos_ids:
-                    cut, reason = j, "eos"
-                    break
-            row = row[:cut]
+            row = self._strip(toks[r])
+            reason = "eos" if len(row) < len(toks[r]) else "length"
             text = self._decode(row)
             if sampling.stop_strings:
                 hits = [(text.find(x), x) for x in sampling.stop_strings if x in text]

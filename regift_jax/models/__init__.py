@@ -66,11 +66,9 @@ class ModelHandle:
         return Sampler(self.cfg, self.params, self.tokenizer, mesh=self.mesh, **kw)
 
     def chat_prompt(self, user: str, system: Optional[str] = None) -> str:
-        msgs = ([{"role": "system", "content": system}] if system else []) + [
-            {"role": "user", "content": user}]
-        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
-            return user
-        return self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        """``user`` in the tokenizer's chat template (unchanged without one)."""
+        from regift_jax.prompts import wrap_chat
+        return wrap_chat(self.tokenizer, user, system=system)
 
     def generate(self, prompts: Sequence[str], max_new_tokens: int = 64, temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = 0, stop_strings=(), seed: int = 0,
