@@ -180,8 +180,8 @@ def shared_prefix_length(contexts: Sequence[Sequence[int]]) -> int:
 # --------------------------------------------------------------------------------------------
 
 class StaticCfg:
-    """A hashable wrapper for a :class:`ModelConfig` as a static ``jit`` argument (a config with
-    a ``rope_scaling`` dict, e.g. Llama-3.1, is not hashable itself); equal iff ``repr`` is."""
+    """A static ``jit`` argument keyed by ``repr(cfg)``: equal iff the configs print equal, so
+    configs rebuilt from JSON (e.g. after an export round trip) share one compiled program."""
 
     def __init__(self, cfg: ModelConfig):
         self.cfg = cfg
