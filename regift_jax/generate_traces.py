@@ -312,7 +312,8 @@ def run(cfg) -> dict:
     handle = models.load(cfg.teacher.model, dtype=cfg.teacher.dtype)
     tok = handle.tokenizer
     sampler = handle.sampler(batch_size=cfg.batch_size, length_bucket=cfg.length_bucket,
-                             chunk=cfg.decode.chunk, cache_len=cfg.cache_len or None)
+                             chunk=cfg.decode.chunk, cache_len=cfg.cache_len or None,
+                             unroll_layers=cfg.get("unroll_layers", False))
     logging.info("teacher %s loaded in %.1fs", cfg.teacher.name, time.time() - t0)
 
     def prompt_text(q):

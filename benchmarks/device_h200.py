@@ -1,0 +1,377 @@
+"""One-GPU benchmark: a Llama-3-8B-shaped model (random weights, bf16) on one H100/H200.
+
+Run through ``benchmarks/device_h200.sh`` (it runs the two parts in separate processes so
+that JAX's and PyTorch's allocators never share the card):
+
+    python benchmarks/device_h200.py --part jax   --out DIR   # this project
+    python benchmarks/device_h200.py --part torch --out DIR   # transformers + PEFT baseline
+    python benchmarks/device_h200.py --part report --out DIR  # table from the two JSON files
+
+What is measured (same shapes for both stacks):
+
+* **peak**: a jitted 8192x8192x8192 bf16 matmul, median of 10 after 3 warm-ups — the ceiling
+  MFU is computed against (measured in the same run, not a datasheet number).
+* **SFT step, LoRA** (the paper's setup: r16, alpha 32, q_proj/v_proj, base weights frozen
+  in bf16): ``regift_jax.trainer.train_step`` jitted with explicit in/out shardings and donation
+  on an FSDP mesh of the one chip, remat ``full``, batch x 2048 tokens.  MFU uses
+  :func:`regift_jax.trainer.train_flops_per_token` (LoRA: no weight-gradient FLOPs for frozen
+  weights; attention counted in full).  Baseline: transformers ``LlamaForCausalLM`` + PEFT,
+  gradient checkpointing, torch AdamW, SDPA attention, same batch.
+* **SFT step, full fine-tuning** (bf16 params and bf16 AdamW moments; the 8B model in fp32 with
+  fp32 moments does not fit one chip with activations).
+* **generation**: batch 64, prompts of 128 random tokens, 128 new tokens, greedy, no early
+  stop: this project's :class:`regift_jax.sampling.Sampler` vs transformers ``generate``
+  (``min_new_tokens`` = ``max_new_tokens``), tokens/s counting new tokens only, prefill included.
+
+``--smoke`` runs every part on a tiny model on the CPU (the path CI-free development uses to
+check the script before spending device time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+SEQ = 2048
+GEN_BATCH, GEN_PROMPT, GEN_NEW = 64, 128, 128
+
+
+def log(msg):
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def model_dims(smoke: bool) -> dict:
+    """HF-style dims of the benchmarked model (Llama-3-8B shape, or tiny for --smoke)."""
+    if smoke:
+        return dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    return dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                head_dim=128)
+
+
+def timed(fn, warmup: int, reps: int, sync):
+    for _ in range(warmup):
+        sync(fn())
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        sync(fn())
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts), ts
+
+
+# ============================================================================ JAX
+def run_jax(args) -> dict:
+    import types
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from regift_jax import sharding as shd
+    from regift_jax.models import lora as lora_lib
+    from regift_jax.models.config import ModelConfig
+    from regift_jax.models.decoder import init_params
+    from regift_jax.sampling import Sampler, SamplingConfig
+    from regift_jax.trainer import TrainState, make_optimizer, train_flops_per_token, train_step
+
+    res = {"stack": "regift_jax", "jax": jax.__version__,
+           "device": str(jax.devices()[0].device_kind), "n_devices": jax.device_count()}
+    log(f"jax {jax.__version__} on {res['device']}")
+    block = lambda x: jax.block_until_ready(x)  # noqa: E731
+
+    # ---- peak
+    n = 1024 if args.smoke else 8192
+    ka, kb = jax.random.split(jax.random.PRNGKey(1))
+    a = jax.random.normal(ka, (n, n), jnp.bfloat16)
+    b = jax.random.normal(kb, (n, n), jnp.bfloat16)
+    mm = jax.jit(lambda x, y: x @ y)
+    t, _ = timed(lambda: mm(a, b), 3, 10, block)
+    peak = 2.0 * n ** 3 / t
+    res["peak_flops"] = peak
+    log(f"peak: {n}^3 bf16 matmul {t * 1e3:.2f} ms -> {peak / 1e12:.1f} TFLOP/s")
+    del a, b
+
+    d = model_dims(args.smoke)
+    cfg = ModelConfig(family="llama", vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
+                      intermediate_size=d["intermediate_size"],
+                      num_layers=d["num_hidden_layers"], num_heads=d["num_attention_heads"],
+                      num_kv_heads=d["num_key_value_heads"], head_dim=d["head_dim"],
+                      rope_theta=500000.0, max_position_embeddings=8192,
+                      tie_word_embeddings=False, rms_norm_eps=1e-5, bos_token_id=1,
+                      eos_token_id=2, pad_token_id=0, param_dtype="bfloat16", dtype="bfloat16",
+                      remat_policy="full", name="llama3-8b-shaped (random)")
+    res["n_params"] = cfg.num_params()
+    mesh = shd.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
+    full_sh = shd.param_shardings(cfg, mesh)
+    t0 = time.perf_counter()
+    params = jax.jit(lambda k: init_params(cfg, k), out_shardings=full_sh)(jax.random.PRNGKey(0))
+    block(params)
+    log(f"init {res['n_params'] / 1e9:.2f}B params (bf16) in {time.perf_counter() - t0:.1f}s")
+
+    B, T = args.batch, (128 if args.smoke else SEQ)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, cfg.vocab_size, size=(B, T + 1), dtype=np.int32)
+    bsh = shd.batch_sharding(mesh)
+    batch = {"inputs": ids[:, :-1], "targets": ids[:, 1:],
+             "loss_mask": np.ones((B, T), np.int32),
+             "positions": np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)).copy(),
+             "segment_ids": np.ones((B, T), np.int32)}
+    batch = {k: jax.device_put(v, bsh) for k, v in batch.items()}
+    ocfg = types.SimpleNamespace(learning_rate=1e-5, schedule="constant", warmup_steps=0,
+                                 warmup_fraction=0.0, end_lr_fraction=0.0, clip_norm=1.0,
+                                 b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, no_decay=())
+    repl = NamedSharding(mesh, P())
+
+    def bench_train(mcfg, trainable, frozen, trainable_sh, frozen_sh, label, n_lora):
+        import optax
+        tx, schedule = make_optimizer(ocfg, 100, trainable)
+        opt_abs = jax.eval_shape(tx.init, trainable)
+        opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt_abs, trainable_sh,
+                                       transform_non_params=lambda _: repl)
+        state_sh = TrainState(step=repl, params=trainable_sh, opt_state=opt_sh, rng=repl,
+                              applied=repl, skipped=repl, bad_streak=repl)
+        state = TrainState(step=jnp.int32(0), params=trainable,
+                           opt_state=jax.jit(tx.init, out_shardings=opt_sh)(trainable),
+                           rng=jax.random.PRNGKey(0), applied=jnp.int32(0),
+                           skipped=jnp.int32(0), bad_streak=jnp.int32(0))
+        step = jax.jit(lambda s, f, b_: train_step(s, f, b_, model_cfg=mcfg, tx=tx,
+                                                   schedule=schedule, batch_sharding=bsh),
+                       in_shardings=(state_sh, frozen_sh, bsh), out_shardings=(state_sh, repl),
+                       donate_argnums=(0,))
+        t0 = time.perf_counter()
+        compiled = step.lower(state, frozen, batch).compile()
+        log(f"{label}: compiled in {time.perf_counter() - t0:.1f}s")
+        box = {"s": state}
+        losses = []
+
+        def one():
+            box["s"], m = compiled(box["s"], frozen, batch)
+            return m
+
+        def sync(m):
+            losses.append(float(m["loss"]))
+        t, ts = timed(one, 2, args.steps, sync)
+        tok_s = B * T / t
+        flops_tok = train_flops_per_token(mcfg, T, n_lora)
+        out = {"step_s": t, "steps_s": ts, "tokens_per_s": tok_s,
+               "flops_per_token": flops_tok, "mfu": flops_tok * tok_s / peak,
+               "loss_first": losses[0], "loss_last": losses[-1],
+               "batch": B, "seq": T}
+        log(f"{label}: step {t * 1e3:.0f} ms, {tok_s:,.0f} tok/s, MFU {out['mfu']:.1%} "
+            f"(loss {losses[0]:.3f} -> {losses[-1]:.3f})")
+        del box
+        return out
+
+    # ---- LoRA SFT step (paper setup)
+    try:
+        lcfg = cfg.replace(lora_rank=16, lora_alpha=32.0, lora_dropout=0.05,
+                           lora_targets=("q_proj", "v_proj"))
+        lcfg, lparams = lora_lib.add_lora(lcfg, params, seed=0, mesh=mesh)
+        trainable, frozen = lora_lib.split(lparams)
+        tsh, fsh = lora_lib.split(shd.param_shardings(lcfg, mesh))
+        n_lora = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainable))
+        res["train_lora"] = bench_train(lcfg, trainable, frozen, tsh, fsh, "LoRA r16 q,v",
+                                        n_lora)
+        res["train_lora"]["trainable_params"] = n_lora
+        del trainable, lparams
+    except Exception as e:  # keep the other figures
+        traceback.print_exc()
+        res["train_lora"] = {"error": repr(e)[:500]}
+    _dump(args, "jax", res)
+
+    # ---- generation
+    try:
+        gcfg = cfg.replace(remat_policy="none")
+        sampler = Sampler(gcfg, params, tokenizer=None, mesh=mesh, batch_size=GEN_BATCH,
+                          length_bucket=GEN_PROMPT, chunk=32, eos_ids=(-1,),
+                          cache_len=GEN_PROMPT + GEN_NEW)
+        prompts = [list(map(int, r)) for r in
+                   rng.integers(3, cfg.vocab_size, size=(GEN_BATCH, GEN_PROMPT))]
+        sc = SamplingConfig(max_new_tokens=GEN_NEW, temperature=0.0)
+        t0 = time.perf_counter()
+        sampler.generate(prompts, sc)
+        log(f"generation: first call (compile) {time.perf_counter() - t0:.1f}s")
+        t, ts = timed(lambda: sampler.generate(prompts, sc), 0, 3, lambda g: g)
+        gens = sampler.generate(prompts, sc)
+        assert all(g.generated_tokens == GEN_NEW for g in gens), "early stop in benchmark"
+        res["generate"] = {"s": t, "runs_s": ts, "tokens_per_s": GEN_BATCH * GEN_NEW / t,
+                           "batch": GEN_BATCH, "prompt": GEN_PROMPT, "new": GEN_NEW,
+                           "first_row": [int(x) for x in gens[0].token_ids[:8]]}
+        log(f"generation: {GEN_BATCH}x{GEN_NEW} new tokens in {t:.2f}s -> "
+            f"{res['generate']['tokens_per_s']:,.0f} tok/s")
+    except Exception as e:
+        traceback.print_exc()
+        res["generate"] = {"error": repr(e)[:500]}
+    _dump(args, "jax", res)
+
+    # ---- full fine-tuning (bf16 params and moments)
+    if not args.skip_full:
+        try:
+            res["train_full"] = bench_train(cfg, params, {}, full_sh, {}, "full FT", 0)
+        except Exception as e:
+            traceback.print_exc()
+            res["train_full"] = {"error": repr(e)[:500]}
+        _dump(args, "jax", res)
+    return res
+
+
+# ============================================================================ PyTorch baseline
+def run_torch(args) -> dict:
+    import torch
+    import transformers
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    dev = "cpu" if args.smoke else "cuda"
+    res = {"stack": "transformers+peft", "torch": torch.__version__,
+           "transformers": transformers.__version__}
+    try:
+        import peft
+        res["peft"] = peft.__version__
+    except ImportError:
+        peft = None
+    sync = (lambda x: torch.cuda.synchronize()) if dev == "cuda" else (lambda x: x)
+    d = model_dims(args.smoke)
+    hf = LlamaConfig(**d, max_position_embeddings=8192, rope_theta=500000.0,
+                     rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1,
+                     eos_token_id=2, pad_token_id=0, torch_dtype="bfloat16")
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    with torch.device(dev):
+        model = LlamaForCausalLM(hf).to(torch.bfloat16)
+    model.eval()
+    log(f"torch {torch.__version__}: model built in {time.perf_counter() - t0:.1f}s")
+    B, T = args.batch, (128 if args.smoke else SEQ)
+    g = torch.Generator().manual_seed(0)
+
+    # ---- generation
+    try:
+        ids = torch.randint(3, d["vocab_size"], (GEN_BATCH, GEN_PROMPT), generator=g).to(dev)
+        att = torch.ones_like(ids)
+        kw = dict(do_sample=False, max_new_tokens=GEN_NEW, min_new_tokens=GEN_NEW,
+                  pad_token_id=0, attention_mask=att)
+        with torch.no_grad():
+            model.generate(ids, **{**kw, "max_new_tokens": 8, "min_new_tokens": 8})
+            ts = []
+            for _ in range(2):
+                sync(None)
+                t = time.perf_counter()
+                out = model.generate(ids, **kw)
+                sync(None)
+                ts.append(time.perf_counter() - t)
+        assert out.shape[1] == GEN_PROMPT + GEN_NEW
+        t = statistics.median(ts)
+        res["generate"] = {"s": t, "runs_s": ts, "tokens_per_s": GEN_BATCH * GEN_NEW / t}
+        log(f"HF generate: {GEN_BATCH}x{GEN_NEW} in {t:.2f}s -> "
+            f"{res['generate']['tokens_per_s']:,.0f} tok/s")
+    except Exception as e:
+        traceback.print_exc()
+        res["generate"] = {"error": repr(e)[:500]}
+    _dump(args, "torch", res)
+
+    # ---- LoRA SFT step
+    try:
+        if peft is None:
+            raise RuntimeError("peft is not installed")
+        lm = peft.get_peft_model(model, peft.LoraConfig(
+            r=16, lora_alpha=32, lora_dropout=0.05, target_modules=["q_proj", "v_proj"],
+            task_type="CAUSAL_LM"))
+        lm.train()
+        lm.gradient_checkpointing_enable()
+        lm.enable_input_require_grads()
+        opt = torch.optim.AdamW([p for p in lm.parameters() if p.requires_grad], lr=1e-5)
+        x = torch.randint(3, d["vocab_size"], (B, T + 1), generator=g).to(dev)
+        inp, lab = x[:, :-1], x[:, 1:].clone()
+        losses = []
+
+        def step():
+            out = lm(input_ids=inp, use_cache=False)
+            loss = torch.nn.functional.cross_entropy(
+                out.logits.float().reshape(-1, out.logits.shape[-1]), lab.reshape(-1))
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for p in lm.parameters() if p.requires_grad], 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss.detach()
+
+        t, ts = timed(step, 2, args.steps, lambda l_: (sync(None), losses.append(float(l_))))
+        res["train_lora"] = {"step_s": t, "steps_s": ts, "tokens_per_s": B * T / t,
+                             "loss_first": losses[0], "batch": B, "seq": T}
+        log(f"PEFT LoRA: step {t * 1e3:.0f} ms, {B * T / t:,.0f} tok/s")
+    except Exception as e:
+        traceback.print_exc()
+        res["train_lora"] = {"error": repr(e)[:500]}
+    _dump(args, "torch", res)
+    return res
+
+
+# ============================================================================ report
+def _dump(args, part, res):
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, f"device_{part}.json"), "w") as f:
+        json.dump(res, f, indent=1)
+
+
+def report(args) -> str:
+    def load(p):
+        path = os.path.join(args.out, f"device_{p}.json")
+        return json.load(open(path)) if os.path.exists(path) else {}
+    j, t = load("jax"), load("torch")
+
+    def fig(r, k, f="tokens_per_s"):
+        v = r.get(k, {})
+        return v.get(f) if isinstance(v, dict) else None
+
+    rows = [f"device: {j.get('device')} | jax {j.get('jax')} | torch {t.get('torch')} | "
+            f"transformers {t.get('transformers')} | peft {t.get('peft')}",
+            f"measured bf16 matmul peak: {(j.get('peak_flops') or 0) / 1e12:.1f} TFLOP/s; "
+            f"model {(j.get('n_params') or 0) / 1e9:.2f}B params",
+            "", "| what | regift_jax | transformers(+PEFT) | ratio | MFU (ours) |",
+            "|---|---:|---:|---:|---:|"]
+    for label, k in (("SFT LoRA r16 q,v tokens/s", "train_lora"),
+                     ("SFT full FT (bf16) tokens/s", "train_full"),
+                     ("generation tokens/s (B=64, 128 new)", "generate")):
+        a, b = fig(j, k), fig(t, k)
+        mfu = fig(j, k, "mfu")
+        rows.append(f"| {label} | {a if a is None else f'{a:,.0f}'} | "
+                    f"{b if b is None else f'{b:,.0f}'} | "
+                    f"{'-' if not (a and b) else f'{a / b:.2f}x'} | "
+                    f"{'-' if mfu is None else f'{mfu:.1%}'} |")
+    for r, name in ((j, "jax"), (t, "torch")):
+        for k, v in r.items():
+            if isinstance(v, dict) and "error" in v:
+                rows.append(f"{name} {k}: ERROR {v['error']}")
+    text = "\n".join(rows)
+    with open(os.path.join(args.out, "device_report.md"), "w") as f:
+        f.write(text + "\n")
+    return text
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--part", choices=("jax", "torch", "report"), required=True)
+    ap.add_argument("--out", default="benchmarks/results/device")
+    ap.add_argument("--batch", type=int, default=4, help="SFT rows of 2048 tokens")
+    ap.add_argument("--steps", type=int, default=5, help="timed SFT steps (after 2 warm-up)")
+    ap.add_argument("--skip_full", action="store_true", help="skip the full fine-tuning step")
+    ap.add_argument("--smoke", action="store_true", help="tiny model on CPU (script check)")
+    args = ap.parse_args()
+    if args.part == "jax":
+        run_jax(args)
+    elif args.part == "torch":
+        run_torch(args)
+    else:
+        print(report(args))
+
+
+if __name__ == "__main__":
+    main()
