@@ -60,8 +60,8 @@ def _maybe_init_distributed(cfg):
 
 def load_questions(cfg) -> List[dict]:
     from regift_jax.data import default_source_dir
-    from regift_jax.data.builders.squad_v2 import (RECONSTRUCTED_DEV_FILE, OFFICIAL_DEV_FILE,
-                                                   article_bucket, read_squad_v2)
+    from regift_jax.data.squad import (OFFICIAL_DEV_FILE, RECONSTRUCTED_DEV_FILE, article_bucket,
+                                      read_squad_v2)
     src = cfg.data.squad_dir or default_source_dir("squad_v2")
     if not src:
         raise FileNotFoundError("no SQuAD-v2 directory: set --config.data.squad_dir")
