@@ -42,4 +42,8 @@ def get_config(arg=None):
     c.distributed = "auto"
     # compact the parts written so far and write summary + data card, generate nothing
     c.finalize_only = False
+    # data card: where the traces were generated (default: the devices of the generating run)
+    # and, for a finalize-only run on files moved from elsewhere, the measured wall time
+    c.hardware = ""
+    c.wall_time_s = 0.0
     return c

@@ -12,8 +12,8 @@ coordination beyond JAX's (each process uses its local devices).
 Resumable and safe: every batch of records is written to its own file atomically (temp + rename)
 under ``out_dir/parts/``; a restarted run reads the keys already written and skips them, so a run
 killed at any moment (SIGKILL included) and restarted produces every unit exactly once.  When all
-units of a process are done, its parts are compacted into ``traces-pNNNNN.jsonl`` (written
-atomically first; leftover parts already contained in it are deleted on the next start).  A
+units of a process are done, its parts are compacted into ``traces-pNNNNN.jsonl.gz`` (gzip: the
+records of one paragraph repeat its context; written atomically first; leftover parts already contained in it are deleted on the next start).  A
 ``manifest.json`` pins teacher, prompt and decoding settings: resuming with different settings is
 refused with a clear error.
 
@@ -108,14 +108,20 @@ def unit_seed(qid: str, sample_index: int) -> int:
     return zlib.crc32(f"{qid}/{sample_index}".encode()) & 0x7FFFFFFF
 
 
+def _finals(out_dir: str, proc: int) -> List[str]:
+    """This process's compacted shard(s): ``.jsonl.gz``, and a plain ``.jsonl`` of older runs."""
+    base = os.path.join(out_dir, f"traces-p{proc:05d}.jsonl")
+    return [p for p in (base + ".gz", base) if os.path.exists(p)]
+
+
 def _read_done(out_dir: str, proc: int) -> Dict[tuple, int]:
     """Keys already written by this process (compacted file + parts)."""
+    from regift_jax.traces.records import open_shard
     done = {}
-    final = os.path.join(out_dir, f"traces-p{proc:05d}.jsonl")
-    files = ([final] if os.path.exists(final) else []) + sorted(
+    files = _finals(out_dir, proc) + sorted(
         glob.glob(os.path.join(out_dir, "parts", f"p{proc:05d}-*.jsonl")))
     for f in files:
-        with open(f, "rb") as fh:
+        with open_shard(f) as fh:
             for line in fh:
                 try:
                     o = json.loads(line)
@@ -127,10 +133,16 @@ def _read_done(out_dir: str, proc: int) -> Dict[tuple, int]:
 
 def _write_atomic(path: str, lines: List[str]):
     tmp = path + f".tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(lines)
-        f.flush()
-        os.fsync(f.fileno())
+    with open(tmp, "wb") as raw:
+        if path.endswith(".gz"):
+            import gzip
+            # mtime 0 and no file name: the same records give the same bytes
+            with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as f:
+                f.write("".join(lines).encode("utf-8"))
+        else:
+            raw.write("".join(lines).encode("utf-8"))
+        raw.flush()
+        os.fsync(raw.fileno())
     os.replace(tmp, path)
 
 
@@ -147,11 +159,16 @@ def _check_manifest(out_dir: str, manifest: dict):
 
 
 def _compact(out_dir: str, proc: int):
+    from regift_jax.traces.records import open_shard
     parts = sorted(glob.glob(os.path.join(out_dir, "parts", f"p{proc:05d}-*.jsonl")))
-    final = os.path.join(out_dir, f"traces-p{proc:05d}.jsonl")
+    olds = _finals(out_dir, proc)
+    final = os.path.join(out_dir, f"traces-p{proc:05d}.jsonl.gz")
+    if not parts and olds == [final]:
+        return
     lines = []
-    if os.path.exists(final):
-        lines = open(final, encoding="utf-8").readlines()
+    for old in olds:
+        with open_shard(old, "rt") as fh:
+            lines += fh.readlines()
     seen = set()
     for ln in lines:
         o = json.loads(ln)
@@ -164,7 +181,7 @@ def _compact(out_dir: str, proc: int):
                 seen.add(k)
                 lines.append(ln)
     _write_atomic(final, lines)
-    for p in parts:
+    for p in parts + [o for o in olds if o != final]:
         os.remove(p)
 
 
@@ -214,6 +231,10 @@ def summarize(records: List[dict], out_dir: str, wall_s: float) -> dict:
     return s
 
 
+def _fmt1(x) -> str:
+    return "n/a" if x is None else f"{x:.1f}"
+
+
 def write_data_card(out_dir: str, command: str, summary: dict, manifest: dict) -> str:
     """``out_dir/README.md``: what the trace set is, how it was made, what it yields."""
     yl = summary["yield_lenient"]
@@ -231,7 +252,13 @@ def write_data_card(out_dir: str, command: str, summary: dict, manifest: dict) -
         f"- **Source questions**: SQuAD-v2 dev, `{manifest['split']}` split "
         "(article-hash split, see `regift_jax/data/builders/squad_v2.py`)",
         f"- **Command**: `{command}`",
-        f"- **Wall time** (first start to last write, on the shared 2-core CPU machine): "
+        f"- **Hardware**: {summary.get('hardware') or 'not recorded'}",
+        *([f"- **Progress**: {summary['units_written']} of {summary['units_configured']} "
+           f"(question, sample) units written "
+           f"({100 * summary['units_written'] / max(1, summary['units_configured']):.0f}%); "
+           "the same command resumes the rest"]
+          if summary.get("units_configured") else []),
+        f"- **Wall time** (first start to last write, restarts included): "
         f"{summary.get('elapsed_since_start_s', summary['wall_time_s']):.0f} s", "",
         "| | records | correct (paper-lenient) | yield | correct (strict EM) |",
         "|---|---:|---:|---:|---:|",
@@ -242,8 +269,13 @@ def write_data_card(out_dir: str, command: str, summary: dict, manifest: dict) -
     lines += [
         "", f"Questions with at least one correct trace: "
         f"{summary['questions_with_a_correct_trace']}.",
-        f"Reasoning length (tokens): correct mean {rt['correct']['mean']}, incorrect mean "
-        f"{rt['incorrect']['mean']} (plot: `summary.png`).", "",
+        f"Reasoning length (tokens): correct mean {_fmt1(rt['correct']['mean'])}, incorrect mean "
+        f"{_fmt1(rt['incorrect']['mean'])} (plot: `summary.png`).",
+        *([f"Lines written but unusable (counted, not in the table): "
+           f"{summary['read_report']['n_dropped']} — "
+           + ", ".join(f"{k}: {v}" for k, v in sorted(
+               summary['read_report']['dropped'].items(), key=lambda kv: -kv[1]))]
+          if summary.get("read_report", {}).get("n_dropped") else []), "",
         "Every record (correct and incorrect) is kept; the `regift_traces` TFDS builder's "
         "`correct` config selects the paper-lenient correct ones (the training default), "
         "`incorrect`/`all` serve the correctness ablation.", "",
@@ -400,24 +432,36 @@ def run(cfg) -> dict:
         el = time.time() - t_start
         bar.set_postfix(traces_per_s=f"{n_total / el:.2f}", yield_=f"{n_ok / max(1, n_total):.1%}")
     bar.close()
-    return _finish(cfg, out_dir, proc, manifest, t0)
+    return _finish(cfg, out_dir, proc, manifest, t0,
+                   hardware=f"{jax.device_count()} x {jax.devices()[0].device_kind}")
 
 
-def _finish(cfg, out_dir, proc, manifest, t0) -> dict:
+def _finish(cfg, out_dir, proc, manifest, t0, hardware: str = "") -> dict:
     _compact(out_dir, proc)
     wall = time.time() - t0
     from regift_jax.traces.records import read_trace_jsonl
-    recs, report = read_trace_jsonl(sorted(glob.glob(os.path.join(out_dir, "traces-p*.jsonl"))))
+    recs, report = read_trace_jsonl(sorted(glob.glob(os.path.join(out_dir, "traces-p*.jsonl*"))))
     records = [r.to_dict() for r in recs]
     s = summarize(records, out_dir, wall) if proc == 0 else {}
     s["read_report"] = report.to_dict()
     if proc == 0:
-        finals = glob.glob(os.path.join(out_dir, "traces-p*.jsonl"))
+        finals = glob.glob(os.path.join(out_dir, "traces-p*.jsonl*"))
         man = os.path.join(out_dir, "manifest.json")
-        if finals and os.path.exists(man):  # first start to last write, restarts included
+        if float(cfg.get("wall_time_s", 0) or 0) > 0:  # measured elsewhere (files were moved)
+            s["elapsed_since_start_s"] = float(cfg.wall_time_s)
+        elif finals and os.path.exists(man):  # first start to last write, restarts included
             s["elapsed_since_start_s"] = round(
                 max(os.path.getmtime(f) for f in finals) - os.path.getmtime(man), 1)
-        args = [a for a in sys.argv[1:] if "finalize_only" not in a]
+        s["hardware"] = cfg.get("hardware", "") or hardware
+        try:  # progress against the configured work (a time-bounded run stops part-way)
+            s["units_configured"] = len(load_questions(cfg)) * int(cfg.num_samples)
+            s["units_written"] = int(report.n_lines)
+        except (OSError, ValueError) as e:
+            logging.warning("could not count the configured units: %s", e)
+        with open(os.path.join(out_dir, "summary.json"), "w") as f:
+            json.dump({k: v for k, v in s.items() if k != "read_report"}, f, indent=2)
+        args = [a for a in sys.argv[1:] if not any(
+            k in a for k in ("finalize_only", "config.hardware", "config.wall_time_s"))]
         write_data_card(out_dir, "python -m regift_jax.generate_traces " + " ".join(args),
                         s, manifest)
         print(json.dumps({k: v for k, v in s.items() if k != "read_report"}, indent=1))

@@ -1,5 +1,6 @@
 """Trace generation: resumable after SIGKILL, exactly-once records, manifest pinning."""
 
+import gzip
 import json
 import os
 import signal
@@ -49,8 +50,9 @@ def _env():
 def _records(out):
     recs = []
     for fn in sorted(os.listdir(out)):
-        if fn.startswith("traces-p") and fn.endswith(".jsonl"):
-            recs += [json.loads(ln) for ln in open(os.path.join(out, fn))]
+        if fn.startswith("traces-p") and fn.endswith(".jsonl.gz"):
+            recs += [json.loads(ln) for ln in gzip.open(os.path.join(out, fn), "rt")]
+        assert not (fn.startswith("traces-p") and fn.endswith(".jsonl")), fn  # compacted: gz
     parts = os.path.join(out, "parts")
     for fn in sorted(os.listdir(parts)) if os.path.isdir(parts) else []:
         if fn.endswith(".jsonl"):
@@ -87,7 +89,7 @@ def test_sigkill_and_resume_exactly_once(tiny_teacher, tmp_path):
     assert not os.listdir(parts)  # compacted
     # every record reads back through the trace reader and its fields are consistent
     from regift_jax.traces.records import parse_teacher_output, read_trace_jsonl
-    got, report = read_trace_jsonl(os.path.join(out, "traces-p00000.jsonl"))
+    got, report = read_trace_jsonl(os.path.join(out, "traces-p00000.jsonl.gz"))
     assert len(got) == 24 and report.n_dropped == 0, report.summary()
     for x in got:
         assert (x.reasoning, x.answer) == parse_teacher_output(x.raw_generation)[:2]
@@ -120,3 +122,27 @@ def test_unit_seed_and_question_selection():
     frac = sum(not q["is_impossible"] for q in qs) / len(qs)
     assert 0.7 < frac < 0.9  # about answerable_fraction=0.8
     assert load_questions(c) == qs  # deterministic
+
+
+def test_compact_merges_a_plain_shard_and_parts_into_gzip(tmp_path):
+    """Older runs compacted to plain ``.jsonl``: resuming reads it, compaction folds it and the
+    new parts into one ``.jsonl.gz`` (no duplicate, nothing lost) and the reader reads it."""
+    from regift_jax import generate_traces as G
+    out = str(tmp_path)
+    os.makedirs(os.path.join(out, "parts"))
+    rec = lambda q, s: json.dumps({"id": q, "sample_index": s}) + "\n"  # noqa: E731
+    with open(os.path.join(out, "traces-p00000.jsonl"), "w") as f:
+        f.write(rec("a", 0) + rec("a", 1))
+    with open(os.path.join(out, "parts", "p00000-000001.jsonl"), "w") as f:
+        f.write(rec("a", 1) + rec("b", 0))
+    assert set(G._read_done(out, 0)) == {("a", 0), ("a", 1), ("b", 0)}
+    G._compact(out, 0)
+    assert sorted(os.listdir(out)) == ["parts", "traces-p00000.jsonl.gz"]
+    assert not os.listdir(os.path.join(out, "parts"))
+    lines = gzip.open(os.path.join(out, "traces-p00000.jsonl.gz"), "rt").read().splitlines()
+    assert [(json.loads(x)["id"], json.loads(x)["sample_index"]) for x in lines] == [
+        ("a", 0), ("a", 1), ("b", 0)]
+    assert set(G._read_done(out, 0)) == {("a", 0), ("a", 1), ("b", 0)}
+    first = open(os.path.join(out, "traces-p00000.jsonl.gz"), "rb").read()
+    G._compact(out, 0)  # nothing new: untouched
+    assert open(os.path.join(out, "traces-p00000.jsonl.gz"), "rb").read() == first

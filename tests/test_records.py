@@ -302,3 +302,21 @@ def test_property_every_line_is_a_record_or_counted(tmp_path, lines, crlf):
         back, brep = R.read_trace_jsonl(str(out))
         assert brep.n_dropped == 0
         assert [r.to_dict() for r in back] == [r.to_dict() for r in recs]
+
+
+def test_gzip_shards_read_like_plain_ones(tmp_path):
+    import gzip
+    import shutil
+    d = tmp_path / "gz"
+    d.mkdir()
+    with open(SHARD0, "rb") as src, gzip.open(d / "shard-00000.jsonl.gz", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    plain, rep_p = R.read_trace_jsonl(SHARD0)
+    gz, rep_g = R.read_trace_jsonl(str(d))  # a directory finds *.jsonl.gz too
+    assert [r.to_dict() for r in gz] == [r.to_dict() for r in plain]
+    assert rep_g.n_dropped == rep_p.n_dropped
+    bad = tmp_path / "bad.jsonl.gz"
+    with gzip.open(bad, "wt") as f:
+        f.write(open(SHARD0).readline() + "{not json\n")
+    with pytest.raises(R.TraceFormatError, match=r"bad\.jsonl\.gz:2: malformed_json"):
+        R.read_trace_jsonl(str(bad), strict=True)

@@ -450,7 +450,8 @@ class ReadReport:
 
 
 def resolve_trace_paths(paths: Union[PathLike, Sequence[PathLike]]) -> list[str]:
-    """Expand files, directories (``*.jsonl`` inside, sorted) and glob patterns, in order.
+    """Expand files, directories (``*.jsonl`` and gzip ``*.jsonl.gz`` inside, sorted) and glob
+    patterns, in order.
 
     Raises ``FileNotFoundError`` naming the entry when a path does not exist, a pattern matches
     nothing, or nothing at all is found.
@@ -461,9 +462,10 @@ def resolve_trace_paths(paths: Union[PathLike, Sequence[PathLike]]) -> list[str]
     for p in paths:
         p = os.fspath(p)
         if os.path.isdir(p):
-            found = sorted(glob.glob(os.path.join(glob.escape(p), "*.jsonl")))
+            found = sorted(glob.glob(os.path.join(glob.escape(p), "*.jsonl")) +
+                           glob.glob(os.path.join(glob.escape(p), "*.jsonl.gz")))
             if not found:
-                raise FileNotFoundError(f"no *.jsonl trace shards in directory {p}")
+                raise FileNotFoundError(f"no *.jsonl or *.jsonl.gz trace shards in directory {p}")
             out += found
         elif os.path.isfile(p):
             out.append(p)
@@ -494,8 +496,16 @@ def _reject_duplicate_keys(pairs):
     return obj
 
 
+def open_shard(path: str, mode: str = "rb"):
+    """Open a trace shard for reading, transparently gunzipping ``*.gz``."""
+    if path.endswith(".gz"):
+        import gzip
+        return gzip.open(path, mode)
+    return open(path, mode)
+
+
 def _iter_lines(path: str) -> Iterator[tuple[int, bytes]]:
-    with open(path, "rb") as f:
+    with open_shard(path) as f:
         for i, raw in enumerate(f, start=1):
             if raw.endswith(b"\n"):
                 raw = raw[:-1]
@@ -509,7 +519,8 @@ def read_trace_jsonl(paths: Union[PathLike, Sequence[PathLike]], strict: bool = 
                      max_samples: int = 5) -> tuple[list[TraceRecord], ReadReport]:
     """Read trace shards; returns ``(records, report)``.  See the module docstring for the policy.
 
-    ``paths``: a file, a directory (its ``*.jsonl``), a glob, or a list of these.
+    ``paths``: a file (``.jsonl`` or gzip ``.jsonl.gz``), a directory (its ``*.jsonl`` and
+    ``*.jsonl.gz``), a glob, or a list of these.
     ``strict=True`` raises :class:`TraceFormatError` at the first dropped line or warning.
     """
     files = resolve_trace_paths(paths)
