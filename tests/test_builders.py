@@ -170,7 +170,8 @@ def test_data_dir_env(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="has no 'traces/' sub-directory"):
         B.RegiftTraces(config="all", data_dir=str(tmp_path / "out"))._split_generators(None)
     (tmp_path / "traces").mkdir()
-    with pytest.raises(FileNotFoundError, match="no \\*.jsonl trace shards in directory"):
+    with pytest.raises(FileNotFoundError,
+                       match="no \\*.jsonl or \\*.jsonl.gz trace shards in directory"):
         B.RegiftTraces(config="all", data_dir=str(tmp_path / "out"))._split_generators(None)
     monkeypatch.delenv("REGIFT_DATA_DIR")
     assert default_source_dir("bbq") == os.path.join(DATA, "bbq")
