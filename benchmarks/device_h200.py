@@ -75,14 +75,14 @@ def run_jax(args) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from jax.sharding import NamedSharding, PartitionSpec as P
 
     from regift_jax import sharding as shd
     from regift_jax.models import lora as lora_lib
     from regift_jax.models.config import ModelConfig
     from regift_jax.models.decoder import init_params
     from regift_jax.sampling import Sampler, SamplingConfig
-    from regift_jax.trainer import TrainState, make_optimizer, train_flops_per_token, train_step
+    from regift_jax.trainer import (init_state, jit_train_step, make_optimizer, state_shardings,
+                                    train_flops_per_token)
 
     res = {"stack": "regift_jax", "jax": jax.__version__,
            "device": str(jax.devices()[0].device_kind), "n_devices": jax.device_count()}
@@ -99,7 +99,7 @@ def run_jax(args) -> dict:
     peak = 2.0 * n ** 3 / t
     res["peak_flops"] = peak
     log(f"peak: {n}^3 bf16 matmul {t * 1e3:.2f} ms -> {peak / 1e12:.1f} TFLOP/s")
-    del a, b
+    a = b = None  # free the matmul operands
 
     d = model_dims(args.smoke)
     cfg = ModelConfig(family="llama", vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
@@ -130,24 +130,12 @@ def run_jax(args) -> dict:
     ocfg = types.SimpleNamespace(learning_rate=1e-5, schedule="constant", warmup_steps=0,
                                  warmup_fraction=0.0, end_lr_fraction=0.0, clip_norm=1.0,
                                  b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, no_decay=())
-    repl = NamedSharding(mesh, P())
 
     def bench_train(mcfg, trainable, frozen, trainable_sh, frozen_sh, label, n_lora):
-        import optax
         tx, schedule = make_optimizer(ocfg, 100, trainable)
-        opt_abs = jax.eval_shape(tx.init, trainable)
-        opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt_abs, trainable_sh,
-                                       transform_non_params=lambda _: repl)
-        state_sh = TrainState(step=repl, params=trainable_sh, opt_state=opt_sh, rng=repl,
-                              applied=repl, skipped=repl, bad_streak=repl)
-        state = TrainState(step=jnp.int32(0), params=trainable,
-                           opt_state=jax.jit(tx.init, out_shardings=opt_sh)(trainable),
-                           rng=jax.random.PRNGKey(0), applied=jnp.int32(0),
-                           skipped=jnp.int32(0), bad_streak=jnp.int32(0))
-        step = jax.jit(lambda s, f, b_: train_step(s, f, b_, model_cfg=mcfg, tx=tx,
-                                                   schedule=schedule, batch_sharding=bsh),
-                       in_shardings=(state_sh, frozen_sh, bsh), out_shardings=(state_sh, repl),
-                       donate_argnums=(0,))
+        state_sh, _ = state_shardings(tx, trainable, trainable_sh, mesh)
+        state = init_state(tx, trainable, state_sh, seed=0)
+        step = jit_train_step(mcfg, tx, schedule, state_sh, frozen_sh, bsh)
         t0 = time.perf_counter()
         compiled = step.lower(state, frozen, batch).compile()
         log(f"{label}: compiled in {time.perf_counter() - t0:.1f}s")
@@ -169,7 +157,7 @@ def run_jax(args) -> dict:
                "batch": B, "seq": T}
         log(f"{label}: step {t * 1e3:.0f} ms, {tok_s:,.0f} tok/s, MFU {out['mfu']:.1%} "
             f"(loss {losses[0]:.3f} -> {losses[-1]:.3f})")
-        del box
+        box.clear()
         return out
 
     # ---- LoRA SFT step (paper setup)

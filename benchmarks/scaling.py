@@ -103,19 +103,14 @@ def mesh_shape(mode: str, n: int) -> dict:
 # ================================================================================ worker
 def worker(args) -> dict:
     """Runs in a subprocess whose XLA_FLAGS fixed the device count; returns the measurements."""
-    import functools
-
     import jax
-    import jax.numpy as jnp
     import numpy as np
-    import optax
-    from jax.sharding import NamedSharding, PartitionSpec as P
 
     from regift_jax import sharding as shd
     from regift_jax.configs_util import base_config
     from regift_jax.data.pipeline import make_global_array
     from regift_jax.models.decoder import init_params
-    from regift_jax.trainer import TrainState, make_optimizer, train_step
+    from regift_jax.trainer import init_state, jit_train_step, make_optimizer, state_shardings
 
     n = jax.device_count()
     if n != args.worker:
@@ -126,7 +121,6 @@ def worker(args) -> dict:
         mesh = shd.make_mesh(mesh_shape(mode, n))
         rules = shd.DEFAULT_RULES
         batch_sh = shd.batch_sharding(mesh, rules)
-        repl = NamedSharding(mesh, P())
         for width in [int(w) for w in args.widths.split(",")]:
             cfg = width_config(width, args.layers)
             t0 = time.perf_counter()
@@ -139,23 +133,10 @@ def worker(args) -> dict:
             ocfg = base_config().optim
             ocfg.warmup_steps = 0  # a real (non-zero lr) update from the first step
             tx, schedule = make_optimizer(ocfg, 1000, params)
-            opt_abstract = jax.eval_shape(tx.init, params)
-            opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt_abstract, p_sh,
-                                           transform_non_params=lambda _: repl)
-            state_sh = TrainState(step=repl, params=p_sh, opt_state=opt_sh, rng=repl,
-                                  applied=repl, skipped=repl, bad_streak=repl)
-            z = lambda: jnp.zeros((), jnp.int32)  # noqa: E731  (distinct buffers: donated)
-            state = TrainState(step=z(), params=params,
-                               opt_state=jax.jit(tx.init, out_shardings=opt_sh)(params),
-                               rng=jax.random.PRNGKey(0), applied=z(), skipped=z(),
-                               bad_streak=z())
-            state = jax.device_put(state, state_sh)
+            state_sh, _ = state_shardings(tx, params, p_sh, mesh)
+            state = init_state(tx, params, state_sh, seed=0)
             del params
-            step_fn = jax.jit(functools.partial(train_step, model_cfg=cfg, tx=tx,
-                                                schedule=schedule, accum=1,
-                                                batch_sharding=batch_sh, param_shardings=p_sh),
-                              in_shardings=(state_sh, {}, batch_sh),
-                              out_shardings=(state_sh, repl), donate_argnums=(0,))
+            step_fn = jit_train_step(cfg, tx, schedule, state_sh, {}, batch_sh)
             # --- a fixed random batch, every token a loss token
             rng = np.random.default_rng(0)
             toks = rng.integers(3, cfg.vocab_size, size=(B, T + 1), dtype=np.int32)

@@ -292,6 +292,38 @@ def train_step(state: TrainState, frozen, batch, *, model_cfg: ModelConfig, tx, 
     return new_state, metrics
 
 
+def state_shardings(tx, trainable, trainable_sh, mesh) -> Tuple[TrainState, Any]:
+    """(a :class:`TrainState` of shardings, the abstract optimizer state): optimizer moments
+    follow their parameters' sharding, scalars are replicated."""
+    repl = NamedSharding(mesh, P())
+    opt_abstract = jax.eval_shape(tx.init, trainable)
+    opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt_abstract, trainable_sh,
+                                   transform_non_params=lambda _: repl)
+    return TrainState(step=repl, params=trainable_sh, opt_state=opt_sh, rng=repl,
+                      applied=repl, skipped=repl, bad_streak=repl), opt_abstract
+
+
+def init_state(tx, trainable, state_sh: TrainState, seed: int) -> TrainState:
+    """A fresh train state placed on ``state_sh`` (the optimizer state is built sharded)."""
+    init_opt = jax.jit(tx.init, out_shardings=state_sh.opt_state)
+    z = lambda: jnp.zeros((), jnp.int32)  # noqa: E731  (distinct buffers: state is donated)
+    state = TrainState(step=z(), params=trainable, opt_state=init_opt(trainable),
+                       rng=jax.random.PRNGKey(int(seed)), applied=z(), skipped=z(),
+                       bad_streak=z())
+    return jax.device_put(state, state_sh)
+
+
+def jit_train_step(model_cfg: ModelConfig, tx, schedule, state_sh: TrainState, frozen_sh,
+                   batch_sh, accum: int = 1):
+    """:func:`train_step` jitted with explicit in/out shardings and the state donated:
+    ``step_fn(state, frozen, batch) -> (state, metrics)``."""
+    return jax.jit(functools.partial(train_step, model_cfg=model_cfg, tx=tx, schedule=schedule,
+                                     accum=accum, batch_sharding=batch_sh,
+                                     param_shardings=state_sh.params),
+                   in_shardings=(state_sh, frozen_sh, batch_sh),
+                   out_shardings=(state_sh, state_sh.step), donate_argnums=(0,))
+
+
 def eval_step(params, frozen, batch, *, model_cfg: ModelConfig):
     """Summed masked NLL, loss tokens and correct predictions of one batch (deterministic)."""
     logits = _forward(model_cfg, lora_lib.combine(params, frozen), batch, None, True)
@@ -792,11 +824,8 @@ def run(config, workdir: Optional[str] = None, *, callbacks: Sequence[Callable] 
     # ------------------------------------------------------------- optimizer and state
     tx, schedule = make_optimizer(config.optim, total_steps, trainable)
     repl = NamedSharding(mesh, P())
-    opt_abstract = jax.eval_shape(tx.init, trainable)
-    opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt_abstract, trainable_sh,
-                                   transform_non_params=lambda _: repl)
-    state_sh = TrainState(step=repl, params=trainable_sh, opt_state=opt_sh, rng=repl,
-                          applied=repl, skipped=repl, bad_streak=repl)
+    state_sh, opt_abstract = state_shardings(tx, trainable, trainable_sh, mesh)
+    opt_sh = state_sh.opt_state
     ckpt = Checkpointer(workdir, config.checkpoint,
                         finite_fn=jax.jit(all_finite, out_shardings=repl))
     start_step, state = 0, None
@@ -820,19 +849,10 @@ def run(config, workdir: Optional[str] = None, *, callbacks: Sequence[Callable] 
         raise ValueError(f"{ckpt.dir} already holds checkpoints {ckpt.steps()} and "
                          "checkpoint.resume is False: use a new workdir (or resume)")
     if state is None:
-        init_opt = jax.jit(tx.init, out_shardings=opt_sh)
-        z = lambda: jnp.zeros((), jnp.int32)  # noqa: E731  (distinct buffers: state is donated)
-        state = TrainState(step=z(), params=trainable, opt_state=init_opt(trainable),
-                           rng=jax.random.PRNGKey(int(config.seed)), applied=z(), skipped=z(),
-                           bad_streak=z())
-        state = jax.device_put(state, state_sh)
+        state = init_state(tx, trainable, state_sh, int(config.seed))
     del trainable
 
-    step_fn = jax.jit(functools.partial(train_step, model_cfg=model_cfg, tx=tx,
-                                        schedule=schedule, accum=k, batch_sharding=batch_sh,
-                                        param_shardings=trainable_sh),
-                      in_shardings=(state_sh, frozen_sh, batch_sh),
-                      out_shardings=(state_sh, repl), donate_argnums=(0,))
+    step_fn = jit_train_step(model_cfg, tx, schedule, state_sh, frozen_sh, batch_sh, accum=k)
     eval_fn = jax.jit(functools.partial(eval_step, model_cfg=model_cfg),
                       in_shardings=(trainable_sh, frozen_sh, batch_sh), out_shardings=repl)
 
