@@ -26,10 +26,11 @@ What is measured
 * **Batch**: one batch of the shipped trace set through the project's pipeline with
   ``packing="none"`` (one example per row, right-padded; the HF model cannot attend within
   packed segments), reused for every step (with ``--seq`` shorter than every example, each row
-  is the last ``--seq`` tokens of an example of a 1024-token batch).  Torch gets the same token ids, ``attention_mask`` =
-  non-pad and ``labels`` = -100 except where our ``loss_mask`` is 1 (shifted by one: HF shifts
-  the labels itself).  tokens/s counts non-pad tokens; MFU is given per non-pad token (the
-  brief's definition) and per row slot (the trainer's: padding is computed too).
+  is the last ``--seq`` tokens of an example of a 1024-token batch).  Torch gets the same token
+  ids, ``attention_mask`` = non-pad and ``labels`` = -100 except where our ``loss_mask`` is 1
+  (shifted by one: HF shifts the labels itself).  tokens/s counts non-pad tokens; MFU is given
+  per non-pad token (the brief's definition) and per row slot (the trainer's: padding is
+  computed too).
 * **Peak**: the best of ``--matmul_reps`` jitted float32 ``n x n`` matmuls (``--matmul_n``),
   measured in the same run; torch's float32 matmul is measured too, for information.
 * FLOPs per token: :func:`regift_jax.trainer.train_flops_per_token` (``6N + 12 L H hd T``; with
@@ -318,7 +319,8 @@ class Ours:
         fb = jax.jit(functools.partial(trainer.loss_and_grads, model_cfg=cfg))
         key = jax.random.PRNGKey(0)
         return _best_of({"forward": lambda: jax.block_until_ready(fwd(p, fr, b)),
-                         "forward+backward": lambda: jax.block_until_ready(fb(p, fr, b, key))}, reps)
+                         "forward+backward": lambda: jax.block_until_ready(fb(p, fr, b, key))},
+                        reps)
 
     def close(self):
         import jax
