@@ -241,9 +241,6 @@ class Ours:
 
     def __init__(self, args, kind: str, batch_np, export_dir=None):
         import jax
-        import jax.numpy as jnp
-        from jax.sharding import NamedSharding, PartitionSpec as P
-        import optax
         from regift_jax import sharding as shd
         from regift_jax import trainer
         from regift_jax.configs_util import merge_rules
@@ -277,29 +274,16 @@ class Ours:
 
         batch_sh = shd.batch_sharding(mesh, rules)
         tx, schedule = trainer.make_optimizer(c.optim, args.warmup + args.steps, trainable)
-        repl = NamedSharding(mesh, P())
-        opt_abstract = jax.eval_shape(tx.init, trainable)
-        opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt_abstract, trainable_sh,
-                                       transform_non_params=lambda _: repl)
-        state_sh = trainer.TrainState(step=repl, params=trainable_sh, opt_state=opt_sh, rng=repl,
-                                      applied=repl, skipped=repl, bad_streak=repl)
-        z = lambda: jnp.zeros((), jnp.int32)  # noqa: E731
-        state = trainer.TrainState(step=z(), params=trainable,
-                                   opt_state=jax.jit(tx.init, out_shardings=opt_sh)(trainable),
-                                   rng=jax.random.PRNGKey(args.seed), applied=z(), skipped=z(),
-                                   bad_streak=z())
-        self.state = jax.device_put(state, state_sh)
+        state_sh, _ = trainer.state_shardings(tx, trainable, trainable_sh, mesh)
+        state = trainer.init_state(tx, trainable, state_sh, args.seed)
+        self.state = state
         del trainable, state
         self.frozen = frozen
         self.model_cfg = model_cfg
         self.flops_per_token = trainer.train_flops_per_token(
             model_cfg, args.seq, self.n_trainable if c.lora.enabled else 0)
-        self.step_fn = jax.jit(functools.partial(trainer.train_step, model_cfg=model_cfg, tx=tx,
-                                                 schedule=schedule, accum=1,
-                                                 batch_sharding=batch_sh,
-                                                 param_shardings=trainable_sh),
-                               in_shardings=(state_sh, frozen_sh, batch_sh),
-                               out_shardings=(state_sh, repl), donate_argnums=(0,))
+        self.step_fn = trainer.jit_train_step(model_cfg, tx, schedule, state_sh, frozen_sh,
+                                              batch_sh)
         self.gbatch = make_global_array(batch_np, mesh, batch_sh.spec[0])
 
     def step(self) -> float:
