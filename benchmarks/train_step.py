@@ -245,7 +245,6 @@ class Ours:
         from regift_jax import trainer
         from regift_jax.configs_util import merge_rules
         from regift_jax.data.pipeline import make_global_array
-        from regift_jax.models import lora as lora_lib
 
         self.args, self.kind = args, kind
         c = preset_config(args, kind)
@@ -256,13 +255,8 @@ class Ours:
             model_cfg, params, tokenizer = trainer.load_model(c.model, c.lora, args.seed, mesh,
                                                               rules)
         self.load_s = t.wall
-        full_sh = shd.param_shardings(model_cfg, mesh, rules)
-        if c.lora.enabled:
-            trainable, frozen = lora_lib.split(params)
-            trainable_sh, frozen_sh = lora_lib.split(full_sh)
-        else:
-            trainable, frozen = params, {}
-            trainable_sh, frozen_sh = full_sh, {}
+        trainable, frozen, trainable_sh, frozen_sh = trainer.split_trainable(model_cfg, params,
+                                                                             mesh, rules)
         del params
         self.n_trainable = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainable))
         self.lora_a = None

@@ -292,6 +292,16 @@ def train_step(state: TrainState, frozen, batch, *, model_cfg: ModelConfig, tx, 
     return new_state, metrics
 
 
+def split_trainable(model_cfg: ModelConfig, params, mesh, rules=shd.DEFAULT_RULES):
+    """``(trainable, frozen, trainable_shardings, frozen_shardings)``: with LoRA
+    (``model_cfg.lora_rank > 0``) the adapters train and the base weights are frozen (and never
+    enter the optimizer state); without it every parameter trains and ``frozen`` is ``{}``."""
+    full_sh = shd.param_shardings(model_cfg, mesh, rules)
+    if model_cfg.lora_rank > 0:
+        return (*lora_lib.split(params), *lora_lib.split(full_sh))
+    return params, {}, full_sh, {}
+
+
 def state_shardings(tx, trainable, trainable_sh, mesh) -> Tuple[TrainState, Any]:
     """(a :class:`TrainState` of shardings, the abstract optimizer state): optimizer moments
     follow their parameters' sharding, scalars are replicated."""
@@ -781,13 +791,7 @@ def run(config, workdir: Optional[str] = None, *, callbacks: Sequence[Callable] 
     log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, nproc)
     model_cfg, params, tokenizer = load_model(config.model, config.lora, int(config.seed), mesh,
                                               rules)
-    full_sh = shd.param_shardings(model_cfg, mesh, rules)
-    if config.lora.enabled:
-        trainable, frozen = lora_lib.split(params)
-        trainable_sh, frozen_sh = lora_lib.split(full_sh)
-    else:
-        trainable, frozen = params, {}
-        trainable_sh, frozen_sh = full_sh, {}
+    trainable, frozen, trainable_sh, frozen_sh = split_trainable(model_cfg, params, mesh, rules)
     del params
     n_trainable = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainable))
     n_frozen = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(frozen))
