@@ -30,6 +30,7 @@ check the script before spending device time).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -57,6 +58,18 @@ def model_dims(smoke: bool) -> dict:
                 head_dim=128)
 
 
+@contextlib.contextmanager
+def phase(args, part: str, res: dict, key: str):
+    """One benchmark phase: an exception is printed and stored as ``res[key]["error"]`` so the
+    other phases' figures survive; the results so far are written after every phase."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001  (any failure: keep the other figures)
+        traceback.print_exc()
+        res[key] = {"error": repr(e)[:500]}
+    _dump(args, part, res)
+
+
 def timed(fn, warmup: int, reps: int, sync):
     for _ in range(warmup):
         sync(fn())
@@ -81,8 +94,8 @@ def run_jax(args) -> dict:
     from regift_jax.models.config import ModelConfig
     from regift_jax.models.decoder import init_params
     from regift_jax.sampling import Sampler, SamplingConfig
-    from regift_jax.trainer import (init_state, jit_train_step, make_optimizer, state_shardings,
-                                    train_flops_per_token)
+    from regift_jax.trainer import (init_state, jit_train_step, make_optimizer, split_trainable,
+                                    state_shardings, train_flops_per_token)
 
     res = {"stack": "regift_jax", "jax": jax.__version__,
            "device": str(jax.devices()[0].device_kind), "n_devices": jax.device_count()}
@@ -161,24 +174,19 @@ def run_jax(args) -> dict:
         return out
 
     # ---- LoRA SFT step (paper setup)
-    try:
+    with phase(args, "jax", res, "train_lora"):
         lcfg = cfg.replace(lora_rank=16, lora_alpha=32.0, lora_dropout=0.05,
                            lora_targets=("q_proj", "v_proj"))
         lcfg, lparams = lora_lib.add_lora(lcfg, params, seed=0, mesh=mesh)
-        trainable, frozen = lora_lib.split(lparams)
-        tsh, fsh = lora_lib.split(shd.param_shardings(lcfg, mesh))
+        trainable, frozen, tsh, fsh = split_trainable(lcfg, lparams, mesh)
         n_lora = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainable))
         res["train_lora"] = bench_train(lcfg, trainable, frozen, tsh, fsh, "LoRA r16 q,v",
                                         n_lora)
         res["train_lora"]["trainable_params"] = n_lora
         del trainable, lparams
-    except Exception as e:  # keep the other figures
-        traceback.print_exc()
-        res["train_lora"] = {"error": repr(e)[:500]}
-    _dump(args, "jax", res)
 
     # ---- generation
-    try:
+    with phase(args, "jax", res, "generate"):
         gcfg = cfg.replace(remat_policy="none")
         sampler = Sampler(gcfg, params, tokenizer=None, mesh=mesh, batch_size=GEN_BATCH,
                           length_bucket=GEN_PROMPT, chunk=32, eos_ids=(-1,),
@@ -197,19 +205,11 @@ def run_jax(args) -> dict:
                            "first_row": [int(x) for x in gens[0].token_ids[:8]]}
         log(f"generation: {GEN_BATCH}x{GEN_NEW} new tokens in {t:.2f}s -> "
             f"{res['generate']['tokens_per_s']:,.0f} tok/s")
-    except Exception as e:
-        traceback.print_exc()
-        res["generate"] = {"error": repr(e)[:500]}
-    _dump(args, "jax", res)
 
     # ---- full fine-tuning (bf16 params and moments)
     if not args.skip_full:
-        try:
+        with phase(args, "jax", res, "train_full"):
             res["train_full"] = bench_train(cfg, params, {}, full_sh, {}, "full FT", 0)
-        except Exception as e:
-            traceback.print_exc()
-            res["train_full"] = {"error": repr(e)[:500]}
-        _dump(args, "jax", res)
     return res
 
 
@@ -242,7 +242,7 @@ def run_torch(args) -> dict:
     g = torch.Generator().manual_seed(0)
 
     # ---- generation
-    try:
+    with phase(args, "torch", res, "generate"):
         ids = torch.randint(3, d["vocab_size"], (GEN_BATCH, GEN_PROMPT), generator=g).to(dev)
         att = torch.ones_like(ids)
         kw = dict(do_sample=False, max_new_tokens=GEN_NEW, min_new_tokens=GEN_NEW,
@@ -263,13 +263,9 @@ def run_torch(args) -> dict:
         res["generate"] = {"s": t, "runs_s": ts, "tokens_per_s": GEN_BATCH * GEN_NEW / t}
         log(f"HF generate: {GEN_BATCH}x{GEN_NEW} in {t:.2f}s -> "
             f"{res['generate']['tokens_per_s']:,.0f} tok/s")
-    except Exception as e:
-        traceback.print_exc()
-        res["generate"] = {"error": repr(e)[:500]}
-    _dump(args, "torch", res)
 
     # ---- LoRA SFT step
-    try:
+    with phase(args, "torch", res, "train_lora"):
         if peft is None:
             raise RuntimeError("peft is not installed")
         lm = peft.get_peft_model(model, peft.LoraConfig(
@@ -297,10 +293,6 @@ def run_torch(args) -> dict:
         res["train_lora"] = {"step_s": t, "steps_s": ts, "tokens_per_s": B * T / t,
                              "loss_first": losses[0], "batch": B, "seq": T}
         log(f"PEFT LoRA: step {t * 1e3:.0f} ms, {B * T / t:,.0f} tok/s")
-    except Exception as e:
-        traceback.print_exc()
-        res["train_lora"] = {"error": repr(e)[:500]}
-    _dump(args, "torch", res)
     return res
 
 
