@@ -10,21 +10,14 @@ import os
 import pytest
 
 from regift_jax.eval import bbq
+from _data import SHARED, bbq_dir
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.environ.get("REGIFT_SHARED_DATA", os.path.join(REPO, "..", "shared", "data"))
 PAPER_OUT = os.path.join(SHARED, "regift_paper_outputs")
 FIXTURES = {
     "only_correct_checkpoint_31761_religion": ("checkpoint_31761_final_with_context.json", 74.33),
     "incorrect_checkpoint_356_religion": ("checkpoint_356_final_with_context.json", 7.67),
 }
 
-
-def bbq_dir():
-    for d in (os.path.join(REPO, "data", "bbq"), os.path.join(SHARED, "bbq")):
-        if os.path.exists(os.path.join(d, "Religion.jsonl")):
-            return d
-    pytest.skip("no BBQ Religion.jsonl in data/bbq or the shared data folder")
 
 
 @pytest.fixture(scope="module")

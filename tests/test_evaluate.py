@@ -9,29 +9,16 @@ import sys
 import pytest
 
 from regift_jax import evaluate
+from _data import REPO, SHARED, bbq_dir, cli_env
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.environ.get("REGIFT_SHARED_DATA", os.path.join(REPO, "..", "shared", "data"))
 FIXTURE = os.path.join(SHARED, "regift_paper_outputs", "only_correct_checkpoint_31761_religion")
 
 
-def bbq_dir():
-    for d in (os.path.join(REPO, "data", "bbq"), os.path.join(SHARED, "bbq")):
-        if os.path.exists(os.path.join(d, "Religion.jsonl")):
-            return d
-    pytest.skip("no BBQ Religion.jsonl in data/bbq or the shared data folder")
-
-
-def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    env.setdefault("JAX_PLATFORMS", "cpu")
-    return env
 
 
 def test_help_documents_flags():
     out = subprocess.run([sys.executable, "-m", "regift_jax.evaluate", "--help"], cwd=REPO,
-                         env=_env(), capture_output=True, text=True, timeout=120)
+                         env=cli_env(), capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     for flag in ("--generations", "--category", "--out", "--bbq_dir", "--tie_break",
                  "--bootstrap_resamples", "--reference_static", "--compare", "--strict"):
@@ -47,7 +34,7 @@ def test_cli_on_authors_only_correct_fixture(tmp_path):
            f"--generations={os.path.join(FIXTURE, 'checkpoint_31761_final_with_context.json')}",
            "--category=Religion", f"--out={out_dir}", f"--bbq_dir={bbq_dir()}",
            f"--reference_static={stats_path}", "--bootstrap_resamples=200"]
-    res = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    res = subprocess.run(cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     printed = re.search(r"reference agreement: correct ([\d.]+)% prediction_text ([\d.]+)%",
                         res.stdout)

