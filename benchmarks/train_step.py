@@ -147,6 +147,10 @@ def preset_config(args, kind: str):
     c.data.seq_len = args.seq
     c.data.packing = "none"
     c.model.remat_policy = args.remat
+    if args.attention_chunk >= 0:
+        c.model.attention_chunk = args.attention_chunk
+    if args.loss_chunk >= 0:
+        c.model.loss_chunk = args.loss_chunk
     c.lora.enabled = kind == "lora"
     c.lora.dropout = args.lora_dropout
     c.optim.schedule = "constant"  # both stacks: same lr at every step
@@ -554,6 +558,10 @@ def main(argv=None):
     ap.add_argument("--configs", default="lora,full", help="comma list of lora, full")
     ap.add_argument("--remat", default="none",
                     help="ours: model.remat_policy; torch: gradient checkpointing unless none")
+    ap.add_argument("--attention_chunk", type=int, default=-1,
+                    help="ours: model.attention_chunk (-1: the preset's; 0: off)")
+    ap.add_argument("--loss_chunk", type=int, default=-1,
+                    help="ours: model.loss_chunk (-1: the preset's; 0: full logits)")
     ap.add_argument("--lora_dropout", type=float, default=0.05)
     ap.add_argument("--full_lr", type=float, default=2e-5, help="full fine-tuning lr (paper's)")
     ap.add_argument("--matmul_n", type=int, default=4096)

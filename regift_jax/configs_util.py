@@ -111,6 +111,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.param_dtype = "float32"  # master weights (and optimizer state) dtype
     c.model.dtype = "bfloat16"  # compute dtype (activations, matmuls)
     c.model.remat_policy = "none"  # none | full | dots | dots_with_no_batch_dims | nothing_saveable
+    # Causal query chunks of attention (tokens; 0 = one [T, T] score matrix per head).
+    c.model.attention_chunk = 128
+    # LM head + loss on the loss positions only, this many positions per chunk (0 = full logits).
+    c.model.loss_chunk = 512
 
     # ---------------------------------------------------------------- LoRA
     c.lora = ml_collections.ConfigDict()

@@ -33,7 +33,10 @@ a different mask per micro-batch, so with dropout the two agree in distribution 
 
 Loss: next-token cross-entropy on the pipeline's ``targets`` where ``loss_mask == 1`` (the
 response tokens and EOS; prompt and padding never contribute), averaged over those tokens; token
-accuracy is argmax == target on the same tokens.
+accuracy is argmax == target on the same tokens.  With ``model.loss_chunk > 0`` (default) the LM
+head runs only on the loss positions, chunk by chunk, with its gradient computed in the same pass
+(:mod:`regift_jax.models.head_loss`); ``model.attention_chunk`` skips the causally masked half of
+the attention scores.  Both give the same loss and gradients as the plain path (tested).
 
 Non-finite loss or gradients: the update is computed and then discarded inside the jitted step
 (``jnp.where`` over params and optimizer state), so the state is unchanged; ``skipped`` counts
@@ -114,6 +117,7 @@ from regift_jax import sharding as shd
 from regift_jax.models import lora as lora_lib
 from regift_jax.models.config import ModelConfig
 from regift_jax.models.decoder import Decoder
+from regift_jax.models.head_loss import head_loss
 
 log = logging.getLogger("regift_jax.trainer")
 
@@ -200,12 +204,28 @@ def token_loss(logits, targets, loss_mask):
     return jnp.sum(nll * m), jnp.sum(m), jnp.sum(correct * m)
 
 
-def _forward(model_cfg, params, batch, rng, deterministic):
+def _forward(model_cfg, params, batch, rng, deterministic, return_hidden=False):
     rngs = None if deterministic else {"dropout": rng}
     return Decoder(model_cfg).apply({"params": params}, batch["inputs"],
                                     positions=batch["positions"],
                                     segment_ids=batch["segment_ids"],
-                                    deterministic=deterministic, rngs=rngs)
+                                    deterministic=deterministic, rngs=rngs,
+                                    return_hidden=return_hidden)
+
+
+def batch_loss(model_cfg, params, batch, rng, deterministic):
+    """(summed masked NLL, loss tokens, correct argmax predictions) of one batch.  With
+    ``model_cfg.loss_chunk > 0`` the LM head and the loss run on the loss positions only
+    (:func:`regift_jax.models.head_loss.head_loss`); otherwise on full logits (:func:`token_loss`).
+    """
+    if model_cfg.loss_chunk <= 0:
+        logits = _forward(model_cfg, params, batch, rng, deterministic)
+        return token_loss(logits, batch["targets"], batch["loss_mask"])
+    hidden = _forward(model_cfg, params, batch, rng, deterministic, return_hidden=True)
+    tied = model_cfg.tie_word_embeddings
+    w = params["embed_tokens"] if tied else params["lm_head"]
+    return head_loss(hidden, w, batch["targets"], batch["loss_mask"],
+                     chunk=model_cfg.loss_chunk, vocab_major=tied, dtype=model_cfg.dtype)
 
 
 def _micro_batches(batch, k: int, batch_sharding=None):
@@ -229,8 +249,7 @@ def loss_and_grads(trainable, frozen, batch, rng, *, model_cfg: ModelConfig, acc
     ``trainable``) pins the gradient accumulator to the parameters' sharding (FSDP: never a
     replicated full-size gradient)."""
     def summed(p, b, key):
-        logits = _forward(model_cfg, lora_lib.combine(p, frozen), b, key, deterministic=False)
-        s, n, c = token_loss(logits, b["targets"], b["loss_mask"])
+        s, n, c = batch_loss(model_cfg, lora_lib.combine(p, frozen), b, key, deterministic=False)
         return s, (n, c)
 
     def micro(p, b, key):
@@ -336,8 +355,7 @@ def jit_train_step(model_cfg: ModelConfig, tx, schedule, state_sh: TrainState, f
 
 def eval_step(params, frozen, batch, *, model_cfg: ModelConfig):
     """Summed masked NLL, loss tokens and correct predictions of one batch (deterministic)."""
-    logits = _forward(model_cfg, lora_lib.combine(params, frozen), batch, None, True)
-    s, n, c = token_loss(logits, batch["targets"], batch["loss_mask"])
+    s, n, c = batch_loss(model_cfg, lora_lib.combine(params, frozen), batch, None, True)
     return {"loss_sum": s, "tokens": n, "correct": c}
 
 
@@ -731,7 +749,9 @@ def load_model(mcfg, lcfg, seed: int, mesh, rules):
     from regift_jax import models
     handle = models.load(resolve_model_source(mcfg.name), dtype=mcfg.dtype,
                          param_dtype=mcfg.param_dtype, mesh=mesh, rules=rules,
-                         download=bool(mcfg.download), remat_policy=mcfg.remat_policy)
+                         download=bool(mcfg.download), remat_policy=mcfg.remat_policy,
+                         attention_chunk=int(mcfg.attention_chunk),
+                         loss_chunk=int(mcfg.loss_chunk))
     cfg, params = handle.cfg, handle.params
     if lcfg.enabled:
         cfg = cfg.replace(lora_rank=int(lcfg.rank), lora_alpha=float(lcfg.alpha),

@@ -273,6 +273,32 @@ def test_grad_accumulation_equals_one_big_batch(batch):
     assert np.linalg.norm(w4 - w1) <= 1e-5 * np.linalg.norm(w1 - w0)  # the update itself
 
 
+def test_fast_paths_equal_the_plain_step(batch):
+    """model.loss_chunk (LM head on the loss positions only) and model.attention_chunk (causal
+    query chunks) change no value: loss, token counts and gradients equal the plain path, for full
+    fine-tuning (tied head trained) and LoRA (frozen head)."""
+    from regift_jax.models import lora as lora_lib
+    fast = TINY.replace(loss_chunk=64, attention_chunk=32)
+    full = random_params(TINY, seed=4)
+    lcfg = TINY.replace(lora_rank=4, lora_alpha=8.0, lora_targets=("q_proj", "v_proj"))
+    lcfg, lparams = lora_lib.add_lora(lcfg, random_params(TINY, seed=4), seed=1)
+    trainable, frozen = lora_lib.split(lparams)
+    cases = [(TINY, fast, full, {}),
+             (lcfg, lcfg.replace(loss_chunk=64, attention_chunk=32), trainable, frozen)]
+    for plain_cfg, fast_cfg, p, fr in cases:
+        outs = []
+        for cfg in (plain_cfg, fast_cfg):
+            fn = jax.jit(lambda p, b, cfg=cfg: trainer.loss_and_grads(
+                p, fr, b, jax.random.PRNGKey(0), model_cfg=cfg))
+            outs.append(host(fn(p, batch)))
+        (g0, a0), (g1, a1) = outs
+        np.testing.assert_allclose(a1["loss"], a0["loss"], rtol=1e-5)
+        assert a1["tokens"] == a0["tokens"] and a1["correct"] == a0["correct"]
+        v0 = np.concatenate([np.ravel(x) for x in jax.tree.leaves(g0)])
+        v1 = np.concatenate([np.ravel(x) for x in jax.tree.leaves(g1)])
+        assert np.linalg.norm(v1 - v0) <= 1e-4 * np.linalg.norm(v0)
+
+
 def optax_apply(tx, grads, params):
     import optax
     upd, _ = tx.update(grads, tx.init(params), params)

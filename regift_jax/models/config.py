@@ -66,6 +66,12 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype
     # Structure / memory.
     remat_policy: str = "none"  # none | full | dots | dots_with_no_batch_dims
+    # Causal query chunking of attention without a KV cache (training, scoring): queries in
+    # chunks of this many tokens attend only to the keys up to their chunk's end (0 = off).
+    attention_chunk: int = 0
+    # Training loss: LM head + cross-entropy over the loss positions only, in chunks of this many
+    # positions (regift_jax.models.head_loss; 0 = full [B, T, V] logits then the loss).
+    loss_chunk: int = 0
     # LoRA (rank 0 = off).  Targets are projection names: q_proj k_proj v_proj o_proj
     # gate_proj up_proj down_proj.
     lora_rank: int = 0

@@ -108,6 +108,13 @@ def attention_mask(q_pos, q_seg, k_pos, k_seg, sliding_window: Optional[int]) ->
     return m[:, None, None, :, :]
 
 
+def mask_bias(q_pos, q_seg, k_pos, k_seg, sliding_window: Optional[int]) -> Array:
+    """float32 [B, 1, 1, T, S]: 0 where :func:`attention_mask` allows, finfo.min elsewhere
+    (a fully masked row, e.g. a padding query, gets uniform weights, as with ``where``)."""
+    m = attention_mask(q_pos, q_seg, k_pos, k_seg, sliding_window)
+    return jnp.where(m, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
+
+
 # ----------------------------------------------------------------------------- layers
 class RMSNorm(nn.Module):
     eps: float
@@ -180,6 +187,24 @@ def _lora_kw(cfg: ModelConfig, name: str) -> dict:
     return {}
 
 
+def _attend(q, k_t, v_t, bias, dt):
+    """Softmax attention.  q [B, T, H, hd]; keys k_t [B, KV, hd, S]; values v_t [B, KV, S, hd];
+    bias float32 [B, 1, 1, T, S] (0 = attend, finfo.min = masked).  Returns [B, T, H, hd].
+    Layouts chosen so both products are plain batched matmuls over (b, kv)."""
+    B, T, H, hd = q.shape
+    KV, S = k_t.shape[1], k_t.shape[-1]
+    G = H // KV
+    qg = q.reshape(B, T, KV, G, hd).transpose(0, 2, 3, 1, 4).reshape(B, KV, G * T, hd)
+    scores = jnp.einsum("bkqh,bkhs->bkqs", qg, k_t,
+                        preferred_element_type=jnp.float32) / math.sqrt(hd)
+    # An additive bias (not jnp.where on a boolean mask): its VJP needs no per-layer copy of the
+    # broadcast mask, which autodiff through the layer scan would otherwise save as a residual.
+    scores = scores.reshape(B, KV, G, T, S) + bias
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt).reshape(B, KV, G * T, S)
+    out = jnp.einsum("bkqs,bksh->bkqh", probs, v_t)
+    return out.reshape(B, KV, G, T, hd).transpose(0, 3, 1, 2, 4).reshape(B, T, H, hd)
+
+
 class Attention(nn.Module):
     cfg: ModelConfig
 
@@ -199,8 +224,7 @@ class Attention(nn.Module):
                  **_lora_kw(cfg, "v_proj"))(x, deterministic)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
-        B, T = q.shape[:2]
-        G = H // KV
+        T = q.shape[1]
         # Attention layouts chosen so both products are plain batched matmuls over (b, kv):
         # keys as [B, KV, hd, S] (q @ K), values as [B, KV, S, hd] (p @ V); the cache stores them
         # that way, so a decode step never transposes the cache.
@@ -216,15 +240,18 @@ class Attention(nn.Module):
             new_cache = (ck, cv, li)
             k_t = jax.lax.dynamic_index_in_dim(ck, li, 0, keepdims=False).astype(dt)
             v_t = jax.lax.dynamic_index_in_dim(cv, li, 0, keepdims=False).astype(dt)
-        S = k_t.shape[-1]
-        qg = q.reshape(B, T, KV, G, hd).transpose(0, 2, 3, 1, 4).reshape(B, KV, G * T, hd)
-        scores = jnp.einsum("bkqh,bkhs->bkqs", qg, k_t,
-                            preferred_element_type=jnp.float32) / math.sqrt(hd)
-        scores = scores.reshape(B, KV, G, T, S)
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt).reshape(B, KV, G * T, S)
-        out = jnp.einsum("bkqs,bksh->bkqh", probs, v_t)
-        out = out.reshape(B, KV, G, T, hd).transpose(0, 3, 1, 2, 4).reshape(B, T, H, hd)
+        chunk = cfg.attention_chunk
+        if layer_cache is None and chunk and T > chunk:
+            # Causal query chunks (no cache): positions increase along a row within a segment
+            # (left padding, packing), so a key after the query in the row is always masked and
+            # query chunk [q0, q1) only needs keys [0, q1): skips ~half the scores and their
+            # float32 temporaries.  Same values as the unchunked path (tests/test_decoder.py).
+            outs = [_attend(q[:, q0:q0 + chunk], k_t[..., :q0 + chunk], v_t[:, :, :q0 + chunk],
+                            mask[..., q0:q0 + chunk, :q0 + chunk], dt)
+                    for q0 in range(0, T, chunk)]
+            out = jnp.concatenate(outs, axis=1)
+        else:
+            out = _attend(q, k_t, v_t, mask, dt)
         y = Proj((H, hd), (D,), ("heads", "head_dim"), ("embed",), name="o_proj", **common,
                  **_lora_kw(cfg, "o_proj"))(out, deterministic)
         return y, new_cache
@@ -325,14 +352,14 @@ class Decoder(nn.Module):
         x = jnp.take(embed, input_ids, axis=0).astype(dt)
         cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg))
         if cache is None:
-            mask = attention_mask(positions, segment_ids, positions, segment_ids,
+            mask = mask_bias(positions, segment_ids, positions, segment_ids,
                                   cfg.sliding_window)
             kv, idx = None, jnp.zeros((), jnp.int32)
         else:
             idx = cache["index"]
             k_pos = jax.lax.dynamic_update_slice(cache["pos"], positions, (0, idx))
             k_seg = jax.lax.dynamic_update_slice(cache["seg"], segment_ids, (0, idx))
-            mask = attention_mask(positions, segment_ids, k_pos, k_seg, cfg.sliding_window)
+            mask = mask_bias(positions, segment_ids, k_pos, k_seg, cfg.sliding_window)
             kv = (cache["k"], cache["v"], jnp.zeros((), jnp.int32))
         (x, new_kv), _ = layers((x, kv), cos, sin, mask, idx)
         x = RMSNorm(cfg.rms_norm_eps, pd, dt, name="norm")(x)
@@ -381,7 +408,7 @@ def forward_unrolled(cfg: ModelConfig, uparams: dict, input_ids, positions, segm
     idx = cache["index"]
     k_pos = jax.lax.dynamic_update_slice(cache["pos"], positions, (0, idx))
     k_seg = jax.lax.dynamic_update_slice(cache["seg"], segment_ids, (0, idx))
-    mask = attention_mask(positions, segment_ids, k_pos, k_seg, cfg.sliding_window)
+    mask = mask_bias(positions, segment_ids, k_pos, k_seg, cfg.sliding_window)
     block = Block(cfg, True)
     new_k, new_v = [], []
     for lp, ck, cv in zip(uparams["layers"], cache["k"], cache["v"]):

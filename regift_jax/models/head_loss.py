@@ -1,0 +1,129 @@
+"""LM head + token cross-entropy computed on the loss positions only, in chunks.
+
+SFT batches score only the response tokens: in the default run about one slot in six carries a
+loss (prompt and padding carry none), yet ``logits = h @ W`` over every slot followed by a
+softmax is the single largest matmul of a small-model step (``[B*T, D] x [D, V]`` with
+``V = 49,152`` for SmolLM2), and the float32 ``[B, T, V]`` logits and their gradient are the
+largest activations.  :func:`head_loss` instead
+
+1. orders the flattened positions so the loss positions come first (stable),
+2. runs a ``lax.while_loop`` over chunks of ``chunk`` positions that stops after the last chunk
+   holding a loss position (a data-dependent trip count: padding and prompt cost nothing),
+3. and, when differentiated, computes the gradient with respect to the hidden states (and the
+   head weights, when they are trained) inside the same loop, chunk by chunk: ``d = (softmax -
+   onehot) * mask``, ``dh = d W^T``, ``dW += h^T d``.  The ``[chunk, V]`` logits are never
+   stored for the backward pass (the fused linear cross-entropy of Liger-Kernel / Apple's
+   cut-cross-entropy, written in plain JAX).
+
+The result is the same ``(sum of masked NLL, number of loss tokens, number of correct argmax
+predictions)`` as :func:`regift_jax.trainer.token_loss` on full logits (``tests/test_head_loss.py``
+checks values and gradients against it).  The head weights' gradient is computed only when they
+are differentiated (full fine-tuning with tied embeddings); under LoRA they are frozen and skip it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
+
+from regift_jax.models.decoder import to_dtype
+
+
+def _logits(hc, w, vocab_major: bool, dt):
+    spec = "cd,vd->cv" if vocab_major else "cd,dv->cv"
+    return jnp.einsum(spec, hc.astype(dt), w.astype(dt), preferred_element_type=jnp.float32)
+
+
+def _run(h, w, targets, mask, chunk: int, vocab_major: bool, dtype: str, want_dh: bool,
+         want_dw: bool):
+    """The chunk loop.  h [N, D]; targets [N] int; mask [N] float (0 = no loss).
+    Returns (sum_nll, n_tokens, n_correct, dh [N, D] f32 or None, dw (w's shape) f32 or None)
+    where dh / dw are the gradients of sum_nll."""
+    dt = to_dtype(dtype)
+    N, D = h.shape
+    m = mask.astype(jnp.float32)
+    order = jnp.argsort(m <= 0, stable=True).astype(jnp.int32)  # loss positions first
+    n_pos = jnp.sum(m > 0).astype(jnp.int32)
+    n_chunks = (n_pos + chunk - 1) // chunk
+    n_pad = -(-N // chunk) * chunk
+    # Sentinel row N: zero hidden state, mask 0 (fills the last chunk).
+    order = jnp.pad(order, (0, n_pad - N), constant_values=N)
+    hp = jnp.pad(h, ((0, 1), (0, 0)))
+    tp = jnp.pad(targets.astype(jnp.int32), (0, 1))
+    mp = jnp.pad(m, (0, 1))
+    rows = jnp.arange(chunk)
+
+    def body(state):
+        i, s, n_ok, dh, dw = state
+        idx = jax.lax.dynamic_slice(order, (i * chunk,), (chunk,))
+        hc, tc, mc = hp[idx], tp[idx], mp[idx]
+        logits = _logits(hc, w, vocab_major, dt)  # [C, V] f32
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        tl = jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]
+        s = s + jnp.sum((lse - tl) * mc)
+        n_ok = n_ok + jnp.sum((jnp.argmax(logits, axis=-1) == tc).astype(jnp.float32) * mc)
+        if want_dh or want_dw:
+            d = jnp.exp(logits - lse[:, None])
+            d = d.at[rows, tc].add(-1.0) * mc[:, None]  # d sum_nll / d logits
+            dd = d.astype(dt)
+            if want_dh:
+                spec = "cv,vd->cd" if vocab_major else "cv,dv->cd"
+                g = jnp.einsum(spec, dd, w.astype(dt), preferred_element_type=jnp.float32)
+                dh = dh.at[idx].add(g)  # distinct rows, the sentinel absorbs the fill
+            if want_dw:
+                spec = "cv,cd->vd" if vocab_major else "cv,cd->dv"
+                dw = dw + jnp.einsum(spec, dd, hc.astype(dt), preferred_element_type=jnp.float32)
+        return i + 1, s, n_ok, dh, dw
+
+    zero = jnp.zeros((), jnp.float32)
+    dh0 = jnp.zeros((N + 1, D), jnp.float32) if want_dh else zero
+    dw0 = jnp.zeros(w.shape, jnp.float32) if want_dw else zero
+    state = (jnp.zeros((), jnp.int32), zero, zero, dh0, dw0)
+    _, s, n_ok, dh, dw = jax.lax.while_loop(lambda st: st[0] < n_chunks, body, state)
+    return (s, jnp.sum(m), n_ok, dh[:N] if want_dh else None, dw if want_dw else None)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _head_loss(h, w, targets, mask, chunk, vocab_major, dtype):
+    s, n, c, _, _ = _run(h, w, targets, mask, chunk, vocab_major, dtype, False, False)
+    return s, n, c
+
+
+def _fwd(h, w, targets, mask, chunk, vocab_major, dtype):
+    # symbolic_zeros=True: each differentiable argument arrives as CustomVJPPrimal(value,
+    # perturbed), so the head weights' gradient is only computed when they are trained.
+    s, n, c, dh, dw = _run(h.value, w.value, targets.value, mask.value, chunk, vocab_major,
+                           dtype, h.perturbed, w.perturbed)
+    # Zero-size arrays carry the input dtypes (residuals must be arrays).
+    return (s, n, c), (dh, dw, jnp.zeros((0,), h.value.dtype), jnp.zeros((0,), w.value.dtype))
+
+
+def _bwd(chunk, vocab_major, dtype, res, cts):
+    dh, dw, h_marker, w_marker = res
+    g = cts[0]
+    if isinstance(g, SymbolicZero):
+        g = jnp.zeros((), jnp.float32)
+    gh = None if dh is None else (g * dh).astype(h_marker.dtype)
+    gw = None if dw is None else (g * dw).astype(w_marker.dtype)
+    return gh, gw, None, None
+
+
+_head_loss.defvjp(_fwd, _bwd, symbolic_zeros=True)
+
+
+def head_loss(hidden, w, targets, loss_mask, *, chunk: int = 512, vocab_major: bool = True,
+              dtype: str = "float32"):
+    """``(sum of masked NLL, number of loss tokens, correct argmax predictions)`` of
+    ``logits = hidden @ head`` against ``targets`` where ``loss_mask`` is non-zero.
+
+    ``hidden`` [..., D] (the final-norm output); ``w`` the head: ``[V, D]`` tied embedding
+    (``vocab_major=True``) or ``[D, V]`` lm_head; ``targets`` / ``loss_mask`` [...];
+    ``dtype`` the matmul compute dtype (accumulation and the softmax are float32)."""
+    if chunk <= 0:
+        raise ValueError(f"head_loss chunk must be positive, got {chunk}")
+    D = hidden.shape[-1]
+    return _head_loss(hidden.reshape(-1, D), w, targets.reshape(-1),
+                      loss_mask.reshape(-1), int(chunk), bool(vocab_major), str(dtype))
