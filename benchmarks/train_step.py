@@ -49,25 +49,17 @@ forward alone and forward + backward alone.  The machine may be shared: load ave
 printed, and a WARNING when it was busy (another process on one of the two cores slowed torch's
 OpenMP step 5-10x and ours ~2x at 2 x 128 in our tries, both ~2x at 8 x 512).
 
-Findings (one jax.profiler trace and memory_analysis of our LoRA 8 x 512 step)
--------------------------------------------------------------------------------
-* Idle 2-core EPYC (Zen 3, AVX2), float32, 8 x 512, one run (``--json``): ours 0.81x torch for
-  LoRA and 0.72x for full fine-tuning (49.4 vs 40.1 s and 68.4 vs 49.2 s a step); our MFU 32%
-  per non-pad token (50-51% per slot) vs torch's 40-45% (62-71%).  At 2 x 128 (2-4 s steps,
-  noisy) ours was 1.0-1.7x for LoRA and 0.9-1.0x for full fine-tuning in three idle runs.
-* LoRA step 48 s = forward alone 16.9 s + backward ~30 s; the optimizer is free.  The backward
-  computes only activation gradients (about the forward's FLOPs) yet takes 1.8x the forward.  A
-  --breakdown run (loaded machine, both slowed ~2x): forward ours 33.9 s / torch 41.0 s,
-  forward + backward 90.6 / 90.3 s: our forward is faster, our backward is where we lose.
-* ~3/4 of XLA's thread time is YNNPACK dot fusions at 33-65 GFLOP/s (4096^2 matmul: 107-127):
-  the layer matmuls are 576-wide, and the tied LM head [4096, 576] x [576, 49152] ran at ~37
-  GFLOP/s (6.3 s, + 4.2 s for its transpose, + 2.3 s exp of the [8, 512, 49152] softmax).
-* Attention is materialised (float32 [B, KV, G, T, S] scores and probs per layer, where torch
-  uses its fused CPU flash-attention kernel), and autodiff through the layer scan writes two
-  broadcast constants f32[30,8,3,1536,512] and f32[30,8,3,3,512,512] (2.3 GB each, ~4 s a step)
-  as residuals: 10.9 / 12.9 GiB of XLA temporaries (LoRA / full), worker peak RSS 12.2 / 15.2 GiB
-  vs torch's 10.6 / 11.8 GiB.  Leads (the trainer is untouched here): a blocked attention without
-  T x S float32 residuals, no broadcast residuals in the scan, a chunked LM head + loss.
+Findings (third session, idle machine; BENCHMARKS.md has the table)
+-------------------------------------------------------------------
+* Now: LoRA 36.4 s/step vs torch 37.4 (1.03x, MFU 41.1% vs 40.0%); full fine-tuning 55.6 vs 48.5
+  (0.87x, MFU 37.8% vs 43.3%).  Before (second session): 49.4 / 68.4 s (0.81x / 0.72x).
+* Fixed since: the LM head + softmax (~13 s of the LoRA step) now runs on the loss positions only
+  (``model.loss_chunk``, regift_jax/models/head_loss.py); attention skips the causally masked key
+  blocks (``model.attention_chunk``); the mask is an additive bias without a KV cache, so autodiff
+  through the layer scan no longer saves two 2.3 GB mask residuals (peak RSS 12.2 -> 9.8 GiB).
+* Left: the MLP projections (K=576) take 20 of the 36 s in YNNPACK dot fusions at ~50 GFLOP/s;
+  XLA's Eigen path (``XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=``) was 8% faster on the
+  whole step.  ``benchmarks/roofline.py`` bounds the 2x goal: 18.2 s/step at this CPU's peak.
 """
 
 import argparse
