@@ -24,7 +24,15 @@ def main():
     ap.add_argument("--prompt_words", type=int, default=48)
     ap.add_argument("--torch_threads", type=int, default=0, help="0 = torch default")
     ap.add_argument("--json", default="")
+    ap.add_argument("--xla_cpu_flags", default="config",
+                    help="XLA CPU flags applied before JAX starts, as the entry points do "
+                         "('config' = the base config's xla_cpu_flags, '' = none)")
     a = ap.parse_args()
+    from regift_jax import configs_util
+    flags = configs_util.base_config().xla_cpu_flags if a.xla_cpu_flags == "config" \
+        else a.xla_cpu_flags
+    xla_flags = configs_util.apply_xla_cpu_flags(flags)
+    print(f"XLA_FLAGS={xla_flags!r}", flush=True)
 
     import jax
     from regift_jax import models
@@ -77,7 +85,7 @@ def main():
     res = {"batch": a.batch, "new_tokens": a.new_tokens,
            "prompt_tokens": [len(x) for x in ids], "regift_jax_tokens_per_s": round(jax_tps, 1),
            "transformers_tokens_per_s": round(hf_tps, 1), "ratio": round(jax_tps / hf_tps, 2),
-           "loadavg": os.getloadavg(), "jax": jax.__version__, "torch": torch.__version__,
+           "loadavg": os.getloadavg(), "xla_flags": xla_flags, "jax": jax.__version__, "torch": torch.__version__,
            "torch_threads": torch.get_num_threads()}
     print(json.dumps(res, indent=1))
     print(f"regift_jax sampler: {jax_tps:.1f} tok/s | transformers generate: {hf_tps:.1f} tok/s "

@@ -11,6 +11,8 @@ accelerator.  Paper settings: greedy, 512 new tokens, one sample per question, s
 
 import ml_collections
 
+from regift_jax import configs_util
+
 PRESETS = {
     "r1_distill_qwen_32b": "deepseek-r1-distill-qwen-32b",
     "r1_distill_qwen_14b": "deepseek-r1-distill-qwen-14b",
@@ -45,5 +47,7 @@ def get_config(arg=None):
     # data card: where the traces were generated (default: the devices of the generating run)
     # and, for a finalize-only run on files moved from elsewhere, the measured wall time
     c.hardware = ""
+    # XLA CPU flags applied before JAX starts (CPU-only installs; see configs_util).
+    c.xla_cpu_flags = configs_util.base_config().xla_cpu_flags
     c.wall_time_s = 0.0
     return c

@@ -11,6 +11,8 @@ traces per question; only correct traces are used for training (``regift_traces/
 
 import ml_collections
 
+from regift_jax import configs_util
+
 
 def get_config(arg=None):
     c = ml_collections.ConfigDict()
@@ -41,6 +43,8 @@ def get_config(arg=None):
     # data card: where the traces were generated (default: the devices of the generating run)
     # and, for a finalize-only run on files moved from elsewhere, the measured wall time
     c.hardware = ""
+    # XLA CPU flags applied before JAX starts (CPU-only installs; see configs_util).
+    c.xla_cpu_flags = configs_util.base_config().xla_cpu_flags
     c.wall_time_s = 0.0
     if arg == "smoke":
         c.data.max_questions = 8

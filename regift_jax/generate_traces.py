@@ -299,6 +299,8 @@ def run(cfg) -> dict:
     from regift_jax.traces.judge import judge
     from regift_jax.traces.records import parse_teacher_output
 
+    from regift_jax import configs_util
+    configs_util.apply_xla_cpu_flags(cfg.get("xla_cpu_flags", ""))  # before JAX starts
     _maybe_init_distributed(cfg)
     proc, nproc = jax.process_index(), jax.process_count()
     out_dir = cfg.out_dir

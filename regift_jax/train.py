@@ -126,6 +126,7 @@ def main(argv=None):
             print("error: no work directory: pass --workdir=DIR or --config.workdir=DIR",
                   file=sys.stderr)
             sys.exit(2)
+        configs_util.apply_xla_cpu_flags(config.xla_cpu_flags)  # before JAX starts
         maybe_initialize_distributed(config.distributed)
         from regift_jax.models.checkpoints import CheckpointError
         from regift_jax.trainer import NonFiniteError
