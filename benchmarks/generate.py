@@ -26,11 +26,12 @@ def main():
     ap.add_argument("--json", default="")
     ap.add_argument("--xla_cpu_flags", default="config",
                     help="XLA CPU flags applied before JAX starts, as the entry points do "
-                         "('config' = the base config's xla_cpu_flags, '' = none)")
+                         "('config' = the base config's xla_cpu_flags, off by default; "
+                         "'xnnpack' = configs_util.XNNPACK_DOT_FLAGS; '' = none)")
     a = ap.parse_args()
     from regift_jax import configs_util
-    flags = configs_util.base_config().xla_cpu_flags if a.xla_cpu_flags == "config" \
-        else a.xla_cpu_flags
+    flags = {"config": configs_util.base_config().xla_cpu_flags,
+             "xnnpack": configs_util.XNNPACK_DOT_FLAGS}.get(a.xla_cpu_flags, a.xla_cpu_flags)
     xla_flags = configs_util.apply_xla_cpu_flags(flags)
     print(f"XLA_FLAGS={xla_flags!r}", flush=True)
 

@@ -51,7 +51,7 @@ OpenMP step 5-10x and ours ~2x at 2 x 128 in our tries, both ~2x at 8 x 512).
 
 Findings (third session, idle machine; BENCHMARKS.md has the table)
 -------------------------------------------------------------------
-* Now (base config xla_cpu_flags): LoRA 31.7 s/step vs torch 35.5 (1.12x); full fine-tuning 49.0 vs 40.7
+* Now (opt-in ``--xla_cpu_flags xnnpack``): LoRA 31.7 s/step vs torch 35.5 (1.12x); full fine-tuning 49.0 vs 40.7
   (0.83x).  Without the flags: LoRA 36.4 vs 37.4 (1.03x, MFU 41.1%), full 55.6 vs 48.5
   (0.87x, MFU 37.8% vs 43.3%).  Before (second session): 49.4 / 68.4 s (0.81x / 0.72x).
 * Fixed since: the LM head + softmax (~13 s of the LoRA step) now runs on the loss positions only
@@ -59,8 +59,8 @@ Findings (third session, idle machine; BENCHMARKS.md has the table)
   blocks (``model.attention_chunk``); the mask is an additive bias without a KV cache, so autodiff
   through the layer scan no longer saves two 2.3 GB mask residuals (peak RSS 12.2 -> 9.8 GiB).
 * Then: the MLP projections (K=576) took 20 of the 36 s in YNNPACK dot fusions at ~50 GFLOP/s;
-  XLA's XNNPACK individual-dot path (the base config's ``xla_cpu_flags``, applied to our worker
-  here as the entry points apply it) brought the step to 31.7 s.  ``benchmarks/roofline.py``
+  XLA's XNNPACK individual-dot path (``configs_util.XNNPACK_DOT_FLAGS``, opt-in through
+  ``xla_cpu_flags``: not bitwise reproducible across kill/resume under load) brought it to 31.7 s.  ``benchmarks/roofline.py``
   bounds the 2x goal: 15.8-18.2 s/step at this CPU's peak (89-97% of it sustained).
 """
 
@@ -418,8 +418,9 @@ def worker_main(args) -> None:
     export_dir, lora_path = os.path.join(wdir, "hf"), os.path.join(wdir, "lora_a.npz")
     if stack_name == "ours":
         from regift_jax import configs_util
-        flags = (configs_util.base_config().xla_cpu_flags if args.xla_cpu_flags == "config"
-                 else args.xla_cpu_flags)
+        flags = {"config": configs_util.base_config().xla_cpu_flags,
+                 "xnnpack": configs_util.XNNPACK_DOT_FLAGS}.get(args.xla_cpu_flags,
+                                                                args.xla_cpu_flags)
         log(f"  ours/{kind}: XLA_FLAGS={configs_util.apply_xla_cpu_flags(flags)!r}")
         need_export = not os.path.exists(os.path.join(export_dir, "config.json"))
         stack = Ours(args, kind, batch, export_dir if need_export else None)
@@ -562,7 +563,8 @@ def main(argv=None):
                     help="ours: model.loss_chunk (-1: the preset's; 0: full logits)")
     ap.add_argument("--xla_cpu_flags", default="config",
                     help="ours: XLA CPU flags applied in our worker as the trainer's entry point "
-                         "does ('config' = the base config's xla_cpu_flags, '' = none); the "
+                         "does ('config' = the base config's xla_cpu_flags, off by default; "
+                         "'xnnpack' = configs_util.XNNPACK_DOT_FLAGS; '' = none); the "
                          "peak matmul is measured in the parent process without them")
     ap.add_argument("--lora_dropout", type=float, default=0.05)
     ap.add_argument("--full_lr", type=float, default=2e-5, help="full fine-tuning lr (paper's)")

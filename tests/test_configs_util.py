@@ -5,12 +5,19 @@ import pytest
 
 from regift_jax import configs_util
 
-FLAGS = configs_util.base_config().xla_cpu_flags
+FLAGS = configs_util.XNNPACK_DOT_FLAGS
 
 
 @pytest.fixture(autouse=True)
 def cpu_only(monkeypatch):
     monkeypatch.setattr(configs_util, "_accelerator_plugin_installed", lambda: False)
+
+
+def test_off_by_default():
+    env = {}
+    assert configs_util.base_config().xla_cpu_flags == ""
+    assert configs_util.apply_xla_cpu_flags(configs_util.base_config().xla_cpu_flags, env) == ""
+    assert "XLA_FLAGS" not in env
 
 
 def test_flags_are_appended_to_an_empty_environment():
