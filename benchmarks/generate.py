@@ -13,7 +13,6 @@ import json
 import os
 import time
 
-import numpy as np
 
 
 def main():
@@ -30,9 +29,8 @@ def main():
                          "'xnnpack' = configs_util.XNNPACK_DOT_FLAGS; '' = none)")
     a = ap.parse_args()
     from regift_jax import configs_util
-    flags = {"config": configs_util.base_config().xla_cpu_flags,
-             "xnnpack": configs_util.XNNPACK_DOT_FLAGS}.get(a.xla_cpu_flags, a.xla_cpu_flags)
-    xla_flags = configs_util.apply_xla_cpu_flags(flags)
+    xla_flags = configs_util.apply_xla_cpu_flags(
+        configs_util.resolve_xla_cpu_flags(a.xla_cpu_flags))
     print(f"XLA_FLAGS={xla_flags!r}", flush=True)
 
     import jax

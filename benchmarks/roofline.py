@@ -62,21 +62,17 @@ def best_time(fn, reps):
 def measure_machine(n: int, reps: int) -> dict:
     import jax
     import jax.numpy as jnp
-    import torch
-    a = jnp.ones((n, n), jnp.float32)
-    mm = jax.jit(lambda x, y: x @ y)
-    t_jax = best_time(lambda: mm(a, a).block_until_ready(), reps)
-    ta = torch.ones(n, n)
-    t_torch = best_time(lambda: torch.mm(ta, ta), reps)
-    flops = 2.0 * n ** 3
+    from regift_jax.trainer import measure_matmul_flops
+    from train_step import measure_torch_matmul  # benchmarks/ is on sys.path (script dir)
+    jax_flops, torch_flops = measure_matmul_flops(n, reps), measure_torch_matmul(n, reps)
     big = jnp.ones((128 * 2 ** 20,), jnp.float32)  # 512 MiB
     s = jax.jit(jnp.sum)
     t_sum = best_time(lambda: s(big).block_until_ready(), reps)
     nb = np.ones((128 * 2 ** 20,), np.float32)
     t_np = best_time(lambda: nb.sum(), reps)
     nbytes = 4.0 * 128 * 2 ** 20
-    return {"matmul_n": n, "jax_matmul_flops": flops / t_jax, "torch_mm_flops": flops / t_torch,
-            "rate": max(flops / t_jax, flops / t_torch),
+    return {"matmul_n": n, "jax_matmul_flops": jax_flops, "torch_mm_flops": torch_flops,
+            "rate": max(jax_flops, torch_flops),
             "jax_sum_bytes_per_s": nbytes / t_sum, "numpy_sum_bytes_per_s": nbytes / t_np,
             "bandwidth": max(nbytes / t_sum, nbytes / t_np)}
 

@@ -205,21 +205,6 @@ def torch_labels(batch) -> np.ndarray:
     return lab
 
 
-def measure_jax_matmul(n: int, reps: int) -> float:
-    import jax
-    import jax.numpy as jnp
-    f = jax.jit(lambda a, b: a @ b)
-    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
-    f(a, b).block_until_ready()
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        f(a, b).block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    return 2.0 * n ** 3 / best
-
-
 def measure_torch_matmul(n: int, reps: int) -> float:
     import torch
     a, b = torch.randn(n, n), torch.randn(n, n)
@@ -418,9 +403,7 @@ def worker_main(args) -> None:
     export_dir, lora_path = os.path.join(wdir, "hf"), os.path.join(wdir, "lora_a.npz")
     if stack_name == "ours":
         from regift_jax import configs_util
-        flags = {"config": configs_util.base_config().xla_cpu_flags,
-                 "xnnpack": configs_util.XNNPACK_DOT_FLAGS}.get(args.xla_cpu_flags,
-                                                                args.xla_cpu_flags)
+        flags = configs_util.resolve_xla_cpu_flags(args.xla_cpu_flags)
         log(f"  ours/{kind}: XLA_FLAGS={configs_util.apply_xla_cpu_flags(flags)!r}")
         need_export = not os.path.exists(os.path.join(export_dir, "config.json"))
         stack = Ours(args, kind, batch, export_dir if need_export else None)
@@ -606,7 +589,8 @@ def main(argv=None):
         f"busy {others_start:.2f} cores")
 
     # ------------------------------------------------------------- peak
-    peak = measure_jax_matmul(args.matmul_n, args.matmul_reps)
+    from regift_jax.trainer import measure_matmul_flops
+    peak = measure_matmul_flops(args.matmul_n, args.matmul_reps)
     peak_torch = measure_torch_matmul(args.matmul_n, args.matmul_reps)
     log(f"  peak: jitted float32 {args.matmul_n}^2 matmul, best of "
         f"{args.matmul_reps}: {peak / 1e9:.1f} GFLOP/s  (torch.mm, for information: "
@@ -626,7 +610,7 @@ def main(argv=None):
         np.savez(os.path.join(wdir, "batch.npz"), **batch)
         for kind in order:
             results[kind] = run_config(args, argv, kind, wdir)
-    peak_end = measure_jax_matmul(args.matmul_n, args.matmul_reps)
+    peak_end = measure_matmul_flops(args.matmul_n, args.matmul_reps)
     log(f"  peak again at the end: {peak_end / 1e9:.1f} GFLOP/s; {load_avg()}")
     peak_start, peak = peak, max(peak, peak_end)
     others_end = others_busy_cores()

@@ -367,6 +367,16 @@ def _accelerator_plugin_installed() -> bool:
     return False
 
 
+def resolve_xla_cpu_flags(value: str) -> str:
+    """A command line's ``--xla_cpu_flags`` value: ``"config"`` = the base config's
+    ``xla_cpu_flags``, ``"xnnpack"`` = :data:`XNNPACK_DOT_FLAGS`, anything else = the flags."""
+    if value == "config":
+        return base_config().xla_cpu_flags
+    if value == "xnnpack":
+        return XNNPACK_DOT_FLAGS
+    return value
+
+
 def apply_xla_cpu_flags(flags: str, env=None) -> str:
     """Append ``flags`` (``config.xla_cpu_flags``) to ``XLA_FLAGS`` in ``env`` (default
     ``os.environ``) and return the value set.  Call before the first JAX computation (XLA reads

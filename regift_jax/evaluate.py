@@ -739,7 +739,8 @@ def make_parser() -> argparse.ArgumentParser:
     m = p.add_argument_group("model modes (with --model)")
     m.add_argument("--xla_cpu_flags", default="config",
                    help="XLA flags for a CPU-only JAX install, applied before JAX starts "
-                        "('config' = the trainer base config's xla_cpu_flags, '' = none)")
+                        "('config' = the trainer base config's xla_cpu_flags, 'xnnpack' = "
+                        "configs_util.XNNPACK_DOT_FLAGS, '' = none, or the flags themselves)")
     m.add_argument("--mode", choices=MODEL_MODES, default="loglik",
                    help="loglik: multiple choice by summed option log-probability; generate: "
                         "the sampler answers, judged like --generations; stereoset: StereoSet "
@@ -980,9 +981,8 @@ def _print_stereoset(rep: Mapping[str, object]) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = make_parser().parse_args(argv)
     from regift_jax import configs_util
-    flags = (configs_util.base_config().xla_cpu_flags if args.xla_cpu_flags == "config"
-             else args.xla_cpu_flags)
-    configs_util.apply_xla_cpu_flags(flags)  # before JAX starts
+    configs_util.apply_xla_cpu_flags(  # before JAX starts
+        configs_util.resolve_xla_cpu_flags(args.xla_cpu_flags))
     from regift_jax.eval.stereoset import StereoSetFormatError
     try:
         rep = run(args)

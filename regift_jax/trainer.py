@@ -512,8 +512,9 @@ def _atomic_write_json(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
-@functools.lru_cache(maxsize=None)
-def _measured_cpu_flops(n: int = 1024, reps: int = 5) -> float:
+def measure_matmul_flops(n: int = 1024, reps: int = 5) -> float:
+    """FLOP/s of a jitted float32 ``n x n x n`` matmul on the default device, best of ``reps``
+    (after one untimed call)."""
     f = jax.jit(lambda a, b: a @ b)
     a = jnp.ones((n, n), jnp.float32)
     f(a, a).block_until_ready()
@@ -523,6 +524,9 @@ def _measured_cpu_flops(n: int = 1024, reps: int = 5) -> float:
         f(a, a).block_until_ready()
         best = min(best, time.perf_counter() - t)
     return 2.0 * n ** 3 / best
+
+
+_measured_cpu_flops = functools.lru_cache(maxsize=None)(measure_matmul_flops)
 
 
 def peak_flops_per_device(configured: float = -1.0, device=None) -> Tuple[float, str]:

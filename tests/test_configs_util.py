@@ -50,3 +50,10 @@ def test_installed_accelerator_plugin_or_empty_flags_get_nothing(monkeypatch):
     monkeypatch.setattr(configs_util, "_accelerator_plugin_installed", lambda: True)
     env = {"JAX_PLATFORMS": "cpu"}
     assert configs_util.apply_xla_cpu_flags(FLAGS, env) == "" and "XLA_FLAGS" not in env
+
+
+def test_command_line_values_resolve():
+    assert configs_util.resolve_xla_cpu_flags("config") == configs_util.base_config().xla_cpu_flags
+    assert configs_util.resolve_xla_cpu_flags("xnnpack") == FLAGS
+    assert configs_util.resolve_xla_cpu_flags("") == ""
+    assert configs_util.resolve_xla_cpu_flags("--xla_cpu_foo=1") == "--xla_cpu_foo=1"
