@@ -17,6 +17,13 @@ What is measured (same shapes for both stacks):
   :func:`regift_jax.trainer.train_flops_per_token` (LoRA: no weight-gradient FLOPs for frozen
   weights; attention counted in full).  Baseline: transformers ``LlamaForCausalLM`` + PEFT,
   gradient checkpointing, torch AdamW, SDPA attention, same batch.
+* Attention and loss (``--attention_impl``, ``--loss_chunk``): by default the LoRA and full steps
+  run attention through ``jax.nn.dot_product_attention(implementation="cudnn")`` (cuDNN flash
+  attention; the rows are unpadded, so only ``is_causal`` is passed) and the LM head + loss on
+  chunks of 2,048 positions (``regift_jax.models.head_loss``: no [B, T, 128256] float32 logits).
+  A second LoRA phase, ``train_lora_einsum``, repeats the step with the decoder's einsum attention
+  and full logits (the path measured on 2026-11-28), so the gain of the two is attributed in the
+  same run; if the cuDNN phase fails, its error is recorded and the einsum phase still reports.
 * **SFT step, full fine-tuning** (bf16 params and bf16 AdamW moments; the 8B model in fp32 with
   fp32 moments does not fit one chip with activations).
 * **generation**: batch 64, prompts of 128 random tokens, 128 new tokens, greedy, no early
@@ -123,6 +130,9 @@ def run_jax(args) -> dict:
                       tie_word_embeddings=False, rms_norm_eps=1e-5, bos_token_id=1,
                       eos_token_id=2, pad_token_id=0, param_dtype="bfloat16", dtype="bfloat16",
                       remat_policy="full", name="llama3-8b-shaped (random)")
+    impl = "xla" if (args.smoke and args.attention_impl == "cudnn") else args.attention_impl
+    fast = dict(attention_impl=impl, loss_chunk=args.loss_chunk)
+    res["attention_impl"], res["loss_chunk"] = impl, args.loss_chunk
     res["n_params"] = cfg.num_params()
     mesh = shd.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
     full_sh = shd.param_shardings(cfg, mesh)
@@ -135,10 +145,10 @@ def run_jax(args) -> dict:
     rng = np.random.default_rng(0)
     ids = rng.integers(3, cfg.vocab_size, size=(B, T + 1), dtype=np.int32)
     bsh = shd.batch_sharding(mesh)
+    # Unpacked, unpadded rows: no positions / segment ids, so the decoder passes only
+    # is_causal to dot_product_attention (the trainer's batches carry them when packed).
     batch = {"inputs": ids[:, :-1], "targets": ids[:, 1:],
-             "loss_mask": np.ones((B, T), np.int32),
-             "positions": np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)).copy(),
-             "segment_ids": np.ones((B, T), np.int32)}
+             "loss_mask": np.ones((B, T), np.int32)}
     batch = {k: jax.device_put(v, bsh) for k, v in batch.items()}
     ocfg = types.SimpleNamespace(learning_rate=1e-5, schedule="constant", warmup_steps=0,
                                  warmup_fraction=0.0, end_lr_fraction=0.0, clip_norm=1.0,
@@ -173,17 +183,23 @@ def run_jax(args) -> dict:
         box.clear()
         return out
 
-    # ---- LoRA SFT step (paper setup)
-    with phase(args, "jax", res, "train_lora"):
-        lcfg = cfg.replace(lora_rank=16, lora_alpha=32.0, lora_dropout=0.05,
-                           lora_targets=("q_proj", "v_proj"))
-        lcfg, lparams = lora_lib.add_lora(lcfg, params, seed=0, mesh=mesh)
-        trainable, frozen, tsh, fsh = split_trainable(lcfg, lparams, mesh)
-        n_lora = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainable))
-        res["train_lora"] = bench_train(lcfg, trainable, frozen, tsh, fsh, "LoRA r16 q,v",
-                                        n_lora)
-        res["train_lora"]["trainable_params"] = n_lora
-        del trainable, lparams
+    # ---- LoRA SFT step (paper setup): fast paths, then the einsum / full-logits control
+    lcfg = cfg.replace(lora_rank=16, lora_alpha=32.0, lora_dropout=0.05,
+                       lora_targets=("q_proj", "v_proj"))
+    lcfg, lparams = lora_lib.add_lora(lcfg, params, seed=0, mesh=mesh)
+    trainable, frozen, tsh, fsh = split_trainable(lcfg, lparams, mesh)
+    n_lora = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainable))
+    for key, over in (("train_lora", fast),
+                      ("train_lora_einsum", dict(attention_impl="einsum", loss_chunk=0))):
+        if key == "train_lora_einsum" and args.no_control:
+            continue
+        with phase(args, "jax", res, key):
+            # a copy per phase: the jitted step donates the state built from it
+            res[key] = bench_train(lcfg.replace(**over), jax.tree.map(jnp.copy, trainable),
+                                   frozen, tsh, fsh,
+                                   f"LoRA r16 q,v {over}", n_lora)
+            res[key].update(trainable_params=n_lora, **over)
+    del trainable, frozen, lparams
 
     # ---- generation
     with phase(args, "jax", res, "generate"):
@@ -209,7 +225,9 @@ def run_jax(args) -> dict:
     # ---- full fine-tuning (bf16 params and moments)
     if not args.skip_full:
         with phase(args, "jax", res, "train_full"):
-            res["train_full"] = bench_train(cfg, params, {}, full_sh, {}, "full FT", 0)
+            res["train_full"] = bench_train(cfg.replace(**fast), params, {}, full_sh, {},
+                                            f"full FT {fast}", 0)
+            res["train_full"].update(fast)
     return res
 
 
@@ -319,15 +337,22 @@ def report(args) -> str:
             f"model {(j.get('n_params') or 0) / 1e9:.2f}B params",
             "", "| what | regift_jax | transformers(+PEFT) | ratio | MFU (ours) |",
             "|---|---:|---:|---:|---:|"]
-    for label, k in (("SFT LoRA r16 q,v tokens/s", "train_lora"),
+    lora_k = "train_lora" if fig(j, "train_lora") else "train_lora_einsum"
+    for label, k in ((f"SFT LoRA r16 q,v tokens/s ({(j.get(lora_k) or {}).get('attention_impl')} "
+                      f"attention, loss_chunk {(j.get(lora_k) or {}).get('loss_chunk')})", lora_k),
                      ("SFT full FT (bf16) tokens/s", "train_full"),
                      ("generation tokens/s (B=64, 128 new)", "generate")):
-        a, b = fig(j, k), fig(t, k)
+        a, b = fig(j, k), fig(t, "train_lora" if k == lora_k else k)
         mfu = fig(j, k, "mfu")
         rows.append(f"| {label} | {a if a is None else f'{a:,.0f}'} | "
                     f"{b if b is None else f'{b:,.0f}'} | "
                     f"{'-' if not (a and b) else f'{a / b:.2f}x'} | "
                     f"{'-' if mfu is None else f'{mfu:.1%}'} |")
+    if lora_k == "train_lora" and fig(j, "train_lora_einsum"):
+        a, e = fig(j, "train_lora"), fig(j, "train_lora_einsum")
+        rows.append(f"| control: LoRA, einsum attention + full logits | {e:,.0f} | "
+                    f"{fig(t, 'train_lora') or 0:,.0f} | fast/control {a / e:.2f}x | "
+                    f"{fig(j, 'train_lora_einsum', 'mfu'):.1%} |")
     for r, name in ((j, "jax"), (t, "torch")):
         for k, v in r.items():
             if isinstance(v, dict) and "error" in v:
@@ -346,6 +371,12 @@ def main():
     ap.add_argument("--steps", type=int, default=5, help="timed SFT steps (after 2 warm-up)")
     ap.add_argument("--skip_full", action="store_true", help="skip the full fine-tuning step")
     ap.add_argument("--smoke", action="store_true", help="tiny model on CPU (script check)")
+    ap.add_argument("--attention_impl", default="cudnn", choices=("cudnn", "xla", "einsum"),
+                    help="ModelConfig.attention_impl of the SFT steps (--smoke: cudnn -> xla)")
+    ap.add_argument("--loss_chunk", type=int, default=2048,
+                    help="ModelConfig.loss_chunk of the SFT steps (0: full logits)")
+    ap.add_argument("--no_control", action="store_true",
+                    help="skip the einsum / full-logits LoRA control phase")
     args = ap.parse_args()
     if args.part == "jax":
         run_jax(args)

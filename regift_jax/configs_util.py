@@ -123,6 +123,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.attention_chunk = 128
     # LM head + loss on the loss positions only, this many positions per chunk (0 = full logits).
     c.model.loss_chunk = 512
+    # Attention without a KV cache: "einsum" (the decoder's, chunked as above), "xla" or "cudnn"
+    # (jax.nn.dot_product_attention; "cudnn" = cuDNN flash attention, NVIDIA GPUs, bf16/fp16).
+    c.model.attention_impl = "einsum"
 
     # ---------------------------------------------------------------- LoRA
     c.lora = ml_collections.ConfigDict()

@@ -36,7 +36,9 @@ response tokens and EOS; prompt and padding never contribute), averaged over tho
 accuracy is argmax == target on the same tokens.  With ``model.loss_chunk > 0`` (default) the LM
 head runs only on the loss positions, chunk by chunk, with its gradient computed in the same pass
 (:mod:`regift_jax.models.head_loss`); ``model.attention_chunk`` skips the causally masked half of
-the attention scores.  Both give the same loss and gradients as the plain path (tested).
+the attention scores.  Both give the same loss and gradients as the plain path (tested);
+``model.attention_impl`` ("xla"/"cudnn") routes the attention through
+``jax.nn.dot_product_attention`` instead (``attention_chunk`` then does not apply).
 
 Non-finite loss or gradients: the update is computed and then discarded inside the jitted step
 (``jnp.where`` over params and optimizer state), so the state is unchanged; ``skipped`` counts
@@ -205,10 +207,12 @@ def token_loss(logits, targets, loss_mask):
 
 
 def _forward(model_cfg, params, batch, rng, deterministic, return_hidden=False):
+    """The decoder on ``batch["inputs"]``; a batch without ``positions``/``segment_ids`` is one
+    unpadded sequence per row (plain causal attention; the data pipeline always gives both)."""
     rngs = None if deterministic else {"dropout": rng}
     return Decoder(model_cfg).apply({"params": params}, batch["inputs"],
-                                    positions=batch["positions"],
-                                    segment_ids=batch["segment_ids"],
+                                    positions=batch.get("positions"),
+                                    segment_ids=batch.get("segment_ids"),
                                     deterministic=deterministic, rngs=rngs,
                                     return_hidden=return_hidden)
 
@@ -306,7 +310,8 @@ def train_step(state: TrainState, frozen, batch, *, model_cfg: ModelConfig, tx, 
         "loss": aux["loss"], "tokens": aux["tokens"], "correct": aux["correct"],
         "grad_norm": gnorm, "learning_rate": jnp.asarray(schedule(state.applied), jnp.float32),
         "finite": finite, "skipped": new_state.skipped, "bad_streak": streak,
-        "nonpad": jnp.sum((batch["segment_ids"] != 0).astype(jnp.float32)),
+        "nonpad": (jnp.sum((batch["segment_ids"] != 0).astype(jnp.float32))
+                   if "segment_ids" in batch else jnp.float32(batch["inputs"].size)),
     }
     return new_state, metrics
 
@@ -755,7 +760,8 @@ def load_model(mcfg, lcfg, seed: int, mesh, rules):
                          param_dtype=mcfg.param_dtype, mesh=mesh, rules=rules,
                          download=bool(mcfg.download), remat_policy=mcfg.remat_policy,
                          attention_chunk=int(mcfg.attention_chunk),
-                         loss_chunk=int(mcfg.loss_chunk))
+                         loss_chunk=int(mcfg.loss_chunk),
+                         attention_impl=str(mcfg.attention_impl))
     cfg, params = handle.cfg, handle.params
     if lcfg.enabled:
         cfg = cfg.replace(lora_rank=int(lcfg.rank), lora_alpha=float(lcfg.alpha),

@@ -157,3 +157,47 @@ def test_attention_chunk_same_values_and_gradients(family_model):
     assert float(np.abs(np.asarray(a) - np.asarray(b))[valid].max()) <= 1e-5
     for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5, rtol=1e-4)
+
+
+def test_attention_impl_xla_same_values_and_gradients(family_model):
+    """attention_impl="xla" (jax.nn.dot_product_attention, the path "cudnn" takes on a GPU)
+    equals the decoder's einsum attention: logits and all parameter gradients on a left-padded
+    batch with a packed row (the boolean dpa_mask), and logits on plain causal rows (no
+    positions/segments given: mask None, is_causal only), for every family (Mistral's window
+    included)."""
+    fam, m, cfg, params = family_model
+    ids, mask = batch()
+    pos = np.array(positions_from_mask(jnp.asarray(mask)))
+    seg = np.asarray(mask).copy()
+    seg[0, 20:] = 2
+    pos[0, 20:] = np.arange(ids.shape[1] - 20)
+    ids, pos, seg = jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(seg)
+    dpa = cfg.replace(attention_impl="xla")
+
+    def loss(p, c):
+        out = Decoder(c).apply({"params": p}, ids, positions=pos, segment_ids=seg)
+        return jnp.sum(jnp.where(seg[..., None] > 0, out, 0.0) ** 2) * 1e-3, out
+    (_, a), ga = jax.value_and_grad(loss, has_aux=True)(params, cfg)
+    (_, b), gb = jax.value_and_grad(loss, has_aux=True)(params, dpa)
+    valid = np.asarray(seg) > 0
+    assert np.isfinite(np.asarray(b)).all()  # padding rows too (they attend to themselves)
+    assert float(np.abs(np.asarray(a) - np.asarray(b))[valid].max()) <= 1e-5
+    for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5, rtol=1e-4)
+    # plain causal rows, and the independent reference: transformers on unpadded rows
+    full = jnp.asarray(batch()[0])
+    c = Decoder(cfg).apply({"params": params}, full)
+    d = Decoder(dpa).apply({"params": params}, full)
+    np.testing.assert_allclose(np.asarray(c), np.asarray(d), atol=1e-5)
+    ref = hf_logits(m, np.asarray(full), np.ones(full.shape, np.int64))
+    assert float(np.abs(np.asarray(d) - ref).max()) <= 1e-4
+
+
+def test_attention_impl_is_validated():
+    from regift_jax.models.presets import get_model_config
+    cfg = get_model_config("llama-3.1-8b")
+    with pytest.raises(ValueError, match="unknown attention_impl 'flash'"):
+        cfg.replace(attention_impl="flash")
+    with pytest.raises(ValueError, match="bfloat16 or float16"):
+        cfg.replace(dtype="float32", attention_impl="cudnn")
+    assert cfg.replace(dtype="bfloat16", attention_impl="cudnn").attention_impl == "cudnn"

@@ -276,7 +276,7 @@ def test_grad_accumulation_equals_one_big_batch(batch):
 def test_fast_paths_equal_the_plain_step(batch):
     """model.loss_chunk (LM head on the loss positions only) and model.attention_chunk (causal
     query chunks) change no value: loss, token counts and gradients equal the plain path, for full
-    fine-tuning (tied head trained) and LoRA (frozen head)."""
+    fine-tuning (tied head trained) and LoRA (frozen head); so does model.attention_impl="xla"."""
     from regift_jax.models import lora as lora_lib
     fast = TINY.replace(loss_chunk=64, attention_chunk=32)
     full = random_params(TINY, seed=4)
@@ -284,7 +284,9 @@ def test_fast_paths_equal_the_plain_step(batch):
     lcfg, lparams = lora_lib.add_lora(lcfg, random_params(TINY, seed=4), seed=1)
     trainable, frozen = lora_lib.split(lparams)
     cases = [(TINY, fast, full, {}),
-             (lcfg, lcfg.replace(loss_chunk=64, attention_chunk=32), trainable, frozen)]
+             (lcfg, lcfg.replace(loss_chunk=64, attention_chunk=32), trainable, frozen),
+             # jax.nn.dot_product_attention (the GPU cuDNN path's call) with the chunked loss
+             (TINY, TINY.replace(loss_chunk=64, attention_impl="xla"), full, {})]
     for plain_cfg, fast_cfg, p, fr in cases:
         outs = []
         for cfg in (plain_cfg, fast_cfg):

@@ -12,6 +12,7 @@ import dataclasses
 from typing import Any, Optional, Sequence
 
 FAMILIES = ("llama", "mistral", "qwen2", "phi3")
+ATTENTION_IMPLS = ("einsum", "xla", "cudnn")
 
 # Hugging Face ``architectures`` / ``model_type`` for every family we support.
 HF_ARCHITECTURES = {
@@ -72,6 +73,11 @@ class ModelConfig:
     # Training loss: LM head + cross-entropy over the loss positions only, in chunks of this many
     # positions (regift_jax.models.head_loss; 0 = full [B, T, V] logits then the loss).
     loss_chunk: int = 0
+    # Attention kernel without a KV cache (training, scoring): "einsum" (the decoder's own two
+    # matmuls, query-chunked by attention_chunk), "xla" or "cudnn" (jax.nn.dot_product_attention
+    # with that implementation; "cudnn" = cuDNN flash attention on NVIDIA GPUs, bf16/fp16 only).
+    # Cached calls (prefill/decode) always use "einsum" (the cache layout is the decoder's).
+    attention_impl: str = "einsum"
     # LoRA (rank 0 = off).  Targets are projection names: q_proj k_proj v_proj o_proj
     # gate_proj up_proj down_proj.
     lora_rank: int = 0
@@ -90,6 +96,14 @@ class ModelConfig:
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"unknown attention_impl {self.attention_impl!r}; valid: "
+                             f"{', '.join(ATTENTION_IMPLS)}")
+        if self.attention_impl == "cudnn" and self.dtype not in ("bfloat16", "bf16", "float16",
+                                                                 "fp16"):
+            raise ValueError(f"attention_impl='cudnn' needs a bfloat16 or float16 compute dtype "
+                             f"(cuDNN flash attention), got dtype={self.dtype!r}; use "
+                             f"attention_impl='einsum' or 'xla' for float32")
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, _HashableDict):
             # the config is a static argument of jitted functions: it must hash
             object.__setattr__(self, "rope_scaling", _HashableDict(self.rope_scaling))

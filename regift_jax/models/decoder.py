@@ -27,6 +27,11 @@ The KV cache is an explicit pytree ``{"k": [L, B, KV, hd, S], "v": [L, B, KV, S,
 the cache); ``__call__(..., cache=c)`` writes the new keys at ``c["index"]`` and returns
 ``(logits, new_cache)``.  The stacked cache travels through the layer scan as carry and each
 layer writes only its new slots in place.  Prefill and per-token decode are the same function.
+
+Without a cache, ``attention_impl`` picks the attention kernel: the decoder's own ``einsum``
+(default; :func:`_attend`, optionally in causal query chunks) or ``jax.nn.dot_product_attention``
+with implementation ``xla`` or ``cudnn`` (GPU flash attention), given the boolean
+:func:`dpa_mask`, or only ``is_causal`` when the call has no positions and segment ids.
 """
 
 from __future__ import annotations
@@ -106,6 +111,17 @@ def attention_mask(q_pos, q_seg, k_pos, k_seg, sliding_window: Optional[int]) ->
     if sliding_window is not None:
         m &= (q_pos[:, :, None] - k_pos[:, None, :]) < sliding_window
     return m[:, None, None, :, :]
+
+
+def dpa_mask(positions, segment_ids, sliding_window: Optional[int]) -> Array:
+    """Boolean [B, 1, T, T] mask for ``jax.nn.dot_product_attention`` (no KV cache): the
+    :func:`attention_mask` rule, plus each padding query (segment 0) attending to itself, so no
+    row is fully masked (cuDNN may return NaN for an empty row; a padding row's output is never
+    used).  Rows are in causal order within a segment, so ``is_causal=True`` removes nothing."""
+    m = attention_mask(positions, segment_ids, positions, segment_ids, sliding_window)[:, 0]
+    T = positions.shape[1]
+    pad_self = (segment_ids == 0)[:, :, None] & jnp.eye(T, dtype=jnp.bool_)[None]
+    return m | pad_self[:, None]
 
 
 def mask_bias(q_pos, q_seg, k_pos, k_seg, sliding_window: Optional[int]) -> Array:
@@ -249,7 +265,14 @@ class Attention(nn.Module):
             k_t = jax.lax.dynamic_index_in_dim(ck, li, 0, keepdims=False).astype(dt)
             v_t = jax.lax.dynamic_index_in_dim(cv, li, 0, keepdims=False).astype(dt)
         chunk = cfg.attention_chunk
-        if layer_cache is None and chunk and T > chunk:
+        if layer_cache is None and cfg.attention_impl != "einsum":
+            # jax.nn.dot_product_attention in the [B, T, N, hd] layout; ``mask`` is the boolean
+            # [B, 1, T, T] mask of :func:`dpa_mask` (padding queries attend to themselves, so no
+            # row is empty), or None for unpadded, unpacked causal rows (``is_causal`` only: the
+            # form cuDNN's flash kernel runs without reading a bias).
+            out = jax.nn.dot_product_attention(
+                q, k, v, mask=mask, is_causal=True, implementation=cfg.attention_impl)
+        elif layer_cache is None and chunk and T > chunk:
             # Causal query chunks (no cache): positions increase along a row within a segment
             # (left padding, packing), so a key after the query in the row is always masked and
             # query chunk [q0, q1) only needs keys [0, q1): skips ~half the scores and their
@@ -351,6 +374,7 @@ class Decoder(nn.Module):
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(cfg, deterministic, name="layers")
         B, T = input_ids.shape
+        plain_causal = positions is None and segment_ids is None  # one sequence per row
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         if segment_ids is None:
@@ -359,9 +383,13 @@ class Decoder(nn.Module):
         segment_ids = segment_ids.astype(jnp.int32)
         x = jnp.take(embed, input_ids, axis=0).astype(dt)
         cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg))
-        if cache is None:
+        if cache is None and cfg.attention_impl != "einsum":
+            mask = (None if plain_causal and cfg.sliding_window is None
+                    else dpa_mask(positions, segment_ids, cfg.sliding_window))
+            kv, idx = None, jnp.zeros((), jnp.int32)
+        elif cache is None:
             mask = mask_bias(positions, segment_ids, positions, segment_ids,
-                                  cfg.sliding_window)
+                             cfg.sliding_window)
             kv, idx = None, jnp.zeros((), jnp.int32)
         else:
             idx = cache["index"]
