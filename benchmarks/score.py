@@ -1,7 +1,7 @@
 """BBQ log-likelihood scoring throughput: this project's jitted scorer vs a transformers baseline.
 
     python benchmarks/score.py [--max_items 160] [--batch_rows 8] [--baseline_items 16]
-                               [--method prefix] [--json out.json]
+                               [--method prefix] [--json out.json] [--xla_cpu_flags xnnpack]
 
 What is measured
 ----------------
@@ -114,14 +114,22 @@ def main(argv=None):
     ap.add_argument("--baseline_items", type=int, default=16,
                     help="items for the transformers baseline (0 = skip it)")
     ap.add_argument("--json", default="", help="write the figures to this file")
+    ap.add_argument("--xla_cpu_flags", default="config",
+                    help="XLA CPU flags applied before JAX starts, as the entry points do "
+                         "('config' = the base config's xla_cpu_flags, off by default; "
+                         "'xnnpack' = configs_util.XNNPACK_DOT_FLAGS; '' = none)")
     a = ap.parse_args(argv)
+    from regift_jax import configs_util
+    xla_flags = configs_util.apply_xla_cpu_flags(
+        configs_util.resolve_xla_cpu_flags(a.xla_cpu_flags))
 
     import jax
     from regift_jax import evaluate, models
     from regift_jax.eval import bbq, loglik
 
     log(f"# BBQ log-likelihood scoring benchmark ({time.strftime('%Y-%m-%d %H:%M:%S')})")
-    log(f"jax {jax.__version__} on {jax.devices()[0].platform}; {load_avg()}")
+    log(f"jax {jax.__version__} on {jax.devices()[0].platform}; {load_avg()}; "
+        f"XLA_FLAGS={xla_flags!r}")
     cats = [c for c in a.categories.split(",") if c] or [
         c for c in bbq.CATEGORIES if os.path.exists(bbq.bbq_path(a.bbq_dir, c))]
     items = bbq.load_bbq(a.bbq_dir, cats)
@@ -165,7 +173,7 @@ def main(argv=None):
             f"(process CPU {cpu[-1]:.1f} s); {load_avg()}")
     t1, t2 = times[0], times[-1]
     res = {"n_items_total": N_all, "n_items_timed": len(reqs), "method": a.method,
-           "batch_rows": a.batch_rows, "pass1_s": t1, "pass2_s": t2 if a.repeats > 1 else None,
+           "batch_rows": a.batch_rows, "xla_flags": xla_flags, "pass1_s": t1, "pass2_s": t2 if a.repeats > 1 else None,
            "cpu_s": cpu,
            "items_per_s_pass1": len(reqs) / t1, "tokens_real_per_item":
            plan_all.tokens_real / N_all, "slots_per_item": plan_all.tokens_computed / N_all,
