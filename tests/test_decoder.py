@@ -135,28 +135,40 @@ def test_llama3_config_is_a_valid_static_argument():
         cfg.rope_scaling["factor"] = 2.0
 
 
-def test_attention_chunk_same_values_and_gradients(family_model):
-    """Causal query chunks (model.attention_chunk) skip only masked scores: logits and gradients
-    equal the one-matrix path on a left-padded batch and on a packed row (two segments), for every
-    family (Mistral's sliding window included)."""
-    fam, _, cfg, params = family_model
+def padded_and_packed_batch():
+    """The left-padded test batch with row 0 packing two sequences (segments 1 and 2)."""
     ids, mask = batch()
     pos = np.array(positions_from_mask(jnp.asarray(mask)))
     seg = np.asarray(mask).copy()
     seg[0, 20:] = 2  # row 0 packs two sequences
     pos[0, 20:] = np.arange(ids.shape[1] - 20)
-    ids, pos, seg = jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(seg)
+    return jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(seg)
+
+
+def assert_same_values_and_gradients(params, cfg, other):
+    """Logits (on real tokens) and every parameter gradient of :func:`padded_and_packed_batch`
+    agree under ``cfg`` and ``other``; returns ``other``'s logits."""
+    ids, pos, seg = padded_and_packed_batch()
 
     def loss(p, c):
         out = Decoder(c).apply({"params": p}, ids, positions=pos, segment_ids=seg)
         return jnp.sum(jnp.where(seg[..., None] > 0, out, 0.0) ** 2) * 1e-3, out
-    chunked = cfg.replace(attention_chunk=8)  # 33 tokens: chunks of 8, 8, 8, 8, 1
     (_, a), ga = jax.value_and_grad(loss, has_aux=True)(params, cfg)
-    (_, b), gb = jax.value_and_grad(loss, has_aux=True)(params, chunked)
+    (_, b), gb = jax.value_and_grad(loss, has_aux=True)(params, other)
     valid = np.asarray(seg) > 0
     assert float(np.abs(np.asarray(a) - np.asarray(b))[valid].max()) <= 1e-5
     for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5, rtol=1e-4)
+    return np.asarray(b)
+
+
+def test_attention_chunk_same_values_and_gradients(family_model):
+    """Causal query chunks (model.attention_chunk) skip only masked scores: logits and gradients
+    equal the one-matrix path on a left-padded batch and on a packed row (two segments), for every
+    family (Mistral's sliding window included)."""
+    fam, _, cfg, params = family_model
+    # 33 tokens: chunks of 8, 8, 8, 8, 1
+    assert_same_values_and_gradients(params, cfg, cfg.replace(attention_chunk=8))
 
 
 def test_attention_impl_xla_same_values_and_gradients(family_model):
@@ -166,24 +178,9 @@ def test_attention_impl_xla_same_values_and_gradients(family_model):
     positions/segments given: mask None, is_causal only), for every family (Mistral's window
     included)."""
     fam, m, cfg, params = family_model
-    ids, mask = batch()
-    pos = np.array(positions_from_mask(jnp.asarray(mask)))
-    seg = np.asarray(mask).copy()
-    seg[0, 20:] = 2
-    pos[0, 20:] = np.arange(ids.shape[1] - 20)
-    ids, pos, seg = jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(seg)
     dpa = cfg.replace(attention_impl="xla")
-
-    def loss(p, c):
-        out = Decoder(c).apply({"params": p}, ids, positions=pos, segment_ids=seg)
-        return jnp.sum(jnp.where(seg[..., None] > 0, out, 0.0) ** 2) * 1e-3, out
-    (_, a), ga = jax.value_and_grad(loss, has_aux=True)(params, cfg)
-    (_, b), gb = jax.value_and_grad(loss, has_aux=True)(params, dpa)
-    valid = np.asarray(seg) > 0
-    assert np.isfinite(np.asarray(b)).all()  # padding rows too (they attend to themselves)
-    assert float(np.abs(np.asarray(a) - np.asarray(b))[valid].max()) <= 1e-5
-    for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5, rtol=1e-4)
+    b = assert_same_values_and_gradients(params, cfg, dpa)
+    assert np.isfinite(b).all()  # padding rows too (they attend to themselves)
     # plain causal rows, and the independent reference: transformers on unpadded rows
     full = jnp.asarray(batch()[0])
     c = Decoder(cfg).apply({"params": params}, full)
