@@ -16,6 +16,7 @@ import time
 
 
 def main():
+    from regift_jax import configs_util  # no JAX import: flags go first
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--new_tokens", type=int, default=64)
@@ -24,13 +25,9 @@ def main():
     ap.add_argument("--torch_threads", type=int, default=0, help="0 = torch default")
     ap.add_argument("--json", default="")
     ap.add_argument("--xla_cpu_flags", default="config",
-                    help="XLA CPU flags applied before JAX starts, as the entry points do "
-                         "('config' = the base config's xla_cpu_flags, off by default; "
-                         "'xnnpack' = configs_util.XNNPACK_DOT_FLAGS; '' = none)")
+                    help=configs_util.XLA_CPU_FLAGS_HELP)
     a = ap.parse_args()
-    from regift_jax import configs_util
-    xla_flags = configs_util.apply_xla_cpu_flags(
-        configs_util.resolve_xla_cpu_flags(a.xla_cpu_flags))
+    xla_flags = configs_util.apply_cli_xla_cpu_flags(a.xla_cpu_flags)
     print(f"XLA_FLAGS={xla_flags!r}", flush=True)
 
     import jax

@@ -96,6 +96,7 @@ def load_torch_model(handle_source: str):
 
 
 def main(argv=None):
+    from regift_jax import configs_util  # no JAX import: flags go first
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--bbq_dir", default=os.path.join(REPO, "data", "bbq"))
@@ -115,13 +116,9 @@ def main(argv=None):
                     help="items for the transformers baseline (0 = skip it)")
     ap.add_argument("--json", default="", help="write the figures to this file")
     ap.add_argument("--xla_cpu_flags", default="config",
-                    help="XLA CPU flags applied before JAX starts, as the entry points do "
-                         "('config' = the base config's xla_cpu_flags, off by default; "
-                         "'xnnpack' = configs_util.XNNPACK_DOT_FLAGS; '' = none)")
+                    help=configs_util.XLA_CPU_FLAGS_HELP)
     a = ap.parse_args(argv)
-    from regift_jax import configs_util
-    xla_flags = configs_util.apply_xla_cpu_flags(
-        configs_util.resolve_xla_cpu_flags(a.xla_cpu_flags))
+    xla_flags = configs_util.apply_cli_xla_cpu_flags(a.xla_cpu_flags)
 
     import jax
     from regift_jax import evaluate, models
@@ -173,7 +170,8 @@ def main(argv=None):
             f"(process CPU {cpu[-1]:.1f} s); {load_avg()}")
     t1, t2 = times[0], times[-1]
     res = {"n_items_total": N_all, "n_items_timed": len(reqs), "method": a.method,
-           "batch_rows": a.batch_rows, "xla_flags": xla_flags, "pass1_s": t1, "pass2_s": t2 if a.repeats > 1 else None,
+           "batch_rows": a.batch_rows, "xla_flags": xla_flags, "pass1_s": t1,
+           "pass2_s": t2 if a.repeats > 1 else None,
            "cpu_s": cpu,
            "items_per_s_pass1": len(reqs) / t1, "tokens_real_per_item":
            plan_all.tokens_real / N_all, "slots_per_item": plan_all.tokens_computed / N_all,

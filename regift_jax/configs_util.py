@@ -380,6 +380,17 @@ def resolve_xla_cpu_flags(value: str) -> str:
     return value
 
 
+XLA_CPU_FLAGS_HELP = ("XLA CPU flags applied before JAX starts, as the entry points do ('config' = "
+                      "the base config's xla_cpu_flags, off by default; 'xnnpack' = "
+                      "configs_util.XNNPACK_DOT_FLAGS; '' = none)")
+
+
+def apply_cli_xla_cpu_flags(value: str) -> str:
+    """A command line's ``--xla_cpu_flags`` value (:data:`XLA_CPU_FLAGS_HELP`), resolved and
+    applied: :func:`apply_xla_cpu_flags` of :func:`resolve_xla_cpu_flags`."""
+    return apply_xla_cpu_flags(resolve_xla_cpu_flags(value))
+
+
 def apply_xla_cpu_flags(flags: str, env=None) -> str:
     """Append ``flags`` (``config.xla_cpu_flags``) to ``XLA_FLAGS`` in ``env`` (default
     ``os.environ``) and return the value set.  Call before the first JAX computation (XLA reads

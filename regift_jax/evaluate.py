@@ -981,8 +981,7 @@ def _print_stereoset(rep: Mapping[str, object]) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = make_parser().parse_args(argv)
     from regift_jax import configs_util
-    configs_util.apply_xla_cpu_flags(  # before JAX starts
-        configs_util.resolve_xla_cpu_flags(args.xla_cpu_flags))
+    configs_util.apply_cli_xla_cpu_flags(args.xla_cpu_flags)  # before JAX starts
     from regift_jax.eval.stereoset import StereoSetFormatError
     try:
         rep = run(args)
