@@ -19,6 +19,7 @@ install_requires = [
     "tensorflow-datasets>=4.9",
     "datasets",
     "pyarrow",
+    "jinja2>=3.1",  # transformers' apply_chat_template (chat-wrapped prompts)
     "tqdm",
     "matplotlib",
     "tensorboardX",

@@ -3,4 +3,10 @@
 Data flow: prompts/traces -> data -> models -> train -> eval.
 """
 
+import os as _os
+
+# The product uses transformers for tokenizers only; its "PyTorch was not found" advice would tell
+# every user that something is missing when nothing is.
+_os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
 __version__ = "0.1.0"
