@@ -77,12 +77,12 @@ def trace_records(squad_path, n, seed):
 def student_prompt_fn():
     """The project's student prompt if available, else an equivalent inline template."""
     try:
-        from regift_jax import prompts
+        from regift_jax.core import prompts
         t = prompts.get_template("student_train")
         return (lambda r: t.render_prompt(context=r["context"], question=r["question"])), \
             t.target_text, t.id
     except Exception as e:  # prompts module missing or changed: keep the benchmark running
-        print(f"[note] regift_jax.prompts unavailable ({type(e).__name__}: {e}); inline template")
+        print(f"[note] regift_jax.core.prompts unavailable ({type(e).__name__}: {e}); inline template")
         text = ("### Instruction:\nAnswer the following question based on the provided context. "
                 "Give your reasoning in think tags and the final answer in answer tags. If the "
                 "answer is not present in the context, respond with 'Not in background.'\n\n"

@@ -12,9 +12,9 @@ What is measured (same shapes for both stacks):
 * **peak**: a jitted 8192x8192x8192 bf16 matmul, median of 10 after 3 warm-ups — the ceiling
   MFU is computed against (measured in the same run, not a datasheet number).
 * **SFT step, LoRA** (the paper's setup: r16, alpha 32, q_proj/v_proj, base weights frozen
-  in bf16): ``regift_jax.trainer.train_step`` jitted with explicit in/out shardings and donation
+  in bf16): ``regift_jax.training.trainer.train_step`` jitted with explicit in/out shardings and donation
   on an FSDP mesh of the one chip, remat ``full``, batch x 2048 tokens.  MFU uses
-  :func:`regift_jax.trainer.train_flops_per_token` (LoRA: no weight-gradient FLOPs for frozen
+  :func:`regift_jax.training.trainer.train_flops_per_token` (LoRA: no weight-gradient FLOPs for frozen
   weights; attention counted in full).  Baseline: transformers ``LlamaForCausalLM`` + PEFT,
   gradient checkpointing, torch AdamW, SDPA attention, same batch.
 * Attention and loss (``--attention_impl``, ``--loss_chunk``): by default the LoRA and full steps
@@ -27,7 +27,7 @@ What is measured (same shapes for both stacks):
 * **SFT step, full fine-tuning** (bf16 params and bf16 AdamW moments; the 8B model in fp32 with
   fp32 moments does not fit one chip with activations).
 * **generation**: batch 64, prompts of 128 random tokens, 128 new tokens, greedy, no early
-  stop: this project's :class:`regift_jax.sampling.Sampler` vs transformers ``generate``
+  stop: this project's :class:`regift_jax.models.sampling.Sampler` vs transformers ``generate``
   (``min_new_tokens`` = ``max_new_tokens``), tokens/s counting new tokens only, prefill included.
 
 ``--smoke`` runs every part on a tiny model on the CPU (the path CI-free development uses to
@@ -96,12 +96,12 @@ def run_jax(args) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from regift_jax import sharding as shd
+    from regift_jax.core import sharding as shd
     from regift_jax.models import lora as lora_lib
     from regift_jax.models.config import ModelConfig
-    from regift_jax.models.decoder import init_params
-    from regift_jax.sampling import Sampler, SamplingConfig
-    from regift_jax.trainer import (init_state, jit_train_step, make_optimizer, split_trainable,
+    from regift_jax.models.decoder import init_params, param_shardings
+    from regift_jax.models.sampling import Sampler, SamplingConfig
+    from regift_jax.training.trainer import (init_state, jit_train_step, make_optimizer, split_trainable,
                                     state_shardings, train_flops_per_token)
 
     res = {"stack": "regift_jax", "jax": jax.__version__,
@@ -135,7 +135,7 @@ def run_jax(args) -> dict:
     res["attention_impl"], res["loss_chunk"] = impl, args.loss_chunk
     res["n_params"] = cfg.num_params()
     mesh = shd.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
-    full_sh = shd.param_shardings(cfg, mesh)
+    full_sh = param_shardings(cfg, mesh)
     t0 = time.perf_counter()
     params = jax.jit(lambda k: init_params(cfg, k), out_shardings=full_sh)(jax.random.PRNGKey(0))
     block(params)

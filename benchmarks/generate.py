@@ -16,7 +16,7 @@ import time
 
 
 def main():
-    from regift_jax import configs_util  # no JAX import: flags go first
+    from regift_jax.core import configs_util  # no JAX import: flags go first
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--new_tokens", type=int, default=64)
@@ -32,7 +32,7 @@ def main():
 
     import jax
     from regift_jax import models
-    from regift_jax.sampling import Sampler, SamplingConfig
+    from regift_jax.models.sampling import Sampler, SamplingConfig
 
     m = models.load("smollm2-135m-instruct")
     tok = m.tokenizer

@@ -62,7 +62,7 @@ def best_time(fn, reps):
 def measure_machine(n: int, reps: int) -> dict:
     import jax
     import jax.numpy as jnp
-    from regift_jax.trainer import measure_matmul_flops
+    from regift_jax.training.trainer import measure_matmul_flops
     from train_step import measure_torch_matmul  # benchmarks/ is on sys.path (script dir)
     jax_flops, torch_flops = measure_matmul_flops(n, reps), measure_torch_matmul(n, reps)
     big = jnp.ones((128 * 2 ** 20,), jnp.float32)  # 512 MiB
@@ -130,7 +130,7 @@ def main(argv=None):
     ap.add_argument("--json", default="")
     a = ap.parse_args(argv)
 
-    from regift_jax import configs_util
+    from regift_jax.core import configs_util
     base = configs_util.base_config()
     loss_chunk = int(base.model.loss_chunk) if a.loss_chunk < 0 else a.loss_chunk
     attention_chunk = (int(base.model.attention_chunk) if a.attention_chunk < 0

@@ -25,15 +25,15 @@ What is measured
   ``hidden_size``, ``intermediate_size``, ``num_heads`` and ``num_kv_heads`` multiplied by the
   width factor (``head_dim`` 64 kept), ``--layers`` layers (few, so that the grid runs in minutes),
   vocabulary 49,152 with tied embeddings, random init, float32 parameters and compute.
-* Step: full fine-tuning with the project's real step, :func:`regift_jax.trainer.train_step`
-  with :func:`regift_jax.trainer.make_optimizer` (the default ``optim`` config: global-norm clip +
-  AdamW with its decay mask), jitted the way :func:`regift_jax.trainer.run` does it: explicit
+* Step: full fine-tuning with the project's real step, :func:`regift_jax.training.trainer.train_step`
+  with :func:`regift_jax.training.trainer.make_optimizer` (the default ``optim`` config: global-norm clip +
+  AdamW with its decay mask), jitted the way :func:`regift_jax.training.trainer.run` does it: explicit
   in/out shardings, the train state donated, optimizer state sharded like the parameters
   (``optax.tree_map_params``).
-* Placement: :func:`regift_jax.sharding.make_mesh` with ``fsdp=N`` (``--mesh data`` gives
-  ``data=N`` instead; ``--mesh fsdp,data`` runs both), :data:`~regift_jax.sharding.DEFAULT_RULES`,
-  :func:`~regift_jax.sharding.param_shardings` (parameters initialised directly into them) and
-  :func:`~regift_jax.sharding.batch_sharding` (batch assembled with
+* Placement: :func:`regift_jax.core.sharding.make_mesh` with ``fsdp=N`` (``--mesh data`` gives
+  ``data=N`` instead; ``--mesh fsdp,data`` runs both), :data:`~regift_jax.core.sharding.DEFAULT_RULES`,
+  :func:`~regift_jax.models.decoder.param_shardings` (parameters initialised directly into them) and
+  :func:`~regift_jax.core.sharding.batch_sharding` (batch assembled with
   :func:`regift_jax.data.pipeline.make_global_array`).  The *global* batch is the same for every
   N: ``--batch`` rows of ``--seq`` random tokens, every token a loss token.
 * Timing: one call that compiles and runs a first step (its time is reported separately as
@@ -106,11 +106,11 @@ def worker(args) -> dict:
     import jax
     import numpy as np
 
-    from regift_jax import sharding as shd
-    from regift_jax.configs_util import base_config
+    from regift_jax.core import sharding as shd
+    from regift_jax.core.configs_util import base_config
     from regift_jax.data.pipeline import make_global_array
-    from regift_jax.models.decoder import init_params
-    from regift_jax.trainer import init_state, jit_train_step, make_optimizer, state_shardings
+    from regift_jax.models.decoder import init_params, param_shardings
+    from regift_jax.training.trainer import init_state, jit_train_step, make_optimizer, state_shardings
 
     n = jax.device_count()
     if n != args.worker:
@@ -126,7 +126,7 @@ def worker(args) -> dict:
             t0 = time.perf_counter()
             # --- placement as in trainer.run(): params on their logical-axis shardings,
             # optimizer state sharded like the params it mirrors, scalars replicated.
-            p_sh = shd.param_shardings(cfg, mesh, rules)
+            p_sh = param_shardings(cfg, mesh, rules)
             params = jax.jit(lambda: init_params(cfg, jax.random.PRNGKey(0)),
                              out_shardings=p_sh)()
             n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))

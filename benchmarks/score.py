@@ -8,7 +8,7 @@ What is measured
 * **Ours**: :func:`regift_jax.eval.loglik.score_requests` on the BBQ items of the available
   categories (``data/bbq``: 11,956 items in six categories), ``bbq_base`` prompt in the chat
   template, SmolLM2-135M-Instruct (float32), ``batch_rows`` items per batch.  The subset is
-  :func:`regift_jax.evaluate.select_subset`'s (whole context paragraphs, as in a full run).
+  :func:`regift_jax.eval.evaluate.select_subset`'s (whole context paragraphs, as in a full run).
   Pass 1 includes compilation; pass 2 (``--repeats 2``) runs the same batches again, compiled.
 * **Baseline**: the transformers model of the same GGUF, lm-eval-harness style: every
   ``prompt + option`` is its own sequence, sequences sorted by length and batched
@@ -96,7 +96,7 @@ def load_torch_model(handle_source: str):
 
 
 def main(argv=None):
-    from regift_jax import configs_util  # no JAX import: flags go first
+    from regift_jax.core import configs_util  # no JAX import: flags go first
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--bbq_dir", default=os.path.join(REPO, "data", "bbq"))
@@ -121,7 +121,8 @@ def main(argv=None):
     xla_flags = configs_util.apply_cli_xla_cpu_flags(a.xla_cpu_flags)
 
     import jax
-    from regift_jax import evaluate, models
+    from regift_jax.eval import evaluate
+    from regift_jax import models
     from regift_jax.eval import bbq, loglik
 
     log(f"# BBQ log-likelihood scoring benchmark ({time.strftime('%Y-%m-%d %H:%M:%S')})")

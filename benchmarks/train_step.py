@@ -11,14 +11,14 @@ One run, one machine, float32 parameters and float32 compute in both stacks, Smo
 
 What is measured
 ----------------
-* **Ours**: :func:`regift_jax.trainer.train_step` jitted exactly as :func:`regift_jax.trainer.run`
+* **Ours**: :func:`regift_jax.training.trainer.train_step` jitted exactly as :func:`regift_jax.training.trainer.run`
   does (explicit shardings on the trainer's mesh, state donated), the optimizer from
-  :func:`regift_jax.trainer.make_optimizer`, the model from :func:`regift_jax.trainer.load_model`
+  :func:`regift_jax.training.trainer.make_optimizer`, the model from :func:`regift_jax.training.trainer.load_model`
   with the ``smollm2_135m`` preset of ``configs/llama.py`` (float32, ``remat_policy`` none,
   LoRA r16 alpha 32 dropout 0.05 on q_proj/v_proj).  The preset's lr schedule (cosine after
   warmup) is replaced by a constant lr without warmup so that both stacks take the same updates.
 * **Baseline** (the paper's stack): ``transformers.LlamaForCausalLM.from_pretrained`` of our loaded
-  weights exported with the project's exporter (:func:`regift_jax.trainer.export_model`), PEFT
+  weights exported with the project's exporter (:func:`regift_jax.training.trainer.export_model`), PEFT
   LoRA with the same r / alpha / dropout / targets (its ``lora_A`` set to our ``lora_a``, both
   ``lora_B`` start at 0), ``torch.optim.AdamW`` (default implementation) with the same lr, betas,
   eps, weight decay and no-decay groups, ``clip_grad_norm_`` 1.0 as the HF Trainer; loss from
@@ -33,7 +33,7 @@ What is measured
   computed too).
 * **Peak**: the best of ``--matmul_reps`` jitted float32 ``n x n`` matmuls (``--matmul_n``),
   measured in the same run; torch's float32 matmul is measured too, for information.
-* FLOPs per token: :func:`regift_jax.trainer.train_flops_per_token` (``6N + 12 L H hd T``; with
+* FLOPs per token: :func:`regift_jax.training.trainer.train_flops_per_token` (``6N + 12 L H hd T``; with
   LoRA the frozen weights' gradients ``2 N`` are not computed, ``6 N_lora`` is added).  The same
   figure is used for the baseline's MFU.
 
@@ -155,7 +155,7 @@ def preset_config(args, kind: str):
 
 
 def _pipeline_batch(args, tokenizer, seq_len: int):
-    from regift_jax import trainer
+    from regift_jax.training import trainer
     c = preset_config(args, "lora")
     c.data.seq_len = seq_len
     examples, _ = trainer.load_examples(c.data)
@@ -224,9 +224,9 @@ class Ours:
 
     def __init__(self, args, kind: str, batch_np, export_dir=None):
         import jax
-        from regift_jax import sharding as shd
-        from regift_jax import trainer
-        from regift_jax.configs_util import merge_rules
+        from regift_jax.core import sharding as shd
+        from regift_jax.training import trainer
+        from regift_jax.core.configs_util import merge_rules
         from regift_jax.data.pipeline import make_global_array
 
         self.args, self.kind = args, kind
@@ -274,7 +274,7 @@ class Ours:
     def breakdown(self, reps: int) -> dict:
         """Forward (+ loss) alone and forward + backward alone, jitted, best of ``reps``."""
         import jax
-        from regift_jax import trainer
+        from regift_jax.training import trainer
         cfg, p, fr, b = self.model_cfg, self.state.params, self.frozen, self.gbatch
         fwd = jax.jit(functools.partial(trainer.eval_step, model_cfg=cfg))
         fb = jax.jit(functools.partial(trainer.loss_and_grads, model_cfg=cfg))
@@ -402,7 +402,7 @@ def worker_main(args) -> None:
     batch = dict(np.load(os.path.join(wdir, "batch.npz")))
     export_dir, lora_path = os.path.join(wdir, "hf"), os.path.join(wdir, "lora_a.npz")
     if stack_name == "ours":
-        from regift_jax import configs_util
+        from regift_jax.core import configs_util
         flags = configs_util.resolve_xla_cpu_flags(args.xla_cpu_flags)
         log(f"  ours/{kind}: XLA_FLAGS={configs_util.apply_xla_cpu_flags(flags)!r}")
         need_export = not os.path.exists(os.path.join(export_dir, "config.json"))
@@ -589,7 +589,7 @@ def main(argv=None):
         f"busy {others_start:.2f} cores")
 
     # ------------------------------------------------------------- peak
-    from regift_jax.trainer import measure_matmul_flops
+    from regift_jax.training.trainer import measure_matmul_flops
     peak = measure_matmul_flops(args.matmul_n, args.matmul_reps)
     peak_torch = measure_torch_matmul(args.matmul_n, args.matmul_reps)
     log(f"  peak: jitted float32 {args.matmul_n}^2 matmul, best of "

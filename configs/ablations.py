@@ -19,22 +19,22 @@ training split and runs ``ceil(num_epochs x steps_per_epoch)`` steps):
 
 * ``correct``: the teacher's correct traces (paper-lenient criterion) -- ReGiFT itself;
 * ``incorrect``: only the incorrect ones (unparseable teacher outputs are dropped by the reader
-  from every selection, see ``regift_jax.traces.records``);
+  from every selection, see ``regift_jax.data.records``);
 * ``all``: every parseable trace.
 
 Data-size ablation, a true subsample at the same epochs (the paper instead reported epoch
 checkpoints of one run): ``frac20``, ``frac40``, ``frac60``, ``frac80``, ``frac100`` set
 ``data.max_examples = max(1, floor(f x N + 0.5))`` where ``N`` is the number of correct traces in
 the *training split* (after the held-out split ``data.eval_fraction``/``data.eval_salt``, exactly
-as ``regift_jax.trainer.run`` computes it, because ``max_examples`` truncates that list).  ``N`` is
+as ``regift_jax.training.trainer.run`` computes it, because ``max_examples`` truncates that list).  ``N`` is
 counted when the config is built, by reading the shards with
-``regift_jax.traces.records.read_trace_jsonl`` + ``select_records`` and splitting with
-``regift_jax.trainer.split_heldout``, so ``frac100`` trains on every correct training trace.
+``regift_jax.data.records.read_trace_jsonl`` + ``select_records`` and splitting with
+``regift_jax.training.trainer.split_heldout``, so ``frac100`` trains on every correct training trace.
 
 Which examples a fraction keeps: the trainer keeps the *first* N of its list, and that order is
 fixed, not random at training time: shard files sorted by name, lines in file order,
 ``select_records`` and ``split_heldout`` preserve it.  The trace generator
-(``regift_jax.generate_traces``) writes whole SQuAD paragraphs in an order shuffled with
+(``regift_jax.traces.generate``) writes whole SQuAD paragraphs in an order shuffled with
 ``random.Random(data.seed)`` (seed 0 in ``configs/teacher_smollm2.py``), so a prefix is a seeded
 random sample of paragraphs (samples of one question stay together), and the subsets are nested:
 frac20 is a subset of frac40 of ... of frac100.  The per-epoch batch order is shuffled by the
@@ -67,7 +67,7 @@ epoch while ``incorrect`` / ``all`` (~140 / ~150) are ~35-40 steps per epoch; lo
 a quicker, still equal-epoch, comparison.
 """
 
-from regift_jax import configs_util
+from regift_jax.core import configs_util
 
 PRESETS = ("correct", "incorrect", "all", "frac20", "frac40", "frac60", "frac80", "frac100",
            "cot", "instruction")
@@ -93,8 +93,8 @@ def _student(source: str):
 def count_training_traces(dcfg, selection: str = "correct") -> int:
     """Number of ``selection`` traces of ``dcfg.source`` left for training after the held-out
     split: the length of the list that ``data.max_examples`` truncates in the trainer."""
-    from regift_jax.trainer import _resolve_path, split_heldout
-    from regift_jax.traces import records as rec_lib
+    from regift_jax.training.trainer import _resolve_path, split_heldout
+    from regift_jax.data import records as rec_lib
     src = _resolve_path(dcfg.source)
     try:
         recs, _ = rec_lib.read_trace_jsonl(src)

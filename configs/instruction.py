@@ -11,13 +11,13 @@ length, mesh) is that preset's, only the data changes:
   generated from; article-hash split of ``regift_jax.data.builders.squad_v2``), each question's
   first gold answer, ``Not in background.`` for unanswerable ones;
 * ``data.template = "instruction_baseline"``: the student prompt of ``student_train`` unchanged,
-  target ``<answer> A </answer>`` (``regift_jax.prompts``), so both arms are evaluated with one
+  target ``<answer> A </answer>`` (``regift_jax.core.prompts``), so both arms are evaluated with one
   prompt and one parser.
 
 The held-out evaluation loss uses ``data.eval_fraction`` of the pool by question id, as for traces.
 """
 
-from regift_jax import configs_util
+from regift_jax.core import configs_util
 
 STUDENTS = {
     "smollm2_135m": "llama", "llama3_1_8b": "llama", "llama3_1_8b_full": "llama",

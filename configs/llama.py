@@ -24,7 +24,7 @@ The model name ``llama-3.1-8b`` must resolve through ``regift_jax.models.load``:
 ``--config.model.name=/path/to/hf_dir``.
 """
 
-from regift_jax import configs_util
+from regift_jax.core import configs_util
 
 PRESETS = ("smollm2_135m", "llama3_1_8b", "llama3_1_8b_full")
 

@@ -10,7 +10,7 @@ The model name ``mistral-7b-v0.1`` must resolve through ``regift_jax.models.load
 ``--config.model.name`` with an HF directory).
 """
 
-from regift_jax import configs_util
+from regift_jax.core import configs_util
 
 PRESETS = ("mistral_7b", "mistral_7b_full")
 

@@ -9,7 +9,7 @@ paper_recipe``), with ``remat_policy=full`` for the 14B model's activations.  Th
 ``phi-4`` must resolve through ``regift_jax.models.load`` (or override ``--config.model.name``).
 """
 
-from regift_jax import configs_util
+from regift_jax.core import configs_util
 
 PRESETS = ("phi4", "phi4_full")
 

@@ -11,7 +11,7 @@ accelerator.  Paper settings: greedy, 512 new tokens, one sample per question, s
 
 import ml_collections
 
-from regift_jax import configs_util
+from regift_jax.core import configs_util
 
 PRESETS = {
     "r1_distill_qwen_32b": "deepseek-r1-distill-qwen-32b",

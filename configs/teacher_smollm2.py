@@ -11,7 +11,7 @@ traces per question; only correct traces are used for training (``regift_traces/
 
 import ml_collections
 
-from regift_jax import configs_util
+from regift_jax.core import configs_util
 
 
 def get_config(arg=None):

@@ -3,7 +3,7 @@ teacher traces, evaluate the tuned student the same way, and write a before/afte
 
 Called by ``python -m regift_jax.train`` when ``config.experiment.enabled`` (the default preset of
 ``configs/llama.py`` enables it); every evaluation is a call of the evaluation CLI
-(:mod:`regift_jax.evaluate`) with the same flags for both models, so the two reports are computed
+(:mod:`regift_jax.eval.evaluate`) with the same flags for both models, so the two reports are computed
 by identical code on identical items:
 
 1. ``eval_before/<mode>``: the base model (``config.model.name``);
@@ -69,7 +69,7 @@ def _eval_args(ecfg, mode: str, model: str, out: str, compare: Optional[str]) ->
 
 
 def _evaluate(args: List[str]) -> dict:
-    from regift_jax import evaluate
+    from regift_jax.eval import evaluate
     rc = evaluate.main(args)
     if rc != 0:
         raise RuntimeError(f"evaluation failed (exit {rc}): python -m regift_jax.evaluate "

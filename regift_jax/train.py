@@ -76,9 +76,9 @@ def run_training(config, workdir: str = "", **kw) -> dict:
     ``checkpoint_steps``, ``tensorboard_dir``, ``metrics_file``, ``export_dir`` (HF directory,
     LoRA merged; "" when export is off or the run was preempted), ``wall_time_s``, ``history``
     (every logged record) and the final ``state`` / ``frozen`` params / ``model_cfg``.
-    Keyword arguments go to :func:`regift_jax.trainer.run` (``callbacks``).
+    Keyword arguments go to :func:`regift_jax.training.trainer.run` (``callbacks``).
     """
-    from regift_jax import trainer
+    from regift_jax.training import trainer
     return trainer.run(config, workdir or config.workdir, **kw)
 
 
@@ -99,7 +99,7 @@ def _summary_line(res: dict) -> str:
 
 def main(argv=None):
     argv = list(sys.argv if argv is None else argv)
-    from regift_jax import configs_util
+    from regift_jax.core import configs_util
     try:
         configs_util.check_overrides(argv[1:])
     except (configs_util.ConfigKeyError, ValueError, FileNotFoundError, AttributeError) as e:
@@ -129,7 +129,7 @@ def main(argv=None):
         configs_util.apply_xla_cpu_flags(config.xla_cpu_flags)  # before JAX starts
         maybe_initialize_distributed(config.distributed)
         from regift_jax.models.checkpoints import CheckpointError
-        from regift_jax.trainer import NonFiniteError
+        from regift_jax.training.trainer import NonFiniteError
         try:
             if config.experiment.enabled:
                 from regift_jax.experiment import run_experiment

@@ -51,7 +51,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
-from regift_jax import configs_util  # noqa: E402
+from regift_jax.core import configs_util  # noqa: E402
 from regift_jax.experiment import HEADLINE  # noqa: E402
 
 RESULT = "experiment.json"

@@ -17,8 +17,8 @@ import sys
 
 import pytest
 
-from regift_jax import configs_util
-from regift_jax.traces import records as R
+from regift_jax.core import configs_util
+from regift_jax.data import records as R
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "ablations.py")
@@ -126,7 +126,7 @@ def test_fractions_on_a_synthetic_trace_set_are_nested_prefixes_of_the_trainer_l
     n = len(train_ids)
     assert len(ids) == 27 and 20 <= n <= 27
     src = str(shard.parent)
-    from regift_jax import trainer
+    from regift_jax.training import trainer
     sizes = {}
     for p, f in (("frac20", .2), ("frac40", .4), ("frac60", .6), ("frac80", .8),
                  ("frac100", 1.0)):

@@ -20,7 +20,7 @@ import pytest
 tfds = pytest.importorskip("tensorflow_datasets")
 
 from regift_jax.data import builders as B  # noqa: E402
-from regift_jax.data import default_source_dir  # noqa: E402
+from regift_jax.core.paths import default_source_dir  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)

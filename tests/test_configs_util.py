@@ -3,7 +3,7 @@ install, never override a flag the user set, and stay off for accelerator platfo
 
 import pytest
 
-from regift_jax import configs_util
+from regift_jax.core import configs_util
 
 FLAGS = configs_util.XNNPACK_DOT_FLAGS
 

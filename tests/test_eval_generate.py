@@ -10,7 +10,7 @@ import sys
 import pytest
 
 import _smollm2
-from regift_jax import evaluate
+from regift_jax.eval import evaluate
 from regift_jax.eval import bbq
 from regift_jax.eval import generate as gen
 from _data import REPO, bbq_dir, cli_env

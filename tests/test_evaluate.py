@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from regift_jax import evaluate
+from regift_jax.eval import evaluate
 from _data import REPO, SHARED, bbq_dir, cli_env
 
 FIXTURE = os.path.join(SHARED, "regift_paper_outputs", "only_correct_checkpoint_31761_religion")

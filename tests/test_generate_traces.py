@@ -88,7 +88,7 @@ def test_sigkill_and_resume_exactly_once(tiny_teacher, tmp_path):
     assert {s for _, s in keys} == {0, 1}
     assert not os.listdir(parts)  # compacted
     # every record reads back through the trace reader and its fields are consistent
-    from regift_jax.traces.records import parse_teacher_output, read_trace_jsonl
+    from regift_jax.data.records import parse_teacher_output, read_trace_jsonl
     got, report = read_trace_jsonl(os.path.join(out, "traces-p00000.jsonl.gz"))
     assert len(got) == 24 and report.n_dropped == 0, report.summary()
     for x in got:
@@ -112,7 +112,7 @@ def test_resume_with_other_settings_is_refused(tiny_teacher, tmp_path):
 
 
 def test_unit_seed_and_question_selection():
-    from regift_jax.generate_traces import load_questions, unit_seed
+    from regift_jax.traces.generate import load_questions, unit_seed
     from configs.teacher_smollm2 import get_config
     assert unit_seed("a", 0) != unit_seed("a", 1) and unit_seed("a", 0) == unit_seed("a", 0)
     c = get_config()
@@ -127,7 +127,7 @@ def test_unit_seed_and_question_selection():
 def test_compact_merges_a_plain_shard_and_parts_into_gzip(tmp_path):
     """Older runs compacted to plain ``.jsonl``: resuming reads it, compaction folds it and the
     new parts into one ``.jsonl.gz`` (no duplicate, nothing lost) and the reader reads it."""
-    from regift_jax import generate_traces as G
+    from regift_jax.traces import generate as G
     out = str(tmp_path)
     os.makedirs(os.path.join(out, "parts"))
     rec = lambda q, s: json.dumps({"id": q, "sample_index": s}) + "\n"  # noqa: E731

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from regift_jax.models.head_loss import head_loss
-from regift_jax.trainer import token_loss
+from regift_jax.training.trainer import token_loss
 
 B, T, D, V = 3, 37, 16, 101
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import _smollm2
-from regift_jax import evaluate
+from regift_jax.eval import evaluate
 from regift_jax.eval import bbq, loglik
 from regift_jax.eval.loglik import Request
 from _data import REPO, bbq_dir

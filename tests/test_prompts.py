@@ -1,4 +1,4 @@
-"""Prompt templates (regift_jax/prompts.py): exact rendered strings, field errors, chat wrapping.
+"""Prompt templates (regift_jax/core/prompts.py): exact rendered strings, field errors, chat wrapping.
 
 The expected strings are written out by hand from the authors' files named in prompts.py; the
 released BBQ prompts are also checked item by item against the authors' released generations
@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from regift_jax import prompts as P
+from regift_jax.core import prompts as P
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.environ.get("REGIFT_SHARED_DATA", os.path.join(REPO_ROOT, "..", "shared", "data"))

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from regift_jax.traces import records as R
+from regift_jax.data import records as R
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIXTURE = os.path.join(HERE, "fixtures", "traces")
@@ -207,7 +207,7 @@ def test_write_roundtrip_and_atomicity(tmp_path):
 def test_hf_dataset_and_parquet(tmp_path):
     import pyarrow.parquet as pq
 
-    from regift_jax.data import traces_to_hf_dataset, write_traces_parquet
+    from regift_jax.data.records import traces_to_hf_dataset, write_traces_parquet
 
     ds, rep = traces_to_hf_dataset(FIXTURE, selection="correct", return_report=True)
     assert rep.n_records == 8 and len(ds) == 5

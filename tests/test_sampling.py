@@ -6,7 +6,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from regift_jax.sampling import Sampler, SamplingConfig, filter_logits
+from regift_jax.models.sampling import Sampler, SamplingConfig, filter_logits
 import _smollm2
 
 needs_smollm2 = pytest.mark.skipif(_smollm2.gguf_path() is None,
@@ -89,7 +89,7 @@ def test_filter_logits_top_k_top_p():
 
 def test_sampling_distribution_matches_probs():
     # many independent rows sample from the filtered distribution
-    from regift_jax.sampling import sample_next
+    from regift_jax.models.sampling import sample_next
     probs = np.array([0.5, 0.3, 0.2], np.float32)
     n = 4000
     logits = jnp.broadcast_to(jnp.log(jnp.asarray(probs)), (n, 3))

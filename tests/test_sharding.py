@@ -8,7 +8,7 @@ import textwrap
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from regift_jax import sharding as shd
+from regift_jax.core import sharding as shd
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -48,15 +48,15 @@ def test_streaming_load_into_8_device_mesh(tmp_path):
         sys.path.insert(0, {os.path.join(REPO, 'tests')!r})
         import numpy as np, jax, jax.numpy as jnp
         from _hf_tiny import make_hf_model, batch, hf_logits
-        from regift_jax import sharding as shd
+        from regift_jax.core import sharding as shd
         from regift_jax.models import checkpoints as ck
-        from regift_jax.models.decoder import Decoder, positions_from_mask
+        from regift_jax.models.decoder import Decoder, param_shardings, positions_from_mask
         assert jax.device_count() == 8
         m = make_hf_model("qwen2")
         m.save_pretrained({str(tmp_path)!r})
         mesh = shd.make_mesh({{"data": 2, "fsdp": 2, "tensor": 2}})
         cfg0 = ck.ModelConfig.from_hf_config(ck.read_hf_config({str(tmp_path)!r}))
-        shardings = shd.param_shardings(cfg0, mesh)
+        shardings = param_shardings(cfg0, mesh)
         cfg, params = ck.load_hf({str(tmp_path)!r}, shardings=shardings)
         q = params["layers"]["self_attn"]["q_proj"]["kernel"]
         assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None), q.sharding

@@ -24,7 +24,8 @@ sys.path.insert(0, os.path.join(REPO, "tests"))
 
 from test_trainer import TINY, TRACES, _tokenizer, random_params  # noqa: E402
 
-from regift_jax import configs_util, train  # noqa: E402
+from regift_jax.core import configs_util
+from regift_jax import train  # noqa: E402
 from regift_jax.models.checkpoints import SafetensorsDir, export_hf  # noqa: E402
 
 STEPS = 5

@@ -28,7 +28,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(REPO, "tests", "fixtures", "train")
 TRACES = os.path.join(FIXTURES, "traces")
 
-from regift_jax import configs_util, train, trainer  # noqa: E402
+from regift_jax.core import configs_util
+from regift_jax import train
+from regift_jax.training import trainer  # noqa: E402
 from regift_jax.models import lora as lora_lib  # noqa: E402
 from regift_jax.models.checkpoints import export_hf, load_hf  # noqa: E402
 from regift_jax.models.config import ModelConfig  # noqa: E402
@@ -369,7 +371,7 @@ KILL_SCRIPT = textwrap.dedent("""
     import json, os, signal, sys
     sys.path.insert(0, {repo!r})
     import ml_collections
-    from regift_jax import trainer
+    from regift_jax.training import trainer
     cfg = ml_collections.ConfigDict(json.load(open(sys.argv[1])))
 
     def cb(step, info):
@@ -431,7 +433,7 @@ def test_corrupt_latest_checkpoint_falls_back(ref, tiny_dir, cache_dir, tmp_path
     # ... and make step 4 unusable too, in another way: its data-iterator state is missing.
     os.remove(os.path.join(wd, "data_state", "4", "process_0.json"))
     cfg = make_config(tiny_dir, cache_dir)
-    with caplog.at_level(logging.WARNING, logger="regift_jax.trainer"):
+    with caplog.at_level(logging.WARNING, logger="regift_jax.training.trainer"):
         res = train.run_training(cfg, wd)
     msgs = [r.getMessage() for r in caplog.records if "unreadable" in r.getMessage()]
     assert len(msgs) == 2 and "step 6" in msgs[0] and "step 4" in msgs[1], msgs
@@ -480,7 +482,7 @@ SHARDED_SCRIPT = textwrap.dedent("""
     import json, sys
     sys.path.insert(0, {repo!r})
     import jax, ml_collections
-    from regift_jax import trainer
+    from regift_jax.training import trainer
     assert jax.device_count() == 8, jax.devices()
     cfg = ml_collections.ConfigDict(json.load(open(sys.argv[1])))
     res = trainer.run(cfg, sys.argv[2])

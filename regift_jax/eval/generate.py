@@ -1,13 +1,13 @@
 """BBQ answers by generation: the shared sampler answers each item under one prompt condition.
 
-:func:`generate_records` renders every item with a template (:mod:`regift_jax.prompts`:
+:func:`generate_records` renders every item with a template (:mod:`regift_jax.core.prompts`:
 ``bbq_base`` zero-shot, ``bbq_reasoning`` think/answer tags, ``bbq_cot`` chain of thought,
 ``bbq_authors_released``), optionally inside the tokenizer's chat template, and runs the one
-:class:`regift_jax.sampling.Sampler` over all of them (greedy by default; batched and, with
+:class:`regift_jax.models.sampling.Sampler` over all of them (greedy by default; batched and, with
 ``handle.mesh``, sharded over the data axes).  The returned text is the model's *whole* answer:
 the template's prefill (e.g. ``"<think> Let's think step by step. \\n"``) followed by what was
-generated (:func:`regift_jax.prompts.restore_prefill`), because the parsers need the opening
-``<think>``.  Judging is not done here: :func:`regift_jax.evaluate.judge_items` scores these texts
+generated (:func:`regift_jax.core.prompts.restore_prefill`), because the parsers need the opening
+``<think>``.  Judging is not done here: :func:`regift_jax.eval.evaluate.judge_items` scores these texts
 exactly as it scores imported ``--generations`` files.
 
 Per-template defaults (:data:`TEMPLATE_DEFAULTS`; every value can be overridden):
@@ -39,7 +39,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Dict, List, Optional, Sequence
 
-from regift_jax import prompts as prompts_lib
+from regift_jax.core import prompts as prompts_lib
 from regift_jax.eval.loglik import bbq_prompt, shared_prefix_length, use_chat
 
 #: Per-template generation defaults: (max_new_tokens, stop strings).
@@ -80,7 +80,7 @@ def generate_records(handle, items, template="bbq_base", *, chat="auto",
                      length_bucket: int = 64, share_prefix: bool = True,
                      min_shared_prefix: int = 16, progress=None) -> List[GeneratedAnswer]:
     """Generate an answer for every BBQ item (input order); see the module docstring."""
-    from regift_jax.sampling import SamplingConfig
+    from regift_jax.models.sampling import SamplingConfig
     t = prompts_lib.get_template(template) if isinstance(template, str) else template
     tok = handle.tokenizer
     if tok is None:

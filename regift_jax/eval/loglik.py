@@ -43,7 +43,7 @@ Shapes are bucketed so a whole run compiles a few programs: rows are ``batch_row
 are all padding); group and stage A lengths are rounded up to ``length_bucket``, continuation
 lengths to ``cont_bucket``; rare shapes are folded into larger ones (:func:`merge_buckets`) and
 groups are sorted by shape and batched within a shape (about 20 programs for all of BBQ).  With a
-mesh (``handle.mesh``) every batch is placed with :func:`regift_jax.sharding.batch_sharding` (so
+mesh (``handle.mesh``) every batch is placed with :func:`regift_jax.core.sharding.batch_sharding` (so
 ``batch_rows`` and the group rows must divide by the data-parallel size) and ``jit`` propagates
 the sharding.
 
@@ -366,7 +366,7 @@ class _Progress:
 def _placer(mesh):
     if mesh is None:
         return jnp.asarray
-    from regift_jax.sharding import batch_sharding
+    from regift_jax.core.sharding import batch_sharding
     return lambda x: jax.device_put(x, batch_sharding(mesh, ndim=np.ndim(x)))
 
 
@@ -721,7 +721,7 @@ class OptionScores:
 
 
 def _resolve_template(template):
-    from regift_jax import prompts
+    from regift_jax.core import prompts
     return prompts.get_template(template) if isinstance(template, str) else template
 
 
@@ -740,7 +740,7 @@ def bbq_prompt(item, template, tokenizer=None, *, chat=False, system=None,
                include_prefill: bool = True) -> str:
     """The rendered prompt for one BBQ item (fields the template asks for: context, question,
     and for multiple-choice templates ans0..ans2)."""
-    from regift_jax import prompts
+    from regift_jax.core import prompts
     t = _resolve_template(template)
     values = {"context": item.context, "question": item.question,
               "ans0": item.options[0], "ans1": item.options[1], "ans2": item.options[2]}

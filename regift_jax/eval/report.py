@@ -1,6 +1,6 @@
 """Report artefacts for a BBQ evaluation: report.json, a Markdown summary, PNG plots.
 
-Input is the report dict built by :mod:`regift_jax.evaluate` (``report["metrics"]`` is the
+Input is the report dict built by :mod:`regift_jax.eval.evaluate` (``report["metrics"]`` is the
 nested dict of :func:`regift_jax.eval.scorer.score`: ``{category | "total": {metric, "ci"}}``;
 ``report["categories"]`` the category order).  Everything here is presentation: no metric is
 computed in this module.

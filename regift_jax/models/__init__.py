@@ -24,7 +24,7 @@ import numpy as np
 
 from regift_jax.models.checkpoints import (CheckpointError, export_hf, load_gguf, load_hf)
 from regift_jax.models.config import ModelConfig, UnsupportedArchitectureError
-from regift_jax.models.decoder import Decoder, init_params, positions_from_mask
+from regift_jax.models.decoder import Decoder, init_params, param_shardings, positions_from_mask
 
 __all__ = ["load", "ModelHandle", "ModelConfig", "Decoder", "CheckpointError",
            "UnsupportedArchitectureError", "init_params"]
@@ -62,18 +62,18 @@ class ModelHandle:
         return np.asarray(_logits(self.params, ids, mask, self.cfg), np.float32)
 
     def sampler(self, **kw):
-        from regift_jax.sampling import Sampler
+        from regift_jax.models.sampling import Sampler
         return Sampler(self.cfg, self.params, self.tokenizer, mesh=self.mesh, **kw)
 
     def chat_prompt(self, user: str, system: Optional[str] = None) -> str:
         """``user`` in the tokenizer's chat template (unchanged without one)."""
-        from regift_jax.prompts import wrap_chat
+        from regift_jax.core.prompts import wrap_chat
         return wrap_chat(self.tokenizer, user, system=system)
 
     def generate(self, prompts: Sequence[str], max_new_tokens: int = 64, temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = 0, stop_strings=(), seed: int = 0,
                  chat: bool = False, batch_size: int = 8):
-        from regift_jax.sampling import SamplingConfig
+        from regift_jax.models.sampling import SamplingConfig
         if isinstance(prompts, str):
             prompts = [prompts]
         texts = [self.chat_prompt(p) if chat else p for p in prompts]
@@ -130,7 +130,7 @@ def load(name_or_path: str = DEFAULT_MODEL, *, dtype: Optional[str] = None,
     """Load a model by preset name, HF safetensors directory or .gguf file.
 
     ``dtype``/``param_dtype``: compute / parameter dtype (default float32).  ``mesh``: place the
-    params on their logical-axis shardings (:mod:`regift_jax.sharding`) while streaming them in.
+    params on their logical-axis shardings (:mod:`regift_jax.core.sharding`) while streaming them in.
     Extra keyword arguments override :class:`ModelConfig` fields (e.g. ``lora_rank=16``).
     """
     kind, path, _ = _resolve(name_or_path, download)
@@ -143,7 +143,7 @@ def load(name_or_path: str = DEFAULT_MODEL, *, dtype: Optional[str] = None,
     loader = load_gguf if kind == "gguf" else load_hf
     shardings = None
     if mesh is not None:
-        from regift_jax import sharding as shd
+        from regift_jax.core import sharding as shd
         # Shapes only depend on the architecture, so read the config first, cheaply.
         if kind == "gguf":
             import gguf
@@ -152,7 +152,7 @@ def load(name_or_path: str = DEFAULT_MODEL, *, dtype: Optional[str] = None,
         else:
             from regift_jax.models.checkpoints import read_hf_config
             base = ModelConfig.from_hf_config(read_hf_config(path), **overrides)
-        shardings = shd.param_shardings(base, mesh, rules or shd.DEFAULT_RULES)
+        shardings = param_shardings(base, mesh, rules or shd.DEFAULT_RULES)
     cfg, params = loader(path, shardings=shardings, **overrides)
     if lora:
         from regift_jax.models.lora import add_lora

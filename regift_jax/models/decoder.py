@@ -15,7 +15,7 @@ compile time flat in depth, and can be rematerialised with a named policy (``rem
 
 Every parameter carries logical axis names (``vocab``, ``embed``, ``heads``, ``kv_heads``,
 ``head_dim``, ``mlp``, ``layers``, ``lora``) through ``nn.with_logical_partitioning``;
-:mod:`regift_jax.sharding` maps them to mesh axes with one rules table.
+:mod:`regift_jax.core.sharding` maps them to mesh axes with one rules table.
 
 Attention masks are built from ``positions`` and ``segment_ids`` only: a query attends to a key iff
 both have the same non-zero segment id and ``k_pos <= q_pos`` (and inside the sliding window).
@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from regift_jax.core import sharding as shd
 from regift_jax.models.config import ModelConfig
 
 Array = jax.Array
@@ -504,3 +505,10 @@ def param_logical_axes(cfg: ModelConfig):
     abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
                                                  jnp.zeros((1, 2), jnp.int32)))["params"]
     return nn.get_partition_spec(abstract)
+
+
+def param_shardings(cfg: ModelConfig, mesh, rules=shd.DEFAULT_RULES):
+    """NamedSharding pytree for the decoder's params (abstract init: no memory, no FLOPs)."""
+    abstract = jax.eval_shape(lambda: Decoder(cfg).init(jax.random.PRNGKey(0),
+                                                        jnp.zeros((1, 2), jnp.int32)))["params"]
+    return shd.tree_shardings(abstract, mesh, rules)

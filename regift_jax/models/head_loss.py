@@ -16,7 +16,7 @@ largest activations.  :func:`head_loss` instead
    cut-cross-entropy, written in plain JAX).
 
 The result is the same ``(sum of masked NLL, number of loss tokens, number of correct argmax
-predictions)`` as :func:`regift_jax.trainer.token_loss` on full logits (``tests/test_head_loss.py``
+predictions)`` as :func:`regift_jax.training.trainer.token_loss` on full logits (``tests/test_head_loss.py``
 checks values and gradients against it).  The head weights' gradient is computed only when they
 are differentiated (full fine-tuning with tied embeddings); under LoRA they are frozen and skip it.
 """

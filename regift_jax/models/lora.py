@@ -66,7 +66,7 @@ def add_lora(cfg: ModelConfig, params: dict, seed: int = 0, mesh=None, rules=Non
         a, b = a.astype(pd), b.astype(pd)
         if mesh is not None:
             from jax.sharding import NamedSharding
-            from regift_jax import sharding as shd
+            from regift_jax.core import sharding as shd
             rl = rules or shd.DEFAULT_RULES
             a = jax.device_put(a, NamedSharding(mesh, shd.logical_to_spec(
                 ("layers",) + in_axes + ("lora",), a.shape, mesh, rl)))

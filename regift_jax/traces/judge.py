@@ -51,7 +51,7 @@ How the authors did it, and where we differ
       "not in background", the phrase their prompt asked for.  Ours accepts the paper's synonyms
       plus those three phrases (``DEFAULT_ABSTENTION_PHRASES``).
     * Their answer extraction missed the teacher's prefilled ``<think>`` (see
-      :mod:`regift_jax.prompts`); that is the parser's concern, not the judge's.
+      :mod:`regift_jax.core.prompts`); that is the parser's concern, not the judge's.
 
 All lists are arguments of :func:`judge` (``abstention_phrases``, ``stopwords``) so a run can
 change them; the defaults are module constants.

@@ -33,7 +33,7 @@ from typing import Optional
 import numpy as np
 import tensorflow_datasets as tfds
 
-from regift_jax.data import default_source_dir, file_digest
+from regift_jax.core.paths import default_source_dir, file_digest
 
 logger = logging.getLogger(__name__)
 

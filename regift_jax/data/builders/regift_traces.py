@@ -1,13 +1,13 @@
 """TFDS builder for ReGiFT teacher traces (JSONL shards → TFDS split ``train``).
 
-Source shards (see :mod:`regift_jax.traces.records` for the record schema and the reading
+Source shards (see :mod:`regift_jax.data.records` for the record schema and the reading
 policy): ``RegiftTraces(source=...)`` — a directory (its ``*.jsonl``), a glob, a file, or a list
 of these; default ``$REGIFT_DATA_DIR/traces`` or the repository's ``data/traces/``.  There is no
 download: traces are produced by ``regift_jax.traces.generate``.
 
-Every line goes through :func:`regift_jax.traces.records.read_trace_jsonl`: unusable lines
+Every line goes through :func:`regift_jax.data.records.read_trace_jsonl`: unusable lines
 (malformed JSON, schema errors, unparseable ``raw_generation`` tags, duplicates …) are dropped and
-counted; the :class:`~regift_jax.traces.records.ReadReport` is logged and stored in the dataset's
+counted; the :class:`~regift_jax.data.records.ReadReport` is logged and stored in the dataset's
 metadata (``builder.info.metadata["read_report"]``).  ``strict=True`` fails at the first bad
 line instead, naming ``file:line``.
 
@@ -38,8 +38,8 @@ from typing import Sequence, Union
 import numpy as np
 import tensorflow_datasets as tfds
 
-from regift_jax.data import default_source_dir
-from regift_jax.traces import records as rec_lib
+from regift_jax.core.paths import default_source_dir
+from regift_jax.data import records as rec_lib
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class RegiftTraces(tfds.core.GeneratorBasedBuilder):
     """Judged teacher traces → TFDS split ``train``."""
 
     VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Trace schema of regift_jax.traces.records."}
+    RELEASE_NOTES = {"1.0.0": "Trace schema of regift_jax.data.records."}
     BUILDER_CONFIGS = [
         RegiftTracesConfig(name="correct", selection="correct", criterion="lenient",
                            description="Traces judged correct (paper-lenient rule)."),
@@ -126,7 +126,7 @@ class RegiftTraces(tfds.core.GeneratorBasedBuilder):
             raise FileNotFoundError(
                 "no trace shards: pass RegiftTraces(source=<dir|glob|files>) or put *.jsonl shards "
                 "in data/traces/ (or $REGIFT_DATA_DIR/traces); generate them with "
-                "regift_jax.traces.generate")
+                "regift_jax.generate_traces")
         return src
 
     def _split_generators(self, dl_manager):

@@ -12,7 +12,7 @@ question           str         the question
 gold_answers       list[str]   gold answer texts (``[]`` only when ``is_impossible``)
 is_impossible      bool        SQuAD-v2 unanswerable question
 teacher            str         teacher model name
-prompt_version     str         name/version of the extraction prompt (see ``regift_jax.prompts``)
+prompt_version     str         name/version of the extraction prompt (see ``regift_jax.core.prompts``)
 decoding           dict        ``temperature`` (>=0), ``top_p`` (0,1], ``top_k`` (int >=0, 0 = off),
                                ``max_new_tokens`` (int >0), ``seed`` (int64)
 sample_index       int         index of this sample among the N samples of one question (>=0)

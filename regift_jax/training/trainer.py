@@ -1,6 +1,6 @@
 """The trainer: train state, a pure jitted ``train_step``, the loop, checkpoints, metrics, export.
 
-Everything is driven by one ``ml_collections.ConfigDict`` (:func:`regift_jax.configs_util.
+Everything is driven by one ``ml_collections.ConfigDict`` (:func:`regift_jax.core.configs_util.
 base_config` lists and documents every knob); :func:`run` is the whole training run and
 ``python -m regift_jax.train`` its command line.
 
@@ -15,8 +15,8 @@ are reloaded from the model source, which must therefore not change between runs
 fine-tuning every weight is trainable and the frozen tree is empty.
 
 The mesh comes from ``config.mesh`` (axes ``data``, ``fsdp``, ``tensor``; ``-1`` fills) through
-:func:`regift_jax.sharding.make_mesh`; parameter shardings from the one logical-axis rules table
-(:data:`regift_jax.sharding.DEFAULT_RULES`, entries overridable by ``config.mesh.rules``); the
+:func:`regift_jax.core.sharding.make_mesh`; parameter shardings from the one logical-axis rules table
+(:data:`regift_jax.core.sharding.DEFAULT_RULES`, entries overridable by ``config.mesh.rules``); the
 optimizer state is sharded like the parameters it mirrors (``optax.tree_map_params``); batches
 are split over the ``batch`` rule's axes (``data`` x ``fsdp``).  ``train_step`` is compiled once
 with ``jax.jit`` with explicit in/out shardings and the state donated.
@@ -115,13 +115,13 @@ import optax
 from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from regift_jax import sharding as shd
+from regift_jax.core import sharding as shd
 from regift_jax.models import lora as lora_lib
 from regift_jax.models.config import ModelConfig
-from regift_jax.models.decoder import Decoder
+from regift_jax.models.decoder import Decoder, param_shardings
 from regift_jax.models.head_loss import head_loss
 
-log = logging.getLogger("regift_jax.trainer")
+log = logging.getLogger("regift_jax.training.trainer")
 
 CHECKPOINT_DIR = "checkpoints"
 DATA_STATE_DIR = "data_state"
@@ -320,7 +320,7 @@ def split_trainable(model_cfg: ModelConfig, params, mesh, rules=shd.DEFAULT_RULE
     """``(trainable, frozen, trainable_shardings, frozen_shardings)``: with LoRA
     (``model_cfg.lora_rank > 0``) the adapters train and the base weights are frozen (and never
     enter the optimizer state); without it every parameter trains and ``frozen`` is ``{}``."""
-    full_sh = shd.param_shardings(model_cfg, mesh, rules)
+    full_sh = param_shardings(model_cfg, mesh, rules)
     if model_cfg.lora_rank > 0:
         return (*lora_lib.split(params), *lora_lib.split(full_sh))
     return params, {}, full_sh, {}
@@ -374,7 +374,7 @@ def all_finite(tree) -> jax.Array:
 def _resolve_path(p: str) -> str:
     if not p or os.path.isabs(p) or os.path.exists(p):
         return p
-    from regift_jax.configs_util import REPO_ROOT
+    from regift_jax.core.paths import REPO_ROOT
     alt = os.path.join(REPO_ROOT, p)
     return alt if os.path.exists(alt) else p
 
@@ -382,13 +382,13 @@ def _resolve_path(p: str) -> str:
 def load_examples(dcfg) -> Tuple[List[dict], dict]:
     """Training examples as dicts ``{id, context, question, reasoning, answer}`` and a summary.
 
-    ``traces``: :func:`regift_jax.traces.records.read_trace_jsonl` (bad lines dropped and
+    ``traces``: :func:`regift_jax.data.records.read_trace_jsonl` (bad lines dropped and
     counted, the report logged) then ``select_records(selection, criterion)``.
     ``squad_gold``: SQuAD-v2 questions of ``squad_split`` with their first gold answer
     (``Not in background.`` for unanswerable ones), split by article hash as the SquadV2 builder.
     """
     if dcfg.kind == "traces":
-        from regift_jax.traces import records as rec_lib
+        from regift_jax.data import records as rec_lib
         src = _resolve_path(dcfg.source)
         if not src or not (os.path.exists(src) or any(c in src for c in "*?[")):
             raise FileNotFoundError(
@@ -405,8 +405,8 @@ def load_examples(dcfg) -> Tuple[List[dict], dict]:
                    "selection": dcfg.selection, "criterion": dcfg.criterion}
         return out, summary
     if dcfg.kind == "squad_gold":
-        from regift_jax import prompts
-        from regift_jax.data import default_source_dir
+        from regift_jax.core import prompts
+        from regift_jax.core.paths import default_source_dir
         from regift_jax.data.builders.squad_v2 import _find_local, article_bucket, read_squad_v2
         src = _resolve_path(dcfg.source) if dcfg.source else default_source_dir("squad_v2")
         if not src or not os.path.isdir(src):
@@ -444,7 +444,7 @@ def split_heldout(examples: List[dict], fraction: float, salt: str = ""
 
 
 def make_render(dcfg, tokenizer):
-    from regift_jax import prompts
+    from regift_jax.core import prompts
     from regift_jax.data.pipeline import make_trace_render
     tmpl = prompts.get_template(dcfg.template)
     if tmpl.target_text is None:
@@ -816,7 +816,7 @@ def run(config, workdir: Optional[str] = None, *, callbacks: Sequence[Callable] 
     # ------------------------------------------------------------- mesh and model
     mesh = shd.make_mesh({"data": int(config.mesh.data), "fsdp": int(config.mesh.fsdp),
                           "tensor": int(config.mesh.tensor)})
-    from regift_jax.configs_util import merge_rules
+    from regift_jax.core.configs_util import merge_rules
     rules = merge_rules(shd.DEFAULT_RULES, config.mesh.rules)
     log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, nproc)
     model_cfg, params, tokenizer = load_model(config.model, config.lora, int(config.seed), mesh,

@@ -41,7 +41,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import ml_collections
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from regift_jax.core.paths import REPO_ROOT
 
 
 # ============================================================================ preset arguments
@@ -137,7 +137,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     # ---------------------------------------------------------------- data
     c.data = ml_collections.ConfigDict()
-    # "traces": trace JSONL shards (regift_jax.traces.records schema), response = reasoning +
+    # "traces": trace JSONL shards (regift_jax.data.records schema), response = reasoning +
     # answer.  "squad_gold": SQuAD-v2 questions with their gold answer (Instruction baseline).
     c.data.kind = "traces"
     # traces: a directory of *.jsonl shards, a glob, a file; relative paths are resolved against
@@ -149,7 +149,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.squad_split = "pool"  # squad_gold: pool | heldout | validation
     c.data.squad_num_buckets = 10  # squad_gold: article-hash split, as the SquadV2 builder
     c.data.squad_pool_buckets = 8
-    c.data.template = "student_train"  # prompt template of regift_jax.prompts (name or name@vN)
+    c.data.template = "student_train"  # prompt template of regift_jax.core.prompts (name or name@vN)
     c.data.chat_template = False  # wrap the prompt in the tokenizer's chat template
     c.data.seq_len = 1024  # packed row length (= max example length in tokens)
     c.data.packing = "first_fit"  # first_fit | sequential | none

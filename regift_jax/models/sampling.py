@@ -14,7 +14,7 @@
 * Prompts are bucketed (length rounded up to ``length_bucket``, batch padded to ``batch_size``) so
   a long run compiles a handful of programs, not one per batch.
 * With a ``mesh`` the batch is sharded over the data axes and params keep their training
-  shardings (same mesh and rules as :mod:`regift_jax.sharding`).
+  shardings (same mesh and rules as :mod:`regift_jax.core.sharding`).
 """
 
 from __future__ import annotations
@@ -237,7 +237,7 @@ class Sampler:
     def _place(self, x):
         if self.mesh is None:
             return jnp.asarray(x)
-        from regift_jax.sharding import batch_sharding
+        from regift_jax.core.sharding import batch_sharding
         return jax.device_put(x, batch_sharding(self.mesh, ndim=x.ndim))
 
     def generate(self, prompts: Sequence[Union[str, Sequence[int]]], sampling: SamplingConfig,

@@ -21,7 +21,7 @@ lora       -                     LoRA rank
 
 A mesh axis is dropped from a dimension's spec when it does not divide that dimension (e.g.
 SmolLM2's 3 KV heads on a tensor axis of 2): the dimension is replicated over that axis instead of
-failing, and :func:`param_shardings` reports every such fallback.  Mesh sizes may be ``-1``
+failing, and :func:`tree_shardings` (``models.decoder.param_shardings`` for the decoder) reports every such fallback.  Mesh sizes may be ``-1``
 (fill with the remaining devices).
 """
 
@@ -132,15 +132,6 @@ def tree_shardings(abstract_boxed, mesh: Mesh, rules=DEFAULT_RULES, report: bool
             log.warning("sharding: dim of size %d (%s) not divisible by mesh axes %s; "
                         "replicated instead", size, names, axes)
     return out
-
-
-def param_shardings(cfg, mesh: Mesh, rules=DEFAULT_RULES):
-    """NamedSharding pytree for the decoder's params (abstract init: no memory, no FLOPs)."""
-    import jax.numpy as jnp
-    from regift_jax.models.decoder import Decoder
-    abstract = jax.eval_shape(lambda: Decoder(cfg).init(jax.random.PRNGKey(0),
-                                                        jnp.zeros((1, 2), jnp.int32)))["params"]
-    return tree_shardings(abstract, mesh, rules)
 
 
 def batch_sharding(mesh: Mesh, rules=DEFAULT_RULES, ndim: int = 2) -> NamedSharding:

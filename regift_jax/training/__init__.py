@@ -1,0 +1,1 @@
+"""Training stage: the SFT train step, optimiser, checkpointing, metrics and the loop."""
