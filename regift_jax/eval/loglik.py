@@ -70,7 +70,7 @@ import numpy as np
 
 from regift_jax.data.packing import Packer, build_row, stack_rows
 from regift_jax.models.config import ModelConfig
-from regift_jax.models.decoder import Decoder, init_cache, to_dtype
+from regift_jax.models.decoder import Decoder, init_cache, lm_head, to_dtype
 
 METHODS = ("prefix", "packed", "unpacked")
 
@@ -192,17 +192,6 @@ class StaticCfg:
 
     def __eq__(self, other) -> bool:
         return isinstance(other, StaticCfg) and other._key == self._key
-
-
-def lm_head(params, cfg: ModelConfig, h):
-    """Logits (float32) from final hidden states ``h [..., D]``, as :class:`Decoder` computes."""
-    dt = to_dtype(cfg.dtype)
-    if cfg.tie_word_embeddings:
-        w = params["embed_tokens"].T
-    else:
-        w = params["lm_head"]
-    return jnp.einsum("...d,dv->...v", h.astype(dt), w.astype(dt),
-                      preferred_element_type=jnp.float32).astype(jnp.float32)
 
 
 def _token_logprobs(params, cfg, h, targets, mask):

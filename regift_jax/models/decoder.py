@@ -404,15 +404,12 @@ class Decoder(nn.Module):
             out = x
         else:
             if cfg.tie_word_embeddings:
-                out = jnp.einsum("btd,vd->btv", x, embed.astype(dt),
-                                 preferred_element_type=jnp.float32)
+                w = embed
             else:
                 w = self.param("lm_head", nn.with_logical_partitioning(
                     nn.initializers.normal(stddev=0.02), ("embed", "vocab")),
                     (cfg.hidden_size, cfg.vocab_size), pd)
-                out = jnp.einsum("btd,dv->btv", x, w.astype(dt),
-                                 preferred_element_type=jnp.float32)
-            out = out.astype(jnp.float32)
+            out = head_logits(x, w, cfg.tie_word_embeddings, cfg.dtype)
         if cache is None:
             return out
         new_cache = {"k": new_kv[0], "v": new_kv[1], "pos": k_pos, "seg": k_seg,
@@ -512,3 +509,25 @@ def param_shardings(cfg: ModelConfig, mesh, rules=shd.DEFAULT_RULES):
     abstract = jax.eval_shape(lambda: Decoder(cfg).init(jax.random.PRNGKey(0),
                                                         jnp.zeros((1, 2), jnp.int32)))["params"]
     return shd.tree_shardings(abstract, mesh, rules)
+
+
+def head_weight(params, cfg: ModelConfig):
+    """The LM head's weight and whether it is vocab-major: the token embedding ``[V, D]`` when
+    tied, else ``lm_head`` ``[D, V]``."""
+    if cfg.tie_word_embeddings:
+        return params["embed_tokens"], True
+    return params["lm_head"], False
+
+
+def head_logits(h, w, vocab_major: bool, dtype: str):
+    """float32 logits ``[..., V]`` from hidden states ``h [..., D]`` (the one LM-head matmul)."""
+    dt = to_dtype(dtype)
+    eq = "...d,vd->...v" if vocab_major else "...d,dv->...v"
+    return jnp.einsum(eq, h.astype(dt), w.astype(dt),
+                      preferred_element_type=jnp.float32).astype(jnp.float32)
+
+
+def lm_head(params, cfg: ModelConfig, h):
+    """Logits (float32) from final hidden states ``h [..., D]``, as :class:`Decoder` computes."""
+    w, vocab_major = head_weight(params, cfg)
+    return head_logits(h, w, vocab_major, cfg.dtype)

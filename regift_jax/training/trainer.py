@@ -118,7 +118,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from regift_jax.core import sharding as shd
 from regift_jax.models import lora as lora_lib
 from regift_jax.models.config import ModelConfig
-from regift_jax.models.decoder import Decoder, param_shardings
+from regift_jax.models.decoder import Decoder, head_weight, param_shardings
 from regift_jax.models.head_loss import head_loss
 
 log = logging.getLogger("regift_jax.training.trainer")
@@ -226,10 +226,9 @@ def batch_loss(model_cfg, params, batch, rng, deterministic):
         logits = _forward(model_cfg, params, batch, rng, deterministic)
         return token_loss(logits, batch["targets"], batch["loss_mask"])
     hidden = _forward(model_cfg, params, batch, rng, deterministic, return_hidden=True)
-    tied = model_cfg.tie_word_embeddings
-    w = params["embed_tokens"] if tied else params["lm_head"]
+    w, vocab_major = head_weight(params, model_cfg)
     return head_loss(hidden, w, batch["targets"], batch["loss_mask"],
-                     chunk=model_cfg.loss_chunk, vocab_major=tied, dtype=model_cfg.dtype)
+                     chunk=model_cfg.loss_chunk, vocab_major=vocab_major, dtype=model_cfg.dtype)
 
 
 def _micro_batches(batch, k: int, batch_sharding=None):
