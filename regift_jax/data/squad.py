@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 
 SQUAD_V2_DEV_URL = "https://rajpurkar.github.io/SQuAD-explorer/dataset/dev-v2.0.json"
 OFFICIAL_DEV_FILE = "dev-v2.0.json"
@@ -89,3 +90,33 @@ def read_squad_v2(path: str) -> list:
                     "is_impossible": qa["is_impossible"],
                 })
     return out
+
+
+SPLITS = ("validation", "pool", "heldout")
+
+
+def find_squad_file(src: str) -> str:
+    """The SQuAD-v2 dev file in directory ``src`` (official name first, then the reconstruction)."""
+    for name in (OFFICIAL_DEV_FILE, RECONSTRUCTED_DEV_FILE):
+        p = os.path.join(src, name)
+        if os.path.isfile(p):
+            return p
+    raise FileNotFoundError(f"SQuAD-v2 source directory {src} has neither {OFFICIAL_DEV_FILE} nor "
+                            f"{RECONSTRUCTED_DEV_FILE}; get {SQUAD_V2_DEV_URL} or build the "
+                            "squad_v2 TFDS builder with download=True")
+
+
+def select_split(rows: list, split: str, num_buckets: int = 10, pool_buckets: int = 8) -> list:
+    """The article-level split: ``pool`` = buckets ``< pool_buckets``, ``heldout`` = the rest,
+    ``validation`` = every row.  The one home of this rule (builder, trainer and generator)."""
+    if split not in SPLITS:
+        raise ValueError(f"SQuAD-v2 split {split!r}; valid: {', '.join(SPLITS)}")
+    if split == "validation":
+        return list(rows)
+    return [r for r in rows
+            if (article_bucket(r["title"], num_buckets) < pool_buckets) == (split == "pool")]
+
+
+def load_split(src: str, split: str, num_buckets: int = 10, pool_buckets: int = 8) -> list:
+    """Rows of one split read from the SQuAD-v2 file in directory ``src``."""
+    return select_split(read_squad_v2(find_squad_file(src)), split, num_buckets, pool_buckets)
