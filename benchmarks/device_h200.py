@@ -12,10 +12,10 @@ What is measured (same shapes for both stacks):
 * **peak**: a jitted 8192x8192x8192 bf16 matmul, median of 10 after 3 warm-ups — the ceiling
   MFU is computed against (measured in the same run, not a datasheet number).
 * **SFT step, LoRA** (the paper's setup: r16, alpha 32, q_proj/v_proj, base weights frozen
-  in bf16): ``regift_jax.training.trainer.train_step`` jitted with explicit in/out shardings and donation
-  on an FSDP mesh of the one chip, remat ``full``, batch x 2048 tokens.  MFU uses
-  :func:`regift_jax.training.trainer.train_flops_per_token` (LoRA: no weight-gradient FLOPs for frozen
-  weights; attention counted in full).  Baseline: transformers ``LlamaForCausalLM`` + PEFT,
+  in bf16): ``regift_jax.training.step.train_step`` jitted with explicit in/out shardings and
+  donation on an FSDP mesh of the one chip, remat ``full``, batch x 2048 tokens.  MFU uses
+  :func:`regift_jax.training.metrics.train_flops_per_token` (LoRA: no weight-gradient FLOPs for
+  frozen weights; attention counted in full).  Baseline: transformers ``LlamaForCausalLM`` + PEFT,
   gradient checkpointing, torch AdamW, SDPA attention, same batch.
 * Attention and loss (``--attention_impl``, ``--loss_chunk``): by default the LoRA and full steps
   run attention through ``jax.nn.dot_product_attention(implementation="cudnn")`` (cuDNN flash
@@ -101,8 +101,10 @@ def run_jax(args) -> dict:
     from regift_jax.models.config import ModelConfig
     from regift_jax.models.decoder import init_params, param_shardings
     from regift_jax.models.sampling import Sampler, SamplingConfig
-    from regift_jax.training.trainer import (init_state, jit_train_step, make_optimizer, split_trainable,
-                                    state_shardings, train_flops_per_token)
+    from regift_jax.training.metrics import train_flops_per_token
+    from regift_jax.training.optim import make_optimizer
+    from regift_jax.training.state import init_state, split_trainable, state_shardings
+    from regift_jax.training.step import jit_train_step
 
     res = {"stack": "regift_jax", "jax": jax.__version__,
            "device": str(jax.devices()[0].device_kind), "n_devices": jax.device_count()}

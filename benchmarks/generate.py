@@ -13,10 +13,10 @@ import json
 import os
 import time
 
+from regift_jax.core import configs_util  # no JAX import: the XLA flags go first
 
 
 def main():
-    from regift_jax.core import configs_util  # no JAX import: flags go first
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--new_tokens", type=int, default=64)
@@ -30,6 +30,7 @@ def main():
     xla_flags = configs_util.apply_cli_xla_cpu_flags(a.xla_cpu_flags)
     print(f"XLA_FLAGS={xla_flags!r}", flush=True)
 
+    # lazy: JAX starts with these imports, after the XLA flags above are set
     import jax
     from regift_jax import models
     from regift_jax.models.sampling import Sampler, SamplingConfig
@@ -57,6 +58,7 @@ def main():
     n_tok = sum(g.generated_tokens for g in out)
     jax_tps = n_tok / min(t)
 
+    # lazy: the baseline's optional test dependencies
     import torch
     import transformers
     from regift_jax.models.tokenizer import smollm2_gguf_path
@@ -81,13 +83,14 @@ def main():
     res = {"batch": a.batch, "new_tokens": a.new_tokens,
            "prompt_tokens": [len(x) for x in ids], "regift_jax_tokens_per_s": round(jax_tps, 1),
            "transformers_tokens_per_s": round(hf_tps, 1), "ratio": round(jax_tps / hf_tps, 2),
-           "loadavg": os.getloadavg(), "xla_flags": xla_flags, "jax": jax.__version__, "torch": torch.__version__,
-           "torch_threads": torch.get_num_threads()}
+           "loadavg": os.getloadavg(), "xla_flags": xla_flags, "jax": jax.__version__,
+           "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
     print(json.dumps(res, indent=1))
     print(f"regift_jax sampler: {jax_tps:.1f} tok/s | transformers generate: {hf_tps:.1f} tok/s "
           f"| ratio {jax_tps / hf_tps:.2f}x (goal >= 10x)")
     if a.json:
-        json.dump(res, open(a.json, "w"), indent=1)
+        with open(a.json, "w") as f:
+            json.dump(res, f, indent=1)
 
 
 if __name__ == "__main__":

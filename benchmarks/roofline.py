@@ -62,7 +62,7 @@ def best_time(fn, reps):
 def measure_machine(n: int, reps: int) -> dict:
     import jax
     import jax.numpy as jnp
-    from regift_jax.training.trainer import measure_matmul_flops
+    from regift_jax.training.metrics import measure_matmul_flops
     from train_step import measure_torch_matmul  # benchmarks/ is on sys.path (script dir)
     jax_flops, torch_flops = measure_matmul_flops(n, reps), measure_torch_matmul(n, reps)
     big = jnp.ones((128 * 2 ** 20,), jnp.float32)  # 512 MiB

@@ -25,13 +25,14 @@ What is measured
   ``hidden_size``, ``intermediate_size``, ``num_heads`` and ``num_kv_heads`` multiplied by the
   width factor (``head_dim`` 64 kept), ``--layers`` layers (few, so that the grid runs in minutes),
   vocabulary 49,152 with tied embeddings, random init, float32 parameters and compute.
-* Step: full fine-tuning with the project's real step, :func:`regift_jax.training.trainer.train_step`
-  with :func:`regift_jax.training.trainer.make_optimizer` (the default ``optim`` config: global-norm clip +
-  AdamW with its decay mask), jitted the way :func:`regift_jax.training.trainer.run` does it: explicit
-  in/out shardings, the train state donated, optimizer state sharded like the parameters
-  (``optax.tree_map_params``).
+* Step: full fine-tuning with the project's real step,
+  :func:`regift_jax.training.step.train_step` with :func:`regift_jax.training.optim.make_optimizer`
+  (the default ``optim`` config: global-norm clip + AdamW with its decay mask), jitted the way
+  :func:`regift_jax.training.loop.run` does it: explicit in/out shardings, the train state
+  donated, optimizer state sharded like the parameters (``optax.tree_map_params``).
 * Placement: :func:`regift_jax.core.sharding.make_mesh` with ``fsdp=N`` (``--mesh data`` gives
-  ``data=N`` instead; ``--mesh fsdp,data`` runs both), :data:`~regift_jax.core.sharding.DEFAULT_RULES`,
+  ``data=N`` instead; ``--mesh fsdp,data`` runs both),
+  :data:`~regift_jax.core.sharding.DEFAULT_RULES`,
   :func:`~regift_jax.models.decoder.param_shardings` (parameters initialised directly into them) and
   :func:`~regift_jax.core.sharding.batch_sharding` (batch assembled with
   :func:`regift_jax.data.pipeline.make_global_array`).  The *global* batch is the same for every
@@ -110,7 +111,9 @@ def worker(args) -> dict:
     from regift_jax.core.configs_util import base_config
     from regift_jax.data.pipeline import make_global_array
     from regift_jax.models.decoder import init_params, param_shardings
-    from regift_jax.training.trainer import init_state, jit_train_step, make_optimizer, state_shardings
+    from regift_jax.training.optim import make_optimizer
+    from regift_jax.training.state import init_state, state_shardings
+    from regift_jax.training.step import jit_train_step
 
     n = jax.device_count()
     if n != args.worker:
@@ -124,7 +127,7 @@ def worker(args) -> dict:
         for width in [int(w) for w in args.widths.split(",")]:
             cfg = width_config(width, args.layers)
             t0 = time.perf_counter()
-            # --- placement as in trainer.run(): params on their logical-axis shardings,
+            # --- placement as in loop.run(): params on their logical-axis shardings,
             # optimizer state sharded like the params it mirrors, scalars replicated.
             p_sh = param_shardings(cfg, mesh, rules)
             params = jax.jit(lambda: init_params(cfg, jax.random.PRNGKey(0)),

@@ -6,9 +6,10 @@
 What is measured
 ----------------
 * **Ours**: :func:`regift_jax.eval.loglik.score_requests` on the BBQ items of the available
-  categories (``data/bbq``: 11,956 items in six categories), ``bbq_base`` prompt in the chat
+  categories (the data root's ``bbq/``, by default the vendored ``data/bbq``: 11,956 items in six
+  categories), ``bbq_base`` prompt in the chat
   template, SmolLM2-135M-Instruct (float32), ``batch_rows`` items per batch.  The subset is
-  :func:`regift_jax.eval.evaluate.select_subset`'s (whole context paragraphs, as in a full run).
+  :func:`regift_jax.eval.subset.select_subset`'s (whole context paragraphs, as in a full run).
   Pass 1 includes compilation; pass 2 (``--repeats 2``) runs the same batches again, compiled.
 * **Baseline**: the transformers model of the same GGUF, lm-eval-harness style: every
   ``prompt + option`` is its own sequence, sequences sorted by length and batched
@@ -41,6 +42,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
+from regift_jax.core import configs_util  # noqa: E402  (no JAX: the XLA flags go first)
+from regift_jax.data import bbq as bbq_data  # noqa: E402
+
 
 def load_avg() -> str:
     try:
@@ -60,7 +64,7 @@ def fmt_time(s: float) -> str:
 
 def torch_scores(model, requests, batch_seqs: int, pad_id: int):
     """lm-eval-harness style: one sequence per (prompt, option), sorted by length, batched."""
-    import torch
+    import torch  # lazy: the baseline's optional test dependency
     seqs = [(i, k, list(r.context) + list(c), len(r.context))
             for i, r in enumerate(requests) for k, c in enumerate(r.continuations)]
     seqs.sort(key=lambda s: -len(s[2]))
@@ -83,6 +87,7 @@ def torch_scores(model, requests, batch_seqs: int, pad_id: int):
 
 
 def load_torch_model(handle_source: str):
+    # lazy: the baseline's optional test dependencies
     import torch
     import transformers
     if handle_source.endswith(".gguf"):
@@ -95,11 +100,11 @@ def load_torch_model(handle_source: str):
     return m.eval()
 
 
-def main(argv=None):
-    from regift_jax.core import configs_util  # no JAX import: flags go first
+def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--bbq_dir", default=os.path.join(REPO, "data", "bbq"))
+    ap.add_argument("--bbq_dir", default="",
+                    help="<Category>.jsonl files (default: the data root's bbq/)")
     ap.add_argument("--categories", default="",
                     help="comma-separated (default: every category file in --bbq_dir)")
     ap.add_argument("--prompt", default="bbq_base")
@@ -117,24 +122,101 @@ def main(argv=None):
     ap.add_argument("--json", default="", help="write the figures to this file")
     ap.add_argument("--xla_cpu_flags", default="config",
                     help=configs_util.XLA_CPU_FLAGS_HELP)
-    a = ap.parse_args(argv)
-    xla_flags = configs_util.apply_cli_xla_cpu_flags(a.xla_cpu_flags)
+    return ap.parse_args(argv)
 
+
+def time_ours(a, score, reqs, res, plan_all, plan_sub, full_run):
+    """Time ``score()`` (our scorer on ``reqs``, ``a.repeats`` passes); the whole-set time
+    into ``res``."""
+    times, cpu, scores = [], [], None
+    for rep in range(a.repeats):
+        t, c = time.perf_counter(), time.process_time()
+        scores = score()
+        times.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
+        log(f"[ours] pass {rep + 1}{' (includes compilation)' if rep == 0 else ' (compiled)'}: "
+            f"{len(reqs)} items in {times[-1]:.1f} s = {len(reqs) / times[-1]:.2f} items/s "
+            f"(process CPU {cpu[-1]:.1f} s); {load_avg()}")
+    t1, t2 = times[0], times[-1]
+    N_all = res["n_items_total"]
+    res.update(pass1_s=t1, pass2_s=t2 if a.repeats > 1 else None, cpu_s=cpu,
+               items_per_s_pass1=len(reqs) / t1)
+    if full_run:
+        ours_full = t1
+        log(f"[ours] MEASURED whole set: {fmt_time(t1)} incl. compilation")
+    else:
+        steady = t2 if a.repeats > 1 else t1
+        compile_s = max(0.0, t1 - t2) if a.repeats > 1 else 0.0
+        if a.method == "prefix":
+            rate = plan_sub.tokens_computed / steady
+            ours_full = plan_all.tokens_computed / rate + compile_s * (
+                plan_all.programs / max(plan_sub.programs, 1))
+        else:
+            ours_full = steady * N_all / len(reqs) + compile_s
+        log(f"[ours] EXTRAPOLATED to all {N_all} items: {fmt_time(ours_full)} "
+            f"({N_all / ours_full:.2f} items/s; compiled-pass rate "
+            f"{len(reqs) / steady:.2f} items/s, compilation ~{compile_s:.0f} s for "
+            f"{plan_sub.programs} shapes)")
+    res.update(ours_full_s=ours_full, ours_full_extrapolated=not full_run,
+               goal_10_min_met=ours_full <= 600)
+    return scores, cpu[-1]
+
+
+def time_baseline(a, handle, reqs, reqs_all, scores, ours_cpu, res):
+    """The transformers baseline on the first ``a.baseline_items`` items, into ``res``."""
+    import torch  # lazy: the baseline's optional test dependency
+    t = time.perf_counter()
+    tm = load_torch_model(handle.source)
+    log(f"[baseline] transformers {transformers_version()} model loaded in "
+        f"{time.perf_counter() - t:.1f} s (not counted); torch threads "
+        f"{torch.get_num_threads()}")
+    breq = reqs[:a.baseline_items]
+    pad = handle.cfg.pad_token_id or 0
+    torch_scores(tm, breq[:max(1, a.batch_rows // 2)], 3 * a.batch_rows, pad)  # warm-up
+    log(f"[baseline] {load_avg()}")
+    t, c = time.perf_counter(), time.process_time()
+    ref = torch_scores(tm, breq, 3 * a.batch_rows, pad)
+    tb, cb = time.perf_counter() - t, time.process_time() - c
+    diff = float(np.max(np.abs(ref - scores.logprob_sum[:len(breq)])))
+    naive = lambda rs: sum(len(r.context) * len(r.continuations)  # noqa: E731
+                           + sum(len(c) for c in r.continuations) for r in rs)
+    base_full = tb * naive(reqs_all) / naive(breq)
+    ours_full = res["ours_full_s"]
+    log(f"[baseline] {len(breq)} items in {tb:.1f} s = {len(breq) / tb:.2f} items/s "
+        f"(process CPU {cb:.1f} s); max |ours - transformers| = {diff:.2e}; {load_avg()}")
+    log(f"[baseline] EXTRAPOLATED to all {len(reqs_all)} items: {fmt_time(base_full)}")
+    log(f"ratio (baseline / ours, whole set, wall time): {base_full / ours_full:.1f}x")
+    # Per-item CPU seconds on the first baseline_items items: less sensitive to other
+    # processes than wall time on a shared machine.
+    ours_cpu_item = ours_cpu / len(reqs)
+    base_cpu_item = cb / len(breq)
+    log(f"ratio (baseline / ours, process CPU seconds per item, timed items): "
+        f"{base_cpu_item / ours_cpu_item:.1f}x ({base_cpu_item:.2f} vs "
+        f"{ours_cpu_item:.2f} s/item)")
+    res.update(baseline_items=len(breq), baseline_s=tb, baseline_cpu_s=cb,
+               baseline_items_per_s=len(breq) / tb, baseline_full_s=base_full,
+               ratio=base_full / ours_full, ratio_cpu_per_item=base_cpu_item / ours_cpu_item,
+               max_abs_diff=diff)
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    xla_flags = configs_util.apply_cli_xla_cpu_flags(a.xla_cpu_flags)
+    # lazy: JAX starts with these imports, after the XLA flags above are set
     import jax
-    from regift_jax.eval import evaluate
     from regift_jax import models
-    from regift_jax.eval import bbq, loglik
+    from regift_jax.eval import loglik, subset
 
     log(f"# BBQ log-likelihood scoring benchmark ({time.strftime('%Y-%m-%d %H:%M:%S')})")
     log(f"jax {jax.__version__} on {jax.devices()[0].platform}; {load_avg()}; "
         f"XLA_FLAGS={xla_flags!r}")
-    cats = [c for c in a.categories.split(",") if c] or [
-        c for c in bbq.CATEGORIES if os.path.exists(bbq.bbq_path(a.bbq_dir, c))]
-    items = bbq.load_bbq(a.bbq_dir, cats)
+    bbq_dir = a.bbq_dir or bbq_data.default_bbq_dir()
+    cats = [c for c in a.categories.split(",") if c] or bbq_data.available_categories(bbq_dir)
+    items = bbq_data.load_bbq(bbq_dir, cats)
     flat_all = [it for c in cats for it in items[c]]
     N_all = len(flat_all)
     full_run = a.max_items <= 0 or a.max_items >= N_all
-    sub = items if full_run else evaluate.select_subset(items, max_items=a.max_items)
+    sub = items if full_run else subset.select_subset(items, max_items=a.max_items)
     flat = [it for c in cats for it in sub[c]]
     log(f"categories: {', '.join(cats)}: {N_all} items; timing "
         f"{'all of them' if full_run else f'a balanced subset of {len(flat)}'}")
@@ -157,79 +239,17 @@ def main(argv=None):
         f"whole set, {plan_sub.programs} for the timed items")
 
     log(f"[ours] {load_avg()}")
-    times = []
-    scores = None
-    cpu = []
-    for rep in range(a.repeats):
-        t, c = time.perf_counter(), time.process_time()
-        sc = loglik.score_requests(handle, reqs, method=a.method, progress="ours", **kw)
-        times.append(time.perf_counter() - t)
-        cpu.append(time.process_time() - c)
-        scores = sc
-        log(f"[ours] pass {rep + 1}{' (includes compilation)' if rep == 0 else ' (compiled)'}: "
-            f"{len(reqs)} items in {times[-1]:.1f} s = {len(reqs) / times[-1]:.2f} items/s "
-            f"(process CPU {cpu[-1]:.1f} s); {load_avg()}")
-    t1, t2 = times[0], times[-1]
     res = {"n_items_total": N_all, "n_items_timed": len(reqs), "method": a.method,
-           "batch_rows": a.batch_rows, "xla_flags": xla_flags, "pass1_s": t1,
-           "pass2_s": t2 if a.repeats > 1 else None,
-           "cpu_s": cpu,
-           "items_per_s_pass1": len(reqs) / t1, "tokens_real_per_item":
-           plan_all.tokens_real / N_all, "slots_per_item": plan_all.tokens_computed / N_all,
+           "batch_rows": a.batch_rows, "xla_flags": xla_flags,
+           "tokens_real_per_item": plan_all.tokens_real / N_all,
+           "slots_per_item": plan_all.tokens_computed / N_all,
            "programs_full": plan_all.programs, "programs_timed": plan_sub.programs}
-    if full_run:
-        ours_full = t1
-        log(f"[ours] MEASURED whole set: {fmt_time(t1)} incl. compilation")
-    else:
-        steady = t2 if a.repeats > 1 else t1
-        compile_s = max(0.0, t1 - t2) if a.repeats > 1 else 0.0
-        if a.method == "prefix":
-            rate = plan_sub.tokens_computed / steady
-            ours_full = plan_all.tokens_computed / rate + compile_s * (
-                plan_all.programs / max(plan_sub.programs, 1))
-        else:
-            ours_full = steady * N_all / len(reqs) + compile_s
-        log(f"[ours] EXTRAPOLATED to all {N_all} items: {fmt_time(ours_full)} "
-            f"({N_all / ours_full:.2f} items/s; compiled-pass rate "
-            f"{len(reqs) / steady:.2f} items/s, compilation ~{compile_s:.0f} s for "
-            f"{plan_sub.programs} shapes)")
-    res["ours_full_s"] = ours_full
-    res["ours_full_extrapolated"] = not full_run
-    res["goal_10_min_met"] = ours_full <= 600
-
+    scores, ours_cpu = time_ours(
+        a, lambda: loglik.score_requests(handle, reqs, method=a.method, progress="ours", **kw),
+        reqs, res, plan_all, plan_sub, full_run)
     if a.baseline_items > 0:
-        import torch
-        t = time.perf_counter()
-        tm = load_torch_model(handle.source)
-        log(f"[baseline] transformers {transformers_version()} model loaded in "
-            f"{time.perf_counter() - t:.1f} s (not counted); torch threads "
-            f"{torch.get_num_threads()}")
-        breq = reqs[:a.baseline_items]
-        pad = handle.cfg.pad_token_id or 0
-        torch_scores(tm, breq[:max(1, a.batch_rows // 2)], 3 * a.batch_rows, pad)  # warm-up
-        log(f"[baseline] {load_avg()}")
-        t, c = time.perf_counter(), time.process_time()
-        ref = torch_scores(tm, breq, 3 * a.batch_rows, pad)
-        tb, cb = time.perf_counter() - t, time.process_time() - c
-        diff = float(np.max(np.abs(ref - scores.logprob_sum[:len(breq)])))
-        naive = lambda rs: sum(len(r.context) * len(r.continuations)  # noqa: E731
-                               + sum(len(c) for c in r.continuations) for r in rs)
-        base_full = tb * naive(reqs_all) / naive(breq)
-        log(f"[baseline] {len(breq)} items in {tb:.1f} s = {len(breq) / tb:.2f} items/s "
-            f"(process CPU {cb:.1f} s); max |ours - transformers| = {diff:.2e}; {load_avg()}")
-        log(f"[baseline] EXTRAPOLATED to all {N_all} items: {fmt_time(base_full)}")
-        log(f"ratio (baseline / ours, whole set, wall time): {base_full / ours_full:.1f}x")
-        # Per-item CPU seconds on the first baseline_items items: less sensitive to other
-        # processes than wall time on a shared machine.
-        ours_cpu_item = cpu[-1] / len(reqs)
-        base_cpu_item = cb / len(breq)
-        log(f"ratio (baseline / ours, process CPU seconds per item, timed items): "
-            f"{base_cpu_item / ours_cpu_item:.1f}x ({base_cpu_item:.2f} vs "
-            f"{ours_cpu_item:.2f} s/item)")
-        res.update(baseline_items=len(breq), baseline_s=tb, baseline_cpu_s=cb,
-                   baseline_items_per_s=len(breq) / tb, baseline_full_s=base_full,
-                   ratio=base_full / ours_full, ratio_cpu_per_item=base_cpu_item / ours_cpu_item,
-                   max_abs_diff=diff)
+        time_baseline(a, handle, reqs, reqs_all, scores, ours_cpu, res)
+    ours_full = res["ours_full_s"]
     log(f"goal (whole set in <= 10 min): {'met' if ours_full <= 600 else 'NOT met'} "
         f"({ours_full / 60:.1f} min{', extrapolated' if not full_run else ''})")
     log(f"end: {load_avg()}")
@@ -241,7 +261,7 @@ def main(argv=None):
 
 
 def transformers_version() -> str:
-    import transformers
+    import transformers  # lazy: the baseline's optional test dependency
     return transformers.__version__
 
 

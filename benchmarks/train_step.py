@@ -11,18 +11,19 @@ One run, one machine, float32 parameters and float32 compute in both stacks, Smo
 
 What is measured
 ----------------
-* **Ours**: :func:`regift_jax.training.trainer.train_step` jitted exactly as :func:`regift_jax.training.trainer.run`
-  does (explicit shardings on the trainer's mesh, state donated), the optimizer from
-  :func:`regift_jax.training.trainer.make_optimizer`, the model from :func:`regift_jax.training.trainer.load_model`
-  with the ``smollm2_135m`` preset of ``configs/llama.py`` (float32, ``remat_policy`` none,
-  LoRA r16 alpha 32 dropout 0.05 on q_proj/v_proj).  The preset's lr schedule (cosine after
-  warmup) is replaced by a constant lr without warmup so that both stacks take the same updates.
+* **Ours**: :func:`regift_jax.training.step.train_step` jitted exactly as
+  :func:`regift_jax.training.loop.run` does (explicit shardings on the trainer's mesh, state
+  donated), the optimizer from :func:`regift_jax.training.optim.make_optimizer`, the model from
+  :func:`regift_jax.training.state.load_model` with the ``smollm2_135m`` preset of
+  ``configs/llama.py`` (float32, ``remat_policy`` none, LoRA r16 alpha 32 dropout 0.05 on
+  q_proj/v_proj).  The preset's lr schedule (cosine after warmup) is replaced by a constant lr
+  without warmup so that both stacks take the same updates.
 * **Baseline** (the paper's stack): ``transformers.LlamaForCausalLM.from_pretrained`` of our loaded
-  weights exported with the project's exporter (:func:`regift_jax.training.trainer.export_model`), PEFT
-  LoRA with the same r / alpha / dropout / targets (its ``lora_A`` set to our ``lora_a``, both
-  ``lora_B`` start at 0), ``torch.optim.AdamW`` (default implementation) with the same lr, betas,
-  eps, weight decay and no-decay groups, ``clip_grad_norm_`` 1.0 as the HF Trainer; loss from
-  ``model(input_ids, attention_mask, labels)``.
+  weights exported with the project's exporter (:func:`regift_jax.training.state.export_model`),
+  PEFT LoRA with the same r / alpha / dropout / targets (its ``lora_A`` set to our ``lora_a``,
+  both ``lora_B`` start at 0), ``torch.optim.AdamW`` (default implementation) with the same lr,
+  betas, eps, weight decay and no-decay groups, ``clip_grad_norm_`` 1.0 as the HF Trainer; loss
+  from ``model(input_ids, attention_mask, labels)``.
 * **Batch**: one batch of the shipped trace set through the project's pipeline with
   ``packing="none"`` (one example per row, right-padded; the HF model cannot attend within
   packed segments), reused for every step (with ``--seq`` shorter than every example, each row
@@ -33,35 +34,21 @@ What is measured
   computed too).
 * **Peak**: the best of ``--matmul_reps`` jitted float32 ``n x n`` matmuls (``--matmul_n``),
   measured in the same run; torch's float32 matmul is measured too, for information.
-* FLOPs per token: :func:`regift_jax.training.trainer.train_flops_per_token` (``6N + 12 L H hd T``; with
-  LoRA the frozen weights' gradients ``2 N`` are not computed, ``6 N_lora`` is added).  The same
-  figure is used for the baseline's MFU.
+* FLOPs per token: :func:`regift_jax.training.metrics.train_flops_per_token` (``6N + 12 L H hd
+  T``; with LoRA the frozen weights' gradients ``2 N`` are not computed, ``6 N_lora`` is added).
+  The same figure is used for the baseline's MFU.
 
 Each stack of each configuration runs in its own worker process (this file, ``--worker``), so
 neither stack's retained heap or spinning thread pool weighs on the other.  ``--order
 sequential`` (default): ours, then torch, one worker alive at a time; ``--order interleaved``:
-both alive and the timed steps alternate so both see the same load, but at 8 x 512 the two
-steps' memory together does not fit in 24 GiB (ours alone: XLA reports 10.9 GiB of temporaries
-for LoRA and 12.9 GiB for full fine-tuning).  The first ``--warmup`` steps are untimed (ours:
-compilation; torch: allocator warm-up); each of the next ``--steps`` is timed on its own, wall
-and process CPU seconds (ours: until its loss is on the host).  ``--breakdown`` also times the
-forward alone and forward + backward alone.  The machine may be shared: load averages are
-printed, and a WARNING when it was busy (another process on one of the two cores slowed torch's
-OpenMP step 5-10x and ours ~2x at 2 x 128 in our tries, both ~2x at 8 x 512).
+both alive and the timed steps alternate so both see the same load, but needs the memory of both
+steps at once.  The first ``--warmup`` steps are untimed (ours: compilation; torch: allocator
+warm-up); each of the next ``--steps`` is timed on its own, wall and process CPU seconds (ours:
+until its loss is on the host).  ``--breakdown`` also times the forward alone and forward +
+backward alone.  The machine may be shared: load averages are printed, and a WARNING when it was
+busy (another process on one of the cores slows both stacks several-fold).
 
-Findings (third session, idle machine; BENCHMARKS.md has the table)
--------------------------------------------------------------------
-* Now (opt-in ``--xla_cpu_flags xnnpack``): LoRA 31.7 s/step vs torch 35.5 (1.12x); full fine-tuning 49.0 vs 40.7
-  (0.83x).  Without the flags: LoRA 36.4 vs 37.4 (1.03x, MFU 41.1%), full 55.6 vs 48.5
-  (0.87x, MFU 37.8% vs 43.3%).  Before (second session): 49.4 / 68.4 s (0.81x / 0.72x).
-* Fixed since: the LM head + softmax (~13 s of the LoRA step) now runs on the loss positions only
-  (``model.loss_chunk``, regift_jax/models/head_loss.py); attention skips the causally masked key
-  blocks (``model.attention_chunk``); the mask is an additive bias without a KV cache, so autodiff
-  through the layer scan no longer saves two 2.3 GB mask residuals (peak RSS 12.2 -> 9.8 GiB).
-* Then: the MLP projections (K=576) took 20 of the 36 s in YNNPACK dot fusions at ~50 GFLOP/s;
-  XLA's XNNPACK individual-dot path (``configs_util.XNNPACK_DOT_FLAGS``, opt-in through
-  ``xla_cpu_flags``: not bitwise reproducible across kill/resume under load) brought it to 31.7 s.  ``benchmarks/roofline.py``
-  bounds the 2x goal: 15.8-18.2 s/step at this CPU's peak (89-97% of it sustained).
+Results and their history: ``BENCHMARKS.md``.
 """
 
 import argparse
@@ -138,6 +125,9 @@ def preset_config(args, kind: str):
     """The smollm2_135m preset of configs/llama.py with the benchmark's overrides."""
     from configs import llama
     c = llama.get_config("smollm2_135m")
+    # The JSONL shards behind the default TFDS source (the same examples, tested): no TensorFlow
+    # in a process that times JAX against torch.
+    c.data.source = "data/traces"
     c.data.seq_len = args.seq
     c.data.packing = "none"
     c.model.remat_policy = args.remat
@@ -155,15 +145,13 @@ def preset_config(args, kind: str):
 
 
 def _pipeline_batch(args, tokenizer, seq_len: int):
-    from regift_jax.training import trainer
+    from regift_jax.training import examples, inputs
     c = preset_config(args, "lora")
     c.data.seq_len = seq_len
-    examples, _ = trainer.load_examples(c.data)
-    train_ex, _ = trainer.split_heldout(examples, float(c.data.eval_fraction),
-                                        str(c.data.eval_salt))
-    render, template_id = trainer.make_render(c.data, tokenizer)
-    pipe = trainer.make_pipeline(train_ex, tokenizer, render, c.data, global_batch=args.batch,
-                                 seed=args.seed, num_epochs=None, shuffle=False, prefetch=0)
+    train_ex, _, _ = examples.train_and_eval_examples(c.data)
+    render, template_id = inputs.make_render(c.data, tokenizer)
+    pipe = inputs.make_pipeline(train_ex, tokenizer, render, c.data, global_batch=args.batch,
+                                seed=args.seed, num_epochs=None, shuffle=False, prefetch=0)
     try:
         return {k: np.array(v) for k, v in next(pipe).items()}, template_id
     finally:
@@ -225,9 +213,9 @@ class Ours:
     def __init__(self, args, kind: str, batch_np, export_dir=None):
         import jax
         from regift_jax.core import sharding as shd
-        from regift_jax.training import trainer
         from regift_jax.core.configs_util import merge_rules
         from regift_jax.data.pipeline import make_global_array
+        from regift_jax.training import metrics, optim, state as state_lib, step as step_lib
 
         self.args, self.kind = args, kind
         c = preset_config(args, kind)
@@ -235,11 +223,11 @@ class Ours:
                               "tensor": int(c.mesh.tensor)})
         rules = merge_rules(shd.DEFAULT_RULES, c.mesh.rules)
         with Timer() as t:
-            model_cfg, params, tokenizer = trainer.load_model(c.model, c.lora, args.seed, mesh,
-                                                              rules)
+            model_cfg, params, tokenizer = state_lib.load_model(c.model, c.lora, args.seed, mesh,
+                                                                rules)
         self.load_s = t.wall
-        trainable, frozen, trainable_sh, frozen_sh = trainer.split_trainable(model_cfg, params,
-                                                                             mesh, rules)
+        trainable, frozen, trainable_sh, frozen_sh = state_lib.split_trainable(model_cfg, params,
+                                                                               mesh, rules)
         del params
         self.n_trainable = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainable))
         self.lora_a = None
@@ -247,20 +235,20 @@ class Ours:
             self.lora_a = {name: np.asarray(trainable["layers"]["self_attn"][name]["lora_a"])
                            for name in c.lora.targets}
         if export_dir:
-            trainer.export_model(model_cfg, trainable, frozen, tokenizer, export_dir, "float32")
+            state_lib.export_model(model_cfg, trainable, frozen, tokenizer, export_dir, "float32")
 
         batch_sh = shd.batch_sharding(mesh, rules)
-        tx, schedule = trainer.make_optimizer(c.optim, args.warmup + args.steps, trainable)
-        state_sh, _ = trainer.state_shardings(tx, trainable, trainable_sh, mesh)
-        state = trainer.init_state(tx, trainable, state_sh, args.seed)
+        tx, schedule = optim.make_optimizer(c.optim, args.warmup + args.steps, trainable)
+        state_sh, _ = state_lib.state_shardings(tx, trainable, trainable_sh, mesh)
+        state = state_lib.init_state(tx, trainable, state_sh, args.seed)
         self.state = state
         del trainable, state
         self.frozen = frozen
         self.model_cfg = model_cfg
-        self.flops_per_token = trainer.train_flops_per_token(
+        self.flops_per_token = metrics.train_flops_per_token(
             model_cfg, args.seq, self.n_trainable if c.lora.enabled else 0)
-        self.step_fn = trainer.jit_train_step(model_cfg, tx, schedule, state_sh, frozen_sh,
-                                              batch_sh)
+        self.step_fn = step_lib.jit_train_step(model_cfg, tx, schedule, state_sh, frozen_sh,
+                                               batch_sh)
         self.gbatch = make_global_array(batch_np, mesh, batch_sh.spec[0])
 
     def step(self) -> float:
@@ -274,10 +262,10 @@ class Ours:
     def breakdown(self, reps: int) -> dict:
         """Forward (+ loss) alone and forward + backward alone, jitted, best of ``reps``."""
         import jax
-        from regift_jax.training import trainer
+        from regift_jax.training import step as step_lib
         cfg, p, fr, b = self.model_cfg, self.state.params, self.frozen, self.gbatch
-        fwd = jax.jit(functools.partial(trainer.eval_step, model_cfg=cfg))
-        fb = jax.jit(functools.partial(trainer.loss_and_grads, model_cfg=cfg))
+        fwd = jax.jit(functools.partial(step_lib.eval_step, model_cfg=cfg))
+        fb = jax.jit(functools.partial(step_lib.loss_and_grads, model_cfg=cfg))
         key = jax.random.PRNGKey(0)
         return _best_of({"forward": lambda: jax.block_until_ready(fwd(p, fr, b)),
                          "forward+backward": lambda: jax.block_until_ready(fb(p, fr, b, key))},
@@ -589,7 +577,7 @@ def main(argv=None):
         f"busy {others_start:.2f} cores")
 
     # ------------------------------------------------------------- peak
-    from regift_jax.training.trainer import measure_matmul_flops
+    from regift_jax.training.metrics import measure_matmul_flops
     peak = measure_matmul_flops(args.matmul_n, args.matmul_reps)
     peak_torch = measure_torch_matmul(args.matmul_n, args.matmul_reps)
     log(f"  peak: jitted float32 {args.matmul_n}^2 matmul, best of "

@@ -22,24 +22,28 @@ training split and runs ``ceil(num_epochs x steps_per_epoch)`` steps):
   from every selection, see ``regift_jax.data.records``);
 * ``all``: every parseable trace.
 
+With the default TFDS source the selection is also the builder config
+(``data.source = "tfds:regift_traces/<selection>"``).
+
 Data-size ablation, a true subsample at the same epochs (the paper instead reported epoch
 checkpoints of one run): ``frac20``, ``frac40``, ``frac60``, ``frac80``, ``frac100`` set
 ``data.max_examples = max(1, floor(f x N + 0.5))`` where ``N`` is the number of correct traces in
 the *training split* (after the held-out split ``data.eval_fraction``/``data.eval_salt``, exactly
-as ``regift_jax.training.trainer.run`` computes it, because ``max_examples`` truncates that list).  ``N`` is
-counted when the config is built, by reading the shards with
-``regift_jax.data.records.read_trace_jsonl`` + ``select_records`` and splitting with
-``regift_jax.training.trainer.split_heldout``, so ``frac100`` trains on every correct training trace.
+as ``regift_jax.training.examples.train_and_eval_examples`` computes it, because ``max_examples``
+truncates that list).  ``N`` is counted when the config is built, with the trainer's own reader
+(``regift_jax.training.examples.load_examples``: the ``regift_traces`` TFDS builder by default, or
+the JSONL shards of a ``source=`` path) and held-out split (``split_heldout``), so ``frac100``
+trains on every correct training trace.
 
 Which examples a fraction keeps: the trainer keeps the *first* N of its list, and that order is
-fixed, not random at training time: shard files sorted by name, lines in file order,
-``select_records`` and ``split_heldout`` preserve it.  The trace generator
-(``regift_jax.traces.generate``) writes whole SQuAD paragraphs in an order shuffled with
-``random.Random(data.seed)`` (seed 0 in ``configs/teacher_smollm2.py``), so a prefix is a seeded
-random sample of paragraphs (samples of one question stay together), and the subsets are nested:
-frac20 is a subset of frac40 of ... of frac100.  The per-epoch batch order is shuffled by the
-pipeline with ``config.seed``.  Because ``N`` depends on the trace set and on the selection and
-split keys, change the trace set with the ``source=`` preset argument, never with
+fixed, not random at training time: shard files sorted by name, lines in file order (the TFDS
+builder stores them in that order), ``select_records`` and ``split_heldout`` preserve it.  The
+trace generator (``regift_jax.traces.generate``) writes whole SQuAD paragraphs in an order
+shuffled with ``random.Random(data.seed)`` (seed 0 in ``configs/teacher_smollm2.py``), so a prefix
+is a seeded random sample of paragraphs (samples of one question stay together), and the subsets
+are nested: frac20 is a subset of frac40 of ... of frac100.  The per-epoch batch order is shuffled
+by the pipeline with ``config.seed``.  Because ``N`` depends on the trace set and on the selection
+and split keys, change the trace set with the ``source=`` preset argument, never with
 ``--config.data.source`` (that would keep the count of the default set); :data:`COUNT_KEYS`
 lists the keys ``scripts/run_presets.py`` refuses to override for counted presets.
 
@@ -59,15 +63,16 @@ Baselines of the paper's Table 3:
   experiment enabled) with the same epochs and the same number of training examples as
   ``correct`` (``data.max_examples = N``; the first N questions of the SQuAD pool split in file
   order, i.e. clustered by article).  ``--config.data.max_examples=-1`` trains on the whole pool
-  (about 9,000 questions: days on the 2-core CPU).
+  (about 9,000 questions).
 
-Cost on the shared 2-core CPU: a step of 4 x 512 tokens takes about 40 s (``configs/llama.py``),
-and a 512-token row holds about one trace, so ``correct`` (~12 training traces) is ~3 steps per
-epoch while ``incorrect`` / ``all`` (~140 / ~150) are ~35-40 steps per epoch; lower ``epochs`` for
-a quicker, still equal-epoch, comparison.
+Cost: a 512-token row of the SmolLM2 preset holds about one trace, so a preset runs about
+``epochs x N / 4`` steps for its ``N`` training traces (``incorrect`` and ``all`` have many more
+than ``correct``); lower ``epochs`` for a quicker, still equal-epoch, comparison.  Step times:
+``BENCHMARKS.md``.
 """
 
 from regift_jax.core import configs_util
+from regift_jax.training import examples
 
 PRESETS = ("correct", "incorrect", "all", "frac20", "frac40", "frac60", "frac80", "frac100",
            "cot", "instruction")
@@ -78,7 +83,7 @@ COUNTED = tuple(FRACTIONS) + ("instruction",)
 # Overriding these on the command line would make that count stale.
 COUNT_KEYS = ("data.source", "data.selection", "data.criterion", "data.eval_fraction",
               "data.eval_salt", "data.max_examples", "data.kind")
-DEFAULT_EPOCHS = 5.0  # ~ the default run's 16 steps x 4 rows over ~12 correct traces
+DEFAULT_EPOCHS = 5.0
 RUNS_DIR = "runs/ablations"
 COT_MAX_NEW_TOKENS = 128
 
@@ -90,20 +95,23 @@ def _student(source: str):
     return c
 
 
-def count_training_traces(dcfg, selection: str = "correct") -> int:
-    """Number of ``selection`` traces of ``dcfg.source`` left for training after the held-out
-    split: the length of the list that ``data.max_examples`` truncates in the trainer."""
-    from regift_jax.training.trainer import _resolve_path, split_heldout
-    from regift_jax.data import records as rec_lib
-    src = _resolve_path(dcfg.source)
+def select(c, selection: str):
+    """Train on the ``selection`` traces (with a TFDS source: its builder config of that name)."""
+    c.data.selection = selection
+    if examples.is_tfds_source(c.data.source):
+        name, _ = examples.parse_tfds_source(c.data.source)
+        c.data.source = f"{examples.TFDS_PREFIX}{name}/{selection}"
+
+
+def count_training_traces(dcfg) -> int:
+    """Number of ``dcfg.selection`` traces of ``dcfg.source`` left for training after the
+    held-out split: the length of the list that ``data.max_examples`` truncates in the trainer."""
     try:
-        recs, _ = rec_lib.read_trace_jsonl(src)
+        ex, _ = examples.load_examples(dcfg)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"configs/ablations.py: cannot count the traces of "
                                 f"data.source={dcfg.source!r}: {e}") from e
-    sel = rec_lib.select_records(recs, selection, dcfg.criterion)
-    train, _ = split_heldout([{"id": r.id} for r in sel], float(dcfg.eval_fraction),
-                             str(dcfg.eval_salt))
+    train, _ = examples.split_heldout(ex, float(dcfg.eval_fraction), str(dcfg.eval_salt))
     return len(train)
 
 
@@ -137,7 +145,7 @@ def get_config(arg=None):
         c.preset = f"ablations:instruction[max_examples={c.data.max_examples}=N_correct]"
     else:
         c = _student(a.source)
-        c.data.selection = SELECTIONS.get(name, "correct")
+        select(c, SELECTIONS.get(name, "correct"))
         c.preset = f"ablations:{name}"
         if name in FRACTIONS:
             n = count_training_traces(c.data)

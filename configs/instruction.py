@@ -8,8 +8,8 @@ The argument names a student preset of ``configs/llama.py``, ``configs/mistral.p
 length, mesh) is that preset's, only the data changes:
 
 * ``data.kind = "squad_gold"``: the SQuAD-v2 ``pool`` split (the questions the teacher traces are
-  generated from; article-hash split of ``regift_jax.data.builders.squad_v2``), each question's
-  first gold answer, ``Not in background.`` for unanswerable ones;
+  generated from; the article-hash split of ``regift_jax.data.squad.select_split``), each
+  question's first gold answer, ``Not in background.`` for unanswerable ones;
 * ``data.template = "instruction_baseline"``: the student prompt of ``student_train`` unchanged,
   target ``<answer> A </answer>`` (``regift_jax.core.prompts``), so both arms are evaluated with one
   prompt and one parser.

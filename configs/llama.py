@@ -8,11 +8,11 @@ Presets (``get_config("name")`` or ``"preset=name"``):
 
 * ``smollm2_135m`` (default): SmolLM2-135M-Instruct loaded offline from its GGUF
   (``regift_jax.models.load("smollm2-135m-instruct")``), LoRA r16 alpha 32 dropout 0.05 on
-  q_proj/v_proj, on the shipped trace set ``data/traces/``; a bounded CPU run (float32 compute,
-  which is faster than bfloat16 on CPU; rows of 512 tokens, batch 4, 16 steps, evaluation and
-  checkpoints every 8).  Measured on the shared 2-core development machine: one step of 4 x 512
-  tokens takes ~40 s (SmolLM2-135M forward + backward is ~0.65 GFLOP per token; the CPU sustains
-  ~30 GFLOP/s), so 16 steps plus loading, compilation, evaluation and export fit in 15 minutes.
+  q_proj/v_proj, on the shipped trace set ``data/traces/`` (read through the ``regift_traces``
+  TFDS builder, the base config's ``data.source``); a bounded CPU run (float32 compute, which is
+  faster than bfloat16 on CPU; rows of 512 tokens, batch 4, 16 steps, evaluation and
+  checkpoints every 8), sized so that the whole experiment fits in 15 minutes on a 2-core CPU
+  (step times: ``BENCHMARKS.md``).
 * ``llama3_1_8b``: the paper's student (Llama-3.1-8B, authors' repo ``meta-llama/Llama-3.1-8B``)
   with the authors' LoRA recipe: r16, alpha 32, dropout 0.05 on q_proj/v_proj, lr 2e-4, linear
   decay (HF Trainer's default) after 5% warmup, weight decay 0.01, clip 1.0 (HF default),

@@ -54,111 +54,55 @@
 
 set -euo pipefail
 
-SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-REPO_ROOT=$(cd "$SCRIPT_DIR/.." && pwd)
-PROG=$(basename "$0")
-
-die() {
-  printf '%s: error: %s\n' "$PROG" "$*" >&2
-  printf 'usage: %s --nodes=N --gpus-per-node=G --workdir=DIR --config=CONFIG [flags] [-- EXTRA_ARGS...] (see --help)\n' "$PROG" >&2
-  exit 2
-}
-
-usage() {
-  sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p;}' "$0"
-}
-
-# Quote one word for a POSIX shell, deterministically and readably: safe words stay as they are;
-# a --flag=value word keeps --flag= bare and quotes the value; other words go in single quotes,
-# or in double quotes when they contain ' but nothing that is special inside double quotes.
-shquote() {
-  local s=$1 q="'\\''"
-  if [[ -n $s && $s =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
-    printf '%s' "$s"
-  elif [[ $s =~ ^(--?[A-Za-z0-9_.-]+=)(.*)$ ]]; then
-    printf '%s' "${BASH_REMATCH[1]}"
-    shquote "${BASH_REMATCH[2]}"
-  elif [[ $s != *\'* ]]; then
-    printf "'%s'" "$s"
-  elif [[ $s != *[\$\`\\\"!]* ]]; then
-    printf '"%s"' "$s"
-  else
-    printf "'%s'" "${s//\'/$q}"
-  fi
-}
-
-# Quote every argument and join them with spaces.
-join_quoted() {
-  local out="" w
-  for w in "$@"; do
-    out+="${out:+ }$(shquote "$w")"
-  done
-  printf '%s' "$out"
-}
-
-DRY_RUN=0
-# Print the command (shell-quoted); execute it unless --dry-run.
-run() {
-  if ((DRY_RUN)); then
-    printf '%s\n' "$(join_quoted "$@")"
-  else
-    printf '+ %s\n' "$(join_quoted "$@")" >&2
-    "$@"
-  fi
-}
+USAGE_ARGS='--nodes=N --gpus-per-node=G --workdir=DIR --config=CONFIG [flags] [-- EXTRA_ARGS...]'
+# shellcheck source=common.sh
+. "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 is_uint() { [[ $1 =~ ^[1-9][0-9]*$ ]]; }
 
 NODES=1 GPUS=8 PROCS="" CPUS="" PARTITION="" TIME="" ACCOUNT="" JOB_NAME="regift" EXCLUSIVE=1
 PORT="" REPO_DIR=$REPO_ROOT LOG_DIR="slurm_logs" SCRIPT_OUT="" VENV="" PYTHON="python"
 MODULE="regift_jax.train" CMD="" CONFIG="" WORKDIR="" WORKDIR_FLAG="--config.workdir"
-SRUN_MODE=0 HAVE_EXTRA=0
-SBATCH_ARGS=() SETUP_CMDS=() ENVS=() EXTRA=()
+SRUN_MODE=0
+SBATCH_ARGS=() SETUP_CMDS=() ENVS=()
 
-while (($#)); do
-  arg=$1
-  shift
-  case $arg in
-    --) EXTRA=("$@"); HAVE_EXTRA=1; break ;;
-    -h | --help) usage; exit 0 ;;
-    --dry-run) DRY_RUN=1; continue ;;
-    --srun) SRUN_MODE=1; continue ;;
-    --no-exclusive) EXCLUSIVE=0; continue ;;
-    --*=*) key=${arg%%=*}; val=${arg#*=} ;;
-    --*)
-      key=$arg
-      (($#)) || die "flag $key needs a value"
-      val=$1
-      shift
-      ;;
-    *) die "unexpected argument '$arg' (arguments for the entry point go after --)" ;;
+on_switch() {
+  case $1 in
+    --srun) SRUN_MODE=1 ;;
+    --no-exclusive) EXCLUSIVE=0 ;;
+    *) return 1 ;;
   esac
-  case $key in
-    --nodes) NODES=$val ;;
-    --gpus-per-node) GPUS=$val ;;
-    --procs-per-node) PROCS=$val ;;
-    --cpus-per-task) CPUS=$val ;;
-    --partition) PARTITION=$val ;;
-    --time) TIME=$val ;;
-    --account) ACCOUNT=$val ;;
-    --job-name) JOB_NAME=$val ;;
-    --sbatch-arg) SBATCH_ARGS+=("$val") ;;
-    --port) PORT=$val ;;
-    --repo-dir) REPO_DIR=$val ;;
-    --log-dir) LOG_DIR=$val ;;
-    --script-out) SCRIPT_OUT=$val ;;
-    --venv) VENV=$val ;;
-    --setup) SETUP_CMDS+=("$val") ;;
-    --env) ENVS+=("$val") ;;
-    --python) PYTHON=$val ;;
-    --module) MODULE=$val ;;
-    --cmd) CMD=$val ;;
-    --config) CONFIG=$val ;;
-    --workdir) WORKDIR=$val ;;
-    --workdir-flag) WORKDIR_FLAG=$val ;;
-    *) die "unknown flag $key" ;;
+}
+
+on_value() {
+  case $1 in
+    --nodes) NODES=$2 ;;
+    --gpus-per-node) GPUS=$2 ;;
+    --procs-per-node) PROCS=$2 ;;
+    --cpus-per-task) CPUS=$2 ;;
+    --partition) PARTITION=$2 ;;
+    --time) TIME=$2 ;;
+    --account) ACCOUNT=$2 ;;
+    --job-name) JOB_NAME=$2 ;;
+    --sbatch-arg) SBATCH_ARGS+=("$2") ;;
+    --port) PORT=$2 ;;
+    --repo-dir) REPO_DIR=$2 ;;
+    --log-dir) LOG_DIR=$2 ;;
+    --script-out) SCRIPT_OUT=$2 ;;
+    --venv) VENV=$2 ;;
+    --setup) SETUP_CMDS+=("$2") ;;
+    --env) ENVS+=("$2") ;;
+    --python) PYTHON=$2 ;;
+    --module) MODULE=$2 ;;
+    --cmd) CMD=$2 ;;
+    --config) CONFIG=$2 ;;
+    --workdir) WORKDIR=$2 ;;
+    --workdir-flag) WORKDIR_FLAG=$2 ;;
+    *) die "unknown flag $1" ;;
   esac
-done
+}
+
+parse_args "$@"
 
 # ---- validation -------------------------------------------------------------------------------
 is_uint "$NODES" || die "--nodes='$NODES' is not a positive integer"
@@ -173,22 +117,8 @@ GPUS_PER_TASK=$((GPUS / PROCS))
 for a in ${SBATCH_ARGS[@]+"${SBATCH_ARGS[@]}"}; do
   [[ $a == --?* && $a != *$'\n'* ]] || die "--sbatch-arg='$a' must be one sbatch option such as --qos=high"
 done
-for kv in ${ENVS[@]+"${ENVS[@]}"}; do
-  [[ $kv =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || die "--env='$kv' is not KEY=VALUE"
-done
-if [[ -n $CMD ]]; then
-  [[ -z $CONFIG && -z $WORKDIR && $HAVE_EXTRA == 0 && $MODULE == regift_jax.train ]] ||
-    die "--cmd replaces the whole command: do not combine it with --module, --config, --workdir or -- EXTRA_ARGS"
-else
-  [[ $MODULE =~ ^[A-Za-z_][A-Za-z0-9_.]*$ ]] || die "--module='$MODULE' is not a python module name"
-  case $MODULE in
-    regift_jax.train | regift_jax.generate_traces)
-      [[ -n $CONFIG ]] || die "--config is required for $MODULE (e.g. --config=configs/llama.py:llama3_1_8b)" ;;
-  esac
-  if [[ $MODULE == regift_jax.train && -z $WORKDIR ]]; then
-    die "--workdir is required for $MODULE (a directory all nodes can write, or gs://...)"
-  fi
-fi
+check_envs
+check_job "a directory all nodes can write, or gs://..."
 
 abspath() { # absolute form of a local path (no file system access); URLs stay as they are
   case $1 in
@@ -206,11 +136,7 @@ SCRIPT_OUT=$(abspath "${SCRIPT_OUT:-$LOG_DIR/$JOB_NAME.sbatch}")
 if [[ -n $CMD ]]; then
   JOB=$(join_quoted bash -c "$CMD")
 else
-  JOB_ARGV=("$PYTHON" -m "$MODULE")
-  [[ -z $CONFIG ]] || JOB_ARGV+=(--config="$CONFIG")
-  [[ -z $WORKDIR ]] || JOB_ARGV+=("$WORKDIR_FLAG=$WORKDIR")
-  JOB_ARGV+=(${EXTRA[@]+"${EXTRA[@]}"})
-  JOB=$(join_quoted "${JOB_ARGV[@]}")
+  JOB=$(entry_point)
 fi
 SRUN=(srun --nodes="$NODES" --ntasks-per-node="$PROCS" --distribution=block --kill-on-bad-exit=1)
 [[ -z $CPUS ]] || SRUN+=(--cpus-per-task="$CPUS")

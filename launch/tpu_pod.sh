@@ -51,110 +51,54 @@
 
 set -euo pipefail
 
-SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-REPO_ROOT=$(cd "$SCRIPT_DIR/.." && pwd)
-PROG=$(basename "$0")
-
-die() {
-  printf '%s: error: %s\n' "$PROG" "$*" >&2
-  printf 'usage: %s --name=NAME --zone=ZONE --workdir=gs://BUCKET/RUN --config=CONFIG [flags] [-- EXTRA_ARGS...] (see --help)\n' "$PROG" >&2
-  exit 2
-}
-
-usage() {
-  sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p;}' "$0"
-}
-
-# Quote one word for a POSIX shell, deterministically and readably: safe words stay as they are;
-# a --flag=value word keeps --flag= bare and quotes the value; other words go in single quotes,
-# or in double quotes when they contain ' but nothing that is special inside double quotes.
-shquote() {
-  local s=$1 q="'\\''"
-  if [[ -n $s && $s =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
-    printf '%s' "$s"
-  elif [[ $s =~ ^(--?[A-Za-z0-9_.-]+=)(.*)$ ]]; then
-    printf '%s' "${BASH_REMATCH[1]}"
-    shquote "${BASH_REMATCH[2]}"
-  elif [[ $s != *\'* ]]; then
-    printf "'%s'" "$s"
-  elif [[ $s != *[\$\`\\\"!]* ]]; then
-    printf '"%s"' "$s"
-  else
-    printf "'%s'" "${s//\'/$q}"
-  fi
-}
-
-# Quote every argument and join them with spaces.
-join_quoted() {
-  local out="" w
-  for w in "$@"; do
-    out+="${out:+ }$(shquote "$w")"
-  done
-  printf '%s' "$out"
-}
-
-DRY_RUN=0
-# Print the command (shell-quoted); execute it unless --dry-run.
-run() {
-  if ((DRY_RUN)); then
-    printf '%s\n' "$(join_quoted "$@")"
-  else
-    printf '+ %s\n' "$(join_quoted "$@")" >&2
-    "$@"
-  fi
-}
+USAGE_ARGS='--name=NAME --zone=ZONE --workdir=gs://BUCKET/RUN --config=CONFIG [flags] [-- EXTRA_ARGS...]'
+# shellcheck source=common.sh
+. "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 NAME="" ZONE="" PROJECT="" ACCEL="v5litepod-16" RUNTIME="" SPOT=0 SERVICE_ACCOUNT=""
 REUSE=0 DELETE=0 SOURCE="scp" REPO="" REF="" REMOTE_DIR="regift_jax" PYTHON="python3"
 PIP_EXTRA="tpu" SKIP_SETUP=0 MODULE="regift_jax.train" CMD="" CONFIG="" WORKDIR=""
-WORKDIR_FLAG="--config.workdir" DETACH=0 GCLOUD="gcloud" HAVE_EXTRA=0
-SETUP_CMDS=() ENVS=() EXTRA=()
+WORKDIR_FLAG="--config.workdir" DETACH=0 GCLOUD="gcloud"
+SETUP_CMDS=() ENVS=()
 
-while (($#)); do
-  arg=$1
-  shift
-  case $arg in
-    --) EXTRA=("$@"); HAVE_EXTRA=1; break ;;
-    -h | --help) usage; exit 0 ;;
-    --dry-run) DRY_RUN=1; continue ;;
-    --reuse) REUSE=1; continue ;;
-    --delete) DELETE=1; continue ;;
-    --spot) SPOT=1; continue ;;
-    --skip-setup) SKIP_SETUP=1; continue ;;
-    --detach) DETACH=1; continue ;;
-    --*=*) key=${arg%%=*}; val=${arg#*=} ;;
-    --*)
-      key=$arg
-      (($#)) || die "flag $key needs a value"
-      val=$1
-      shift
-      ;;
-    *) die "unexpected argument '$arg' (arguments for the entry point go after --)" ;;
+on_switch() {
+  case $1 in
+    --reuse) REUSE=1 ;;
+    --delete) DELETE=1 ;;
+    --spot) SPOT=1 ;;
+    --skip-setup) SKIP_SETUP=1 ;;
+    --detach) DETACH=1 ;;
+    *) return 1 ;;
   esac
-  case $key in
-    --name) NAME=$val ;;
-    --zone) ZONE=$val ;;
-    --project) PROJECT=$val ;;
-    --accelerator-type) ACCEL=$val ;;
-    --runtime-version) RUNTIME=$val ;;
-    --service-account) SERVICE_ACCOUNT=$val ;;
-    --source) SOURCE=$val ;;
-    --repo) REPO=$val ;;
-    --ref) REF=$val ;;
-    --remote-dir) REMOTE_DIR=$val ;;
-    --python) PYTHON=$val ;;
-    --pip-extra) PIP_EXTRA=$val ;;
-    --setup) SETUP_CMDS+=("$val") ;;
-    --module) MODULE=$val ;;
-    --cmd) CMD=$val ;;
-    --config) CONFIG=$val ;;
-    --workdir) WORKDIR=$val ;;
-    --workdir-flag) WORKDIR_FLAG=$val ;;
-    --env) ENVS+=("$val") ;;
-    --gcloud) GCLOUD=$val ;;
-    *) die "unknown flag $key" ;;
+}
+
+on_value() {
+  case $1 in
+    --name) NAME=$2 ;;
+    --zone) ZONE=$2 ;;
+    --project) PROJECT=$2 ;;
+    --accelerator-type) ACCEL=$2 ;;
+    --runtime-version) RUNTIME=$2 ;;
+    --service-account) SERVICE_ACCOUNT=$2 ;;
+    --source) SOURCE=$2 ;;
+    --repo) REPO=$2 ;;
+    --ref) REF=$2 ;;
+    --remote-dir) REMOTE_DIR=$2 ;;
+    --python) PYTHON=$2 ;;
+    --pip-extra) PIP_EXTRA=$2 ;;
+    --setup) SETUP_CMDS+=("$2") ;;
+    --module) MODULE=$2 ;;
+    --cmd) CMD=$2 ;;
+    --config) CONFIG=$2 ;;
+    --workdir) WORKDIR=$2 ;;
+    --workdir-flag) WORKDIR_FLAG=$2 ;;
+    --env) ENVS+=("$2") ;;
+    --gcloud) GCLOUD=$2 ;;
+    *) die "unknown flag $1" ;;
   esac
-done
+}
+
+parse_args "$@"
 
 # ---- validation -------------------------------------------------------------------------------
 [[ -n $NAME ]] || die "--name is required (the TPU VM name)"
@@ -176,25 +120,11 @@ fi
 ((REUSE || !SKIP_SETUP)) || die "--skip-setup needs --reuse (a new slice has no code on it)"
 ((!(DETACH && DELETE))) || die "--detach and --delete exclude each other (the slice would be deleted under the run)"
 
-if [[ -n $CMD ]]; then
-  [[ -z $CONFIG && -z $WORKDIR && $HAVE_EXTRA == 0 && $MODULE == regift_jax.train ]] ||
-    die "--cmd replaces the whole command: do not combine it with --module, --config, --workdir or -- EXTRA_ARGS"
-else
-  [[ $MODULE =~ ^[A-Za-z_][A-Za-z0-9_.]*$ ]] || die "--module='$MODULE' is not a python module name"
-  case $MODULE in
-    regift_jax.train | regift_jax.generate_traces)
-      [[ -n $CONFIG ]] || die "--config is required for $MODULE (e.g. --config=configs/llama.py:llama3_1_8b)" ;;
-  esac
-  if [[ $MODULE == regift_jax.train && -z $WORKDIR ]]; then
-    die "--workdir is required for $MODULE (e.g. --workdir=gs://BUCKET/regift/llama3_1_8b)"
-  fi
-fi
+check_job "e.g. --workdir=gs://BUCKET/regift/llama3_1_8b"
 if [[ -n $WORKDIR && $WORKDIR != gs://?* ]]; then
   die "--workdir='$WORKDIR' must be a gs:// path: every worker writes checkpoints to the same directory"
 fi
-for kv in ${ENVS[@]+"${ENVS[@]}"}; do
-  [[ $kv =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || die "--env='$kv' is not KEY=VALUE"
-done
+check_envs
 
 # ---- code source ------------------------------------------------------------------------------
 COMMIT=""
@@ -236,11 +166,7 @@ ssh_all() { # ssh_all REMOTE_COMMAND: run one shell command on every worker
 if [[ -n $CMD ]]; then
   JOB=$CMD
 else
-  JOB_ARGV=("$PYTHON" -m "$MODULE")
-  [[ -z $CONFIG ]] || JOB_ARGV+=(--config="$CONFIG")
-  [[ -z $WORKDIR ]] || JOB_ARGV+=("$WORKDIR_FLAG=$WORKDIR")
-  JOB_ARGV+=(${EXTRA[@]+"${EXTRA[@]}"})
-  JOB=$(join_quoted "${JOB_ARGV[@]}")
+  JOB=$(entry_point)
 fi
 PREFIX="cd $(shquote "$REMOTE_DIR")"
 for kv in ${ENVS[@]+"${ENVS[@]}"}; do

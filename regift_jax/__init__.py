@@ -1,6 +1,15 @@
 """regift_jax: Reasoning-Guided Fine-Tuning (ReGiFT, arXiv 2504.05632) in JAX/Flax.
 
-Data flow: prompts/traces -> data -> models -> train -> eval.
+Stages in data-flow order, each importing only from those before it (ARCHITECTURE.md):
+
+    core/      paths, atomic I/O and the JSONL reader, configs, prompts, sharding rules
+    models/    decoder + LM head, LoRA, checkpoints, tokenizer, presets, sampler; models.load()
+    data/      readers (SQuAD-v2, BBQ, trace records), TFDS builders, tokenize, pack, stream
+    traces/    teacher trace generation and judging
+    training/  train step, optimiser, checkpoints, metrics, loop
+    eval/      BBQ/StereoSet scoring, generation, metrics, reports, lm-eval backend
+    experiment.py    before -> train -> after, in-process
+    train.py, evaluate.py, generate_traces.py, lm_eval.py    thin command lines
 """
 
 import logging as _logging

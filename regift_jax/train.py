@@ -29,6 +29,17 @@ import logging
 import os
 import sys
 
+import jax
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+from regift_jax.core import configs_util
+from regift_jax.experiment import run_experiment
+from regift_jax.models.checkpoints import CheckpointError
+from regift_jax.training import loop
+from regift_jax.training.step import NonFiniteError
+
 log = logging.getLogger("regift_jax.train")
 
 
@@ -44,7 +55,6 @@ def maybe_initialize_distributed(dcfg) -> bool:
     ``JAX_COORDINATOR_ADDRESS``, or a multi-host TPU environment is detected), ``always`` or
     ``never``.  Must run before anything touches a JAX backend.
     """
-    import jax
     mode = str(dcfg.initialize)
     if mode not in ("auto", "always", "never"):
         raise ValueError(f"distributed.initialize={mode!r}; valid: auto, always, never")
@@ -76,10 +86,9 @@ def run_training(config, workdir: str = "", **kw) -> dict:
     ``checkpoint_steps``, ``tensorboard_dir``, ``metrics_file``, ``export_dir`` (HF directory,
     LoRA merged; "" when export is off or the run was preempted), ``wall_time_s``, ``history``
     (every logged record) and the final ``state`` / ``frozen`` params / ``model_cfg``.
-    Keyword arguments go to :func:`regift_jax.training.trainer.run` (``callbacks``).
+    Keyword arguments go to :func:`regift_jax.training.loop.run` (``callbacks``).
     """
-    from regift_jax.training import trainer
-    return trainer.run(config, workdir or config.workdir, **kw)
+    return loop.run(config, workdir or config.workdir, **kw)
 
 
 def _summary_line(res: dict) -> str:
@@ -99,15 +108,11 @@ def _summary_line(res: dict) -> str:
 
 def main(argv=None):
     argv = list(sys.argv if argv is None else argv)
-    from regift_jax.core import configs_util
     try:
         configs_util.check_overrides(argv[1:])
     except (configs_util.ConfigKeyError, ValueError, FileNotFoundError, AttributeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-
-    from absl import app, flags
-    from ml_collections import config_flags
 
     config_flag = config_flags.DEFINE_config_file(
         "config", None, "Training config file (configs/*.py[:preset]).", lock_config=True)
@@ -116,7 +121,6 @@ def main(argv=None):
     result = {}
 
     def _main(_):
-        from absl import logging as absl_logging
         absl_logging.set_verbosity(absl_logging.INFO)  # our INFO lines go through absl's handler
         for noisy in ("absl", "orbax", "jax._src"):  # orbax logs its internals at INFO via absl
             logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -128,11 +132,8 @@ def main(argv=None):
             sys.exit(2)
         configs_util.apply_xla_cpu_flags(config.xla_cpu_flags)  # before JAX starts
         maybe_initialize_distributed(config.distributed)
-        from regift_jax.models.checkpoints import CheckpointError
-        from regift_jax.training.trainer import NonFiniteError
         try:
             if config.experiment.enabled:
-                from regift_jax.experiment import run_experiment
                 res = run_experiment(config, workdir, run_training)["train_result"]
             else:
                 res = run_training(config, workdir)

@@ -80,8 +80,8 @@ def test_every_preset_builds_with_its_data_epochs_and_workdir():
         elif p.startswith("frac"):
             assert (c.data.kind, c.data.selection) == ("traces", "correct")
             sizes[p] = c.data.max_examples
-        if p != "instruction":
-            assert c.data.source == "data/traces", p
+        if p != "instruction":  # the default source: the TFDS builder config of the selection
+            assert c.data.source == f"tfds:regift_traces/{c.data.selection}", p
     # fractions of the correct training traces, rounded half up, strictly increasing here
     for p, f in (("frac20", .2), ("frac40", .4), ("frac60", .6), ("frac80", .8),
                  ("frac100", 1.0)):
@@ -126,7 +126,7 @@ def test_fractions_on_a_synthetic_trace_set_are_nested_prefixes_of_the_trainer_l
     n = len(train_ids)
     assert len(ids) == 27 and 20 <= n <= 27
     src = str(shard.parent)
-    from regift_jax.training import trainer
+    from regift_jax.training import examples
     sizes = {}
     for p, f in (("frac20", .2), ("frac40", .4), ("frac60", .6), ("frac80", .8),
                  ("frac100", 1.0)):
@@ -134,8 +134,8 @@ def test_fractions_on_a_synthetic_trace_set_are_nested_prefixes_of_the_trainer_l
         assert c.data.source == src
         assert c.data.max_examples == int(f * n + 0.5), p
         # what the trainer would train on: the first max_examples of its training split
-        ex, _ = trainer.load_examples(c.data)
-        tr, _ = trainer.split_heldout(ex, float(c.data.eval_fraction), str(c.data.eval_salt))
+        ex, _ = examples.load_examples(c.data)
+        tr, _ = examples.split_heldout(ex, float(c.data.eval_fraction), str(c.data.eval_salt))
         sizes[p] = [e["id"] for e in tr[:int(c.data.max_examples)]]
         assert sizes[p] == train_ids[:c.data.max_examples], p
     assert sizes["frac100"] == train_ids

@@ -1,4 +1,5 @@
-"""BBQ loading, biased-option derivation, standard parsing and the paper-compatible scorer.
+"""BBQ reading (regift_jax.data.bbq), biased-option derivation, standard parsing and the
+paper-compatible scorer.
 
 The paper-compatible scorer is checked against the ReGiFT authors' own released per-item
 judgements (read in place from the shared data folder; skipped when it is absent).
@@ -9,6 +10,7 @@ import os
 
 import pytest
 
+from regift_jax.data import bbq as bbq_data
 from regift_jax.eval import bbq
 from _data import SHARED, bbq_dir
 
@@ -22,7 +24,7 @@ FIXTURES = {
 
 @pytest.fixture(scope="module")
 def religion():
-    return {it.example_id: it for it in bbq.load_bbq_file(os.path.join(bbq_dir(),
+    return {it.example_id: it for it in bbq_data.read_bbq_file(os.path.join(bbq_dir(),
                                                                        "Religion.jsonl"))}
 
 
@@ -33,7 +35,7 @@ def make_item(options, info, label, groups=("Muslim",), polarity="neg", cond="di
            "additional_metadata": {"stereotyped_groups": list(groups)},
            "context": "c", "question": "q", "ans0": options[0], "ans1": options[1],
            "ans2": options[2], "label": label}
-    return bbq.parse_item(row, "test:1")
+    return bbq_data.parse_item(row, "test:1")
 
 
 MUSLIM_ITEM = dict(options=("The Jewish one", "Can't answer", "The Muslim one"),
@@ -47,7 +49,7 @@ def test_load_religion_counts_and_first_item(religion):
     items = list(religion.values())
     assert sum(it.context_condition == "ambig" for it in items) == 600
     assert sum(it.question_polarity == "neg" for it in items) == 600
-    assert all(it.biased_option != bbq.UNDERIVABLE for it in items)
+    assert all(it.biased_option != bbq_data.UNDERIVABLE for it in items)
     it = religion[0]  # neg question, stereotyped group Muslim = ans2, unknown = ans1
     assert it.options == ("The Jewish one", "Can't answer", "The Muslim one")
     assert (it.unknown_option, it.biased_option, it.label) == (1, 2, 1)
@@ -61,26 +63,27 @@ def test_biased_option_on_every_vendored_category():
         path = os.path.join(d, f"{cat}.jsonl")
         if not os.path.exists(path):
             continue
-        items = bbq.load_bbq_file(path)
+        items = bbq_data.read_bbq_file(path)
         assert all(it.category == cat for it in items)
         # every row of the six vendored categories names exactly one stereotyped option
-        assert sum(it.biased_option == bbq.UNDERIVABLE for it in items) == 0
+        assert sum(it.biased_option == bbq_data.UNDERIVABLE for it in items) == 0
 
 
 def test_derive_biased_option_rules():
     info = (("Jewish", "Jewish"), ("Unknown", "unknown"), ("Muslim", "Muslim"))
-    assert bbq.derive_biased_option(info, ["Muslim"], "neg", 1) == 2
-    assert bbq.derive_biased_option(info, ["Muslim"], "nonneg", 1) == 0
+    assert bbq_data.derive_biased_option(info, ["Muslim"], "neg", 1) == 2
+    assert bbq_data.derive_biased_option(info, ["Muslim"], "nonneg", 1) == 0
     # name matches when the tag is a region (Nationality style), case-insensitive
     nat = (("Iranian", "MiddleEast"), ("Unknown", "unknown"), ("Italian", "Europe"))
-    assert bbq.derive_biased_option(nat, ["afghan", "iranian"], "neg", 1) == 0
+    assert bbq_data.derive_biased_option(nat, ["afghan", "iranian"], "neg", 1) == 0
     # spaces / hyphens / underscores are ignored ("low SES" vs tag "lowSES")
     ses = (("Unknown", "unknown"), ("cashier", "lowSES"), ("lawyer", "highSES"))
-    assert bbq.derive_biased_option(ses, ["low SES"], "neg", 0) == 1
-    assert bbq.derive_biased_option(ses, ["low SES"], "nonneg", 0) == 2
+    assert bbq_data.derive_biased_option(ses, ["low SES"], "neg", 0) == 1
+    assert bbq_data.derive_biased_option(ses, ["low SES"], "nonneg", 0) == 2
     # neither or both options stereotyped -> underivable
-    assert bbq.derive_biased_option(info, ["Hindu"], "neg", 1) == bbq.UNDERIVABLE
-    assert bbq.derive_biased_option(info, ["Muslim", "Jewish"], "neg", 1) == bbq.UNDERIVABLE
+    assert bbq_data.derive_biased_option(info, ["Hindu"], "neg", 1) == bbq_data.UNDERIVABLE
+    assert bbq_data.derive_biased_option(info, ["Muslim", "Jewish"], "neg",
+                                         1) == bbq_data.UNDERIVABLE
 
 
 def _write(tmp_path, rows, name="Religion.jsonl"):
@@ -110,8 +113,8 @@ def _row(**over):
 ])
 def test_load_errors_name_file_and_line(tmp_path, bad, msg):
     path = _write(tmp_path, [_row(), _row(example_id=1, **bad)])
-    with pytest.raises(bbq.BBQFormatError) as e:
-        bbq.load_bbq_file(path)
+    with pytest.raises(bbq_data.BBQFormatError) as e:
+        bbq_data.read_bbq_file(path)
     assert f"{path}:2" in str(e.value) and msg in str(e.value)
 
 
@@ -119,23 +122,57 @@ def test_load_errors_missing_field_json_and_duplicates(tmp_path):
     row = _row(example_id=1)
     del row["question_polarity"]
     path = _write(tmp_path, [_row(), row])
-    with pytest.raises(bbq.BBQFormatError, match=r":2: missing field\(s\) question_polarity"):
-        bbq.load_bbq_file(path)
+    with pytest.raises(bbq_data.BBQFormatError, match=r":2: missing field\(s\) question_polarity"):
+        bbq_data.read_bbq_file(path)
     path = _write(tmp_path, [_row(), "{not json"])
-    with pytest.raises(bbq.BBQFormatError, match=r":2: invalid JSON"):
-        bbq.load_bbq_file(path)
+    with pytest.raises(bbq_data.BBQFormatError, match=r":2: invalid JSON"):
+        bbq_data.read_bbq_file(path)
     path = _write(tmp_path, [_row(), _row()])
-    with pytest.raises(bbq.BBQFormatError, match=r":2: duplicate example_id 0 \(first at line 1"):
-        bbq.load_bbq_file(path)
+    with pytest.raises(bbq_data.BBQFormatError,
+                       match=r":2: duplicate example_id 0 \(first at line 1"):
+        bbq_data.read_bbq_file(path)
+
+
+def test_reader_bad_lines_and_types_name_file_and_line(tmp_path):
+    good = json.dumps(_row()) + "\n"
+    p = tmp_path / "Religion.jsonl"
+    p.write_bytes(good.encode() + b"\n" + b"\xff\xfe{}\n")
+    with pytest.raises(bbq_data.BBQFormatError, match=r"Religion\.jsonl:3: invalid UTF-8"):
+        bbq_data.read_bbq_file(str(p))
+    p.write_text(good + "[1, 2]\n")
+    with pytest.raises(bbq_data.BBQFormatError, match=r"Religion\.jsonl:2: not a JSON object"):
+        bbq_data.read_bbq_file(str(p))
+    p.write_text("\n" + good + "\n\n")  # blank lines are skipped
+    assert [it.source for it in bbq_data.read_bbq_file(str(p))] == [f"{p}:2"]
+    for bad, msg in (({"example_id": "0"}, "example_id must be a non-negative int32"),
+                     ({"label": True}, "label True is not 0, 1 or 2"),
+                     ({"context": 5}, "context must be a string, got int"),
+                     ({"answer_info": {"ans0": ["a"], "ans1": ["b", "unknown"],
+                                       "ans2": ["c", "c"]}}, "answer_info must map")):
+        p.write_text(good + json.dumps(_row(**{"example_id": 1, **bad})) + "\n")
+        with pytest.raises(bbq_data.BBQFormatError, match=f"Religion\\.jsonl:2: {msg}"):
+            bbq_data.read_bbq_file(str(p))
+
+
+def test_reader_keeps_the_official_metadata():
+    it = bbq_data.read_bbq_file(os.path.join(bbq_dir(), "Religion.jsonl"))[0]
+    with open(os.path.join(bbq_dir(), "Religion.jsonl"), encoding="utf-8") as f:
+        raw = json.loads(f.readline())
+    meta = raw["additional_metadata"]
+    assert (it.subcategory, it.version, it.metadata_source) == (
+        meta["subcategory"], meta["version"], meta["source"])
+    assert [list(a) for a in it.answer_info] == [raw["answer_info"][k]
+                                                 for k in ("ans0", "ans1", "ans2")]
+    assert bbq_data.available_categories(bbq_dir())[:2] == ["Age", "Disability_status"]
 
 
 def test_load_bbq_missing_category_file(tmp_path):
     _write(tmp_path, [_row()])
-    assert len(bbq.load_bbq(str(tmp_path), ["Religion"])["Religion"]) == 1
-    with pytest.raises(bbq.BBQFormatError, match="no data for category 'Age'.*Religion"):
-        bbq.load_bbq(str(tmp_path), ["Age"])
-    with pytest.raises(bbq.BBQFormatError, match="unknown BBQ category 'Astrology'"):
-        bbq.load_bbq(str(tmp_path), ["Astrology"])
+    assert len(bbq_data.load_bbq(str(tmp_path), ["Religion"])["Religion"]) == 1
+    with pytest.raises(bbq_data.BBQFormatError, match="no data for category 'Age'.*Religion"):
+        bbq_data.load_bbq(str(tmp_path), ["Age"])
+    with pytest.raises(bbq_data.BBQFormatError, match="unknown BBQ category 'Astrology'"):
+        bbq_data.load_bbq(str(tmp_path), ["Astrology"])
 
 
 # ------------------------------------------------------------------ standard parsing

@@ -21,6 +21,7 @@ tfds = pytest.importorskip("tensorflow_datasets")
 
 from regift_jax.data import builders as B  # noqa: E402
 from regift_jax.core.paths import default_source_dir  # noqa: E402
+from regift_jax.data import bbq as bbq_data  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -153,7 +154,9 @@ def test_bbq_checksum_and_row_errors(tmp_path):
     lines = orig.split(b"\n")
     lines[2] = lines[2][:40]
     (src / "Religion.jsonl").write_bytes(b"\n".join(lines))
-    with pytest.raises(ValueError, match=r"Religion\.jsonl:3: malformed JSON"):
+    # the builder reads through the one BBQ reader (evaluation's too)
+    assert B.bbq.read_bbq_file is bbq_data.read_bbq_file
+    with pytest.raises(bbq_data.BBQFormatError, match=r"Religion\.jsonl:3: invalid JSON"):
         B.bbq.read_bbq_file(str(src / "Religion.jsonl"))
     # a category whose file is absent is a clear error
     b = B.Bbq(config="ses", data_dir=str(tmp_path / "out"), source_dir=os.path.join(DATA, "bbq"))
@@ -223,6 +226,65 @@ def test_squad_v2_download_path_checks_md5(tmp_path):
     b = B.SquadV2(data_dir=str(tmp_path), download=True, verify_checksums=False)
     gens = b._split_generators(dl)
     assert sum(1 for _ in gens["pool"]) + sum(1 for _ in gens["heldout"]) == 11873
+
+
+def _small_source(tmp_path):
+    """A source directory with a small dev file (the train fixture's rows) and the train fixture:
+    known names, unknown digests."""
+    train = os.path.join(HERE, "fixtures", "squad_train", "train-v2.0.json")
+    src = tmp_path / "src"
+    src.mkdir()
+    with open(train, encoding="utf-8") as f:
+        doc = json.load(f)
+    doc["data"] = [doc["data"][0], doc["data"][2]]  # one pool and one heldout article
+    (src / "dev-v2.0.json").write_text(json.dumps(doc))
+    (src / "train-v2.0.json").write_bytes(open(train, "rb").read())
+    return src
+
+
+def test_squad_v2_train_split_when_the_train_file_is_present(tmp_path):
+    src = _small_source(tmp_path)
+    with pytest.raises(ValueError, match="md5 .* differs from the known dev-v2.0.json"):
+        build(B.SquadV2, str(tmp_path / "a"), source_dir=str(src))
+    b = build(B.SquadV2, str(tmp_path / "b"), source_dir=str(src), verify_checksums=False)
+    splits = {k: v.num_examples for k, v in b.info.splits.items()}
+    assert splits == {"validation": 10, "pool": 6, "heldout": 4, "train": 13}
+    with open(src / "train-v2.0.json", encoding="utf-8") as f:
+        raw_ids = [q["id"] for a in json.load(f)["data"] for p in a["paragraphs"]
+                   for q in p["qas"]]
+    assert column(b, "train", "id") == raw_ids
+    assert b.info.metadata["train_source"] == str(src / "train-v2.0.json")
+    assert list(b.info.metadata["train_checksum"]) == ["sha256"]
+    imp = [r for r in tfds.as_numpy(b.as_dataset(split="train")) if r["is_impossible"]]
+    assert len(imp) == 4 and all(len(r["answers"]["text"]) == 0 for r in imp)
+    assert all(len(r["plausible_answers"]["text"]) == 1 for r in imp)
+    # without the train file there is no train split
+    os.remove(src / "train-v2.0.json")
+    b = build(B.SquadV2, str(tmp_path / "c"), source_dir=str(src), verify_checksums=False)
+    assert set(b.info.splits) == {"validation", "pool", "heldout"}
+
+
+def test_squad_v2_from_a_saved_hugging_face_dataset(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    rows = B.squad_v2.read_squad_v2(os.path.join(HERE, "fixtures", "squad_train",
+                                                 "train-v2.0.json"))
+
+    def hf(rs):
+        return datasets.Dataset.from_dict({
+            "id": [r["id"] for r in rs], "title": [r["title"] for r in rs],
+            "context": [r["context"] for r in rs], "question": [r["question"] for r in rs],
+            "answers": [{"text": [a["text"] for a in r["answers"]],
+                         "answer_start": [a["answer_start"] for a in r["answers"]]}
+                        for r in rs]})
+
+    src = tmp_path / "hf_squad_v2"
+    dev = rows[:6] + rows[9:]  # one pool and one heldout article
+    datasets.DatasetDict({"train": hf(rows), "validation": hf(dev)}).save_to_disk(str(src))
+    b = build(B.SquadV2, str(tmp_path / "tfds"), source_dir=str(src))
+    splits = {k: v.num_examples for k, v in b.info.splits.items()}
+    assert splits == {"validation": 10, "pool": 6, "heldout": 4, "train": 13}
+    assert b.info.metadata["huggingface_dir"] is True
+    assert column(b, "train", "id") == [r["id"] for r in rows]
 
 
 def test_squad_v1_file_is_rejected(tmp_path):

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from regift_jax.eval import evaluate
+from regift_jax import evaluate, models
 from _data import REPO, SHARED, bbq_dir, cli_env
 
 FIXTURE = os.path.join(SHARED, "regift_paper_outputs", "only_correct_checkpoint_31761_religion")
@@ -196,3 +196,148 @@ def test_authors_json_list_multi_category_and_compare(tmp_path, small_bbq):
     assert rep2["metrics"]["Religion"]["acc_overall"] == pytest.approx(n_ambig / len(rows))
     assert (out / "comparison.md").read_text().startswith("# BBQ: a vs b")
     assert (out / "comparison.png").exists()
+
+
+# ------------------------------------------------------------------ checks before any work
+
+@pytest.fixture()
+def no_model(monkeypatch):
+    """Fails the test if a model is loaded."""
+    def load(*a, **k):
+        raise AssertionError("a model was loaded before the output checks")
+    monkeypatch.setattr(models, "load", load)
+
+
+def _model_argv(tmp_path, small_bbq, *extra):
+    return ["--model=smollm2-135m-instruct", "--mode=generate", f"--bbq_dir={small_bbq}",
+            "--categories=Religion", *extra]
+
+
+def _one_line_error(capsys, pattern):
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: "), err
+    assert re.search(pattern, err), err
+
+
+def test_unwritable_out_fails_before_model_work(tmp_path, small_bbq, capsys, no_model,
+                                                monkeypatch):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    rc = evaluate.main(_model_argv(tmp_path, small_bbq, f"--out={blocker}/out"))
+    assert rc == 2
+    _one_line_error(capsys, r"--out=.*a_file/out: cannot write there")
+    rc = evaluate.main(_model_argv(tmp_path, small_bbq, f"--out={blocker}"))
+    assert rc == 2
+    _one_line_error(capsys, r"--out=.*a_file: cannot write there")
+    # a read-only file system: the probe file cannot be created
+    import errno
+    import tempfile as tempfile_mod
+
+    def read_only(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system")
+    monkeypatch.setattr(tempfile_mod, "mkstemp", read_only)
+    rc = evaluate.main(_model_argv(tmp_path, small_bbq, f"--out={tmp_path / 'ro'}"))
+    assert rc == 2
+    _one_line_error(capsys, r"cannot write there \(Read-only file system\)")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_read_only_directory(tmp_path, small_bbq, capsys, no_model):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        assert evaluate.main(_model_argv(tmp_path, small_bbq, f"--out={ro}")) == 2
+    finally:
+        ro.chmod(0o755)
+    _one_line_error(capsys, r"cannot write there \(Permission denied\)")
+
+
+@pytest.mark.parametrize("flag,pattern", [
+    ("--compare", r"missing\.json: not a readable report\.json"),
+    ("--reference_static", r"missing\.json: --reference_static file not found"),
+])
+def test_bad_compare_inputs_fail_before_model_work(tmp_path, small_bbq, capsys, no_model,
+                                                   flag, pattern):
+    rc = evaluate.main(_model_argv(tmp_path, small_bbq, f"--out={tmp_path / 'out'}",
+                                   f"{flag}={tmp_path / 'missing.json'}"))
+    assert rc == 2
+    _one_line_error(capsys, pattern)
+
+
+def test_stereoset_file_is_checked_before_model_work(tmp_path, capsys, no_model):
+    rc = evaluate.main(["--model=smollm2-135m-instruct", "--mode=stereoset",
+                        f"--stereoset_file={tmp_path / 'nope.jsonl'}", f"--out={tmp_path}"])
+    assert rc == 2
+    _one_line_error(capsys, r"nope\.jsonl: StereoSet file not found")
+
+
+def test_write_failure_is_one_line(tmp_path, small_bbq, capsys, monkeypatch):
+    import errno
+    from regift_jax.eval import report as report_lib
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(report_lib, "write_all", full)
+    rows = _religion_rows(small_bbq)
+    rc, _, _ = _run(tmp_path, small_bbq, [{"example_id": rows[0]["example_id"],
+                                           "generation": "Unknown."}])
+    assert rc == 2
+    _one_line_error(capsys, r"No space left on device")
+
+
+def test_cli_errors_are_one_line_without_traceback(tmp_path, small_bbq):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    g = tmp_path / "g.jsonl"
+    g.write_text(json.dumps({"example_id": 0, "generation": "x"}) + "\n")
+    for argv in ([f"--generations={g}", "--category=Religion", f"--out={blocker}/o",
+                  f"--bbq_dir={small_bbq}"],
+                 [f"--generations={g}", "--category=Religion", f"--out={tmp_path / 'o'}",
+                  f"--bbq_dir={small_bbq}", f"--compare={tmp_path / 'nope.json'}"]):
+        res = subprocess.run([sys.executable, "-m", "regift_jax.evaluate", *argv], cwd=REPO,
+                             env=cli_env(), capture_output=True, text=True, timeout=300)
+        assert res.returncode == 2
+        assert res.stderr.count("\n") == 1 and res.stderr.startswith("error: "), res.stderr
+        assert "Traceback" not in res.stderr
+
+
+# ------------------------------------------------------------------ the paired before/after test
+
+def test_compare_adds_the_paired_test_with_p_values(tmp_path, small_bbq, capsys):
+    rows = _religion_rows(small_bbq)
+    unknown = lambda r: [r[f"ans{i}"] for i in range(3)  # noqa: E731
+                         if r["answer_info"][f"ans{i}"][1] == "unknown"][0]
+    right = [{"example_id": r["example_id"],
+              "generation": f"<answer>{r['ans' + str(r['label'])]}</answer>"} for r in rows]
+    wrong = [{"example_id": r["example_id"], "generation": "<answer>"
+              + (unknown(r) if r["context_condition"] == "disambig" else
+                 [r[f"ans{i}"] for i in range(3) if r[f"ans{i}"] != unknown(r)][0])
+              + "</answer>"} for r in rows]
+    rc, before, _ = _run(tmp_path, small_bbq, wrong, "--bootstrap_resamples=200")
+    assert rc == 0 and before["metrics"]["total"]["acc_overall"] == 0.0
+    (tmp_path / "before.json").write_text(json.dumps(before))
+    capsys.readouterr()
+    rc, after, _ = _run(tmp_path, small_bbq, right, "--bootstrap_resamples=200",
+                        f"--compare={tmp_path / 'before.json'}")
+    assert rc == 0
+    cmp = after["comparison"]
+    assert cmp["n_paired"] == 8 and cmp["unit"].startswith("context groups")
+    t = cmp["metrics"]["total"]["acc_overall"]
+    assert t["before"] == 0.0 and t["after"] == 1.0 and t["diff"] == 1.0
+    assert t["p_value"] < 0.05 and t["ci"][0] > 0  # every resample improves
+    assert cmp["mcnemar"]["total"] == {"n_improved": 8, "n_worsened": 0,
+                                       "p_value": pytest.approx(2 * 0.5 ** 8)}
+    md = (tmp_path / "out" / "comparison.md").read_text()
+    assert "0.0 → 100.0 (+100.0, p=0.00)" in md and "McNemar" in md
+    assert "acc_overall +100.00 (p=0.00)" in capsys.readouterr().out
+    # the same generations twice: no change, p = 1
+    (tmp_path / "after.json").write_text(json.dumps(after))
+    rc, same, _ = _run(tmp_path, small_bbq, right, "--bootstrap_resamples=50",
+                       f"--compare={tmp_path / 'after.json'}")
+    t = same["comparison"]["metrics"]["total"]["acc_overall"]
+    assert rc == 0 and t["diff"] == 0.0 and t["p_value"] == 1.0
+    # every interval resamples context groups
+    assert same["bootstrap"]["unit"].startswith("context groups")
+    assert {it["context_group"] for it in same["items"]} == {
+        f"Religion:{rows[0]['example_id']}", f"Religion:{rows[4]['example_id']}"}

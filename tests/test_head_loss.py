@@ -1,5 +1,5 @@
 """Chunked LM head + cross-entropy on the loss positions: values and gradients equal the plain
-full-logits loss (trainer.token_loss), tied and untied heads, any chunk size, empty masks."""
+full-logits loss (training.step.token_loss), tied and untied heads, any chunk size, empty masks."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from regift_jax.models.head_loss import head_loss
-from regift_jax.training.trainer import token_loss
+from regift_jax.training.step import token_loss
 
 B, T, D, V = 3, 37, 16, 101
 

@@ -1,4 +1,4 @@
-"""Tests for launch/tpu_pod.sh and launch/gpu_slurm.sh.
+"""Tests for launch/tpu_pod.sh, launch/gpu_slurm.sh and the helpers both source (common.sh).
 
 Nothing here touches a cloud or a cluster.  Three kinds of checks:
 
@@ -12,7 +12,8 @@ Nothing here touches a cloud or a cluster.  Three kinds of checks:
   and the JAX process layout each task receives is checked against JAX's own SLURM detection
   (``jax._src.clusters.slurm_cluster``) as an independent reference, and two real CPU JAX
   processes started by a generated script must meet through ``jax.distributed.initialize()``;
-* shellcheck on both scripts, on the generated sbatch script and on its per-task prologue.
+* shellcheck on both scripts, the sourced helpers, the generated sbatch script and its per-task
+  prologue; the helpers live only in launch/common.sh.
 """
 
 import json
@@ -28,6 +29,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TPU = os.path.join(REPO, "launch", "tpu_pod.sh")
 SLURM = os.path.join(REPO, "launch", "gpu_slurm.sh")
+COMMON = os.path.join(REPO, "launch", "common.sh")
 PY = sys.executable
 
 TRICKY = ["--config.mesh.fsdp=-1", "--config.note=it's a \"b\" $HOME", "two words"]
@@ -622,7 +624,50 @@ def test_shellcheck(tmp_path):
     prologue = lexer.get_token()  # the single-quoted prologue, unquoted
     assert prologue.startswith("gpus_per_node=8 ") and prologue.endswith('exec "$@"')
     (tmp_path / "prologue.sh").write_text("#!/usr/bin/env bash\n" + prologue + "\n")
-    files = [TPU, SLURM, str(generated), str(tmp_path / "prologue.sh")]
+    files = [TPU, SLURM, COMMON, str(generated), str(tmp_path / "prologue.sh")]
     res = subprocess.run([binary, "--shell=bash", "--severity=style", *files],
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_shellcheck_each_script_alone():
+    """launch/.shellcheckrc lets shellcheck follow common.sh when one script is checked alone."""
+    binary = shellcheck_binary()
+    for script in (TPU, SLURM):
+        res = subprocess.run([binary, "--severity=style", os.path.basename(script)],
+                             capture_output=True, text=True, timeout=60,
+                             cwd=os.path.dirname(script))
+        assert res.returncode == 0, res.stdout + res.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# shared helpers
+# ------------------------------------------------------------------------------------------------
+
+def test_helpers_have_one_home():
+    """The helpers are defined in launch/common.sh only; both scripts source it."""
+    helpers = ("die", "usage", "shquote", "join_quoted", "run", "parse_args", "check_job",
+               "check_envs", "entry_point")
+    with open(COMMON) as f:
+        common = f.read()
+    for name in helpers:
+        assert f"\n{name}() {{" in common, name
+    for script in (TPU, SLURM):
+        with open(script) as f:
+            text = f.read()
+        assert '. "$(dirname "${BASH_SOURCE[0]}")/common.sh"' in text
+        for name in helpers:
+            assert f"\n{name}() {{" not in text, (script, name)
+
+
+@pytest.mark.parametrize("script", [TPU, SLURM])
+def test_scripts_run_from_any_directory(script, tmp_path):
+    """common.sh is found beside the script, whatever the current directory or the path used."""
+    rel = os.path.relpath(script, tmp_path)
+    r = sh(rel, "--help", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f"Usage: launch/{os.path.basename(script)} ")
+    r = sh(os.path.basename(script), "--dry-run", "--bogus=1", cwd=os.path.dirname(script))
+    assert r.returncode == 2
+    assert f"{os.path.basename(script)}: error: unknown flag --bogus" in r.stderr
+    assert "usage:" in r.stderr

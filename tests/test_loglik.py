@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 import _smollm2
-from regift_jax.eval import evaluate
-from regift_jax.eval import bbq, loglik
+from regift_jax import evaluate
+from regift_jax.data import bbq as bbq_data
+from regift_jax.eval import bbq, config, loglik, subset
 from regift_jax.eval.loglik import Request
 from _data import REPO, bbq_dir
 
@@ -226,7 +227,7 @@ def test_loglik_cli_report(tiny_vocab_model, tmp_path):
         assert {(r["context_condition"], r["question_polarity"]) for r in rep["items"]
                 if r["category"] == cat} == {("ambig", "neg"), ("ambig", "nonneg"),
                                              ("disambig", "neg"), ("disambig", "nonneg")}
-    all_items = bbq.load_bbq(bbq_dir(), ["Religion", "Age"])
+    all_items = bbq_data.load_bbq(bbq_dir(), ["Religion", "Age"])
     by_key = {it.key: it for v in all_items.values() for it in v}
     items = [by_key[(r["category"], r["example_id"])] for r in rep["items"]]
     reqs, prompts, conts = loglik.bbq_requests(items, "bbq_base", tok)
@@ -294,7 +295,7 @@ def test_smollm2_bbq_option_scores_equal_transformers():
     from regift_jax import models
     handle = models.load("smollm2-135m-instruct")
     hf_model, hf_tok = _smollm2.hf_reference()
-    all_items = bbq.load_bbq(bbq_dir(), ["Religion", "Age"])
+    all_items = bbq_data.load_bbq(bbq_dir(), ["Religion", "Age"])
     # ambig + disambig of one context, Age items, options of different token counts.
     items = all_items["Religion"][:3] + [all_items["Age"][i] for i in (0, 1, 700)]
     os_ = loglik.option_scores(handle, items, "bbq_base", batch_rows=3,
@@ -374,23 +375,23 @@ def test_option_continuation_spacing():
 
 
 def test_letter_option_reads_the_last_answer():
-    assert evaluate.letter_option("So (A) seems wrong. The answer is (C).")[0] == 2
-    assert evaluate.letter_option("answer is (A) ... the answer is B.")[0] == 1
-    assert evaluate.letter_option("The answer is (D).")[0] == -1
-    assert evaluate.letter_option("no letter here")[0] == -1
-    item = bbq.load_bbq(bbq_dir(), ["Religion"])["Religion"][0]
-    rec = evaluate.judge_items([(item, " Let's think. The answer is (B).")],
+    assert bbq.letter_option("So (A) seems wrong. The answer is (C).")[0] == 2
+    assert bbq.letter_option("answer is (A) ... the answer is B.")[0] == 1
+    assert bbq.letter_option("The answer is (D).")[0] == -1
+    assert bbq.letter_option("no letter here")[0] == -1
+    item = bbq_data.load_bbq(bbq_dir(), ["Religion"])["Religion"][0]
+    rec = bbq.judge_items([(item, " Let's think. The answer is (B).")],
                                letter_options=True)[0]
     assert rec["option_index"] == 1 and rec["span_source"] == "answer_letter"
-    plain = evaluate.judge_items([(item, " Let's think. The answer is (B).")])[0]
+    plain = bbq.judge_items([(item, " Let's think. The answer is (B).")])[0]
     assert plain["span_source"] != "answer_letter"
 
 
 def test_select_subset_balanced_and_deterministic():
-    items = bbq.load_bbq(bbq_dir(), ["Religion", "Age"])
-    a = evaluate.select_subset(items, max_items=20, seed=3)
-    b = evaluate.select_subset(items, max_items=20, seed=3)
-    c = evaluate.select_subset(items, max_items=20, seed=4)
+    items = bbq_data.load_bbq(bbq_dir(), ["Religion", "Age"])
+    a = subset.select_subset(items, max_items=20, seed=3)
+    b = subset.select_subset(items, max_items=20, seed=3)
+    c = subset.select_subset(items, max_items=20, seed=4)
     key = lambda s: [(x.category, x.example_id) for v in s.values() for x in v]  # noqa: E731
     assert key(a) == key(b) and key(a) != key(c)
     assert {k: len(v) for k, v in a.items()} == {"Religion": 10, "Age": 10}
@@ -401,15 +402,15 @@ def test_select_subset_balanced_and_deterministic():
         pos = {x.example_id: n for n, x in enumerate(items[cat])}
         assert [pos[x.example_id] for x in v] == sorted(pos[x.example_id] for x in v)
         # Whole context paragraphs (all four variants), except one partial paragraph.
-        sizes = sorted(len(u) for u in evaluate.context_units(v))
+        sizes = sorted(len(u) for u in subset.context_units(v))
         assert sizes[1:] == [4] * (len(sizes) - 1) and sizes[0] == 2
-    unit = evaluate.context_units(items["Religion"][:8])
+    unit = subset.context_units(items["Religion"][:8])
     assert [[x.example_id for x in u] for u in unit] == [[0, 1, 2, 3], [4, 5, 6, 7]]
-    per = evaluate.select_subset(items, max_items_per_category=6)
+    per = subset.select_subset(items, max_items_per_category=6)
     assert {k: len(v) for k, v in per.items()} == {"Religion": 6, "Age": 6}
     # A category smaller than its share passes the rest on.
     small = {"Religion": items["Religion"][:3], "Age": items["Age"]}
-    s = evaluate.select_subset(small, max_items=11)
+    s = subset.select_subset(small, max_items=11)
     assert {k: len(v) for k, v in s.items()} == {"Religion": 3, "Age": 8}
-    with pytest.raises(evaluate.InputError, match="max_items must be >= 1"):
-        evaluate.select_subset(items, max_items=0)
+    with pytest.raises(config.InputError, match="max_items must be >= 1"):
+        subset.select_subset(items, max_items=0)

@@ -1,5 +1,6 @@
 """Streaming SFT pipeline: content, determinism, host sharding, exact resume, sources, errors."""
 
+import gzip
 import importlib.util
 import json
 import os
@@ -238,6 +239,17 @@ def test_jsonl_source_and_bad_line(tok, records, tmp_path):
     bad.write_text("[1, 2]\n")
     with pytest.raises(ValueError, match=r"bad\.jsonl:1: expected a JSON object"):
         make(str(bad), tok)
+    # Every bad line is counted by reason; the error names the first one.
+    bad.write_bytes(json.dumps(records[0]).encode() + b"\n\xff\xfe\n{oops\n[]\n{oops\n")
+    with pytest.raises(ValueError, match=r"(?s)bad\.jsonl:2: invalid UTF-8 .*5 lines, 4 skipped"
+                                         r".*malformed_json: 2.*invalid_utf8: 1.*not_an_object: 1"):
+        make(str(bad), tok)
+    # gzip shards read like plain ones
+    gz = tmp_path / "a.jsonl.gz"
+    with gzip.open(gz, "wt") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in records[:20]))
+    recs, origins, n = load_shard(str(gz), 0, 1)
+    assert n == 20 and recs == records[:20] and origins[3] == f"{gz}:4"
 
 
 def test_tf_dataset_source(tok, records):

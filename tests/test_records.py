@@ -46,7 +46,10 @@ def test_parse_well_formed_with_and_without_prefilled_think():
 
 @pytest.mark.parametrize("text,problem,reasoning,answer", [
     ("<think>R<answer>A</answer>", "missing </think>", "R", "A"),
-    ("<think>R</think>A", "missing <answer>", "R", ""),
+    ("<think>R</think>A</answer>", "missing <answer>", "R", ""),
+    ("<think>R", "unfinished <think>", "R", ""),
+    ("R without a close", "unfinished <think>", "R without a close", ""),
+    ("<think>R</think>\n  ", "empty answer", "R", ""),
     ("<think>R</think><answer>A", "missing </answer>", "R", "A"),
     ("<think>R</think><answer>A</answer><answer>B</answer>", "duplicated <answer>", "R", "A"),
     ("<think>R</think></think><answer>A</answer>", "duplicated </think>", "R", "A"),
@@ -68,6 +71,68 @@ def test_parse_warnings_are_not_fatal():
     assert R.first_fatal_problem(p) is None
     _, _, p = R.parse_teacher_output("Sure! <think>R</think><answer>A</answer>")
     assert p == ["text before <think>"]
+
+
+# ---------------------------------------------------------------- R1-shaped outputs (no tags)
+
+R1_FIXTURE = os.path.join(HERE, "fixtures", "r1", "outputs.jsonl")
+
+
+def test_untagged_answer_is_the_text_after_think():
+    """The authors' rule: without an ``<answer>`` tag the answer is the text after ``</think>``."""
+    p = R.parse_output("R. Wait, no: R2.\n</think>\n\nThe answer is **Lyon**.\n")
+    assert p == ("R. Wait, no: R2.", "The answer is **Lyon**.", [], "after_think")
+    p = R.parse_output("<think>R</think>\n<answer> A </answer>")
+    assert p == ("R", "A", [], "tag")
+    assert R.parse_teacher_output("<think>R</think> A") == ("R", "A", [])
+    # an answer tag anywhere means the tagged format: no fallback to the text after </think>
+    assert R.parse_output("<think>R</think>A<answer></answer>").problems[0] == "empty answer"
+
+
+def test_r1_fixture_outputs_parse_and_judge_as_documented():
+    from regift_jax.core import prompts
+    from regift_jax.traces.judge import judge
+    tmpl = prompts.get_template("teacher_extraction")
+    squad = json.load(open(os.path.join(HERE, "fixtures", "squad_train", "train-v2.0.json")))
+    golds = {q["id"]: [a["text"] for a in q["answers"]]
+             for a in squad["data"] for p in a["paragraphs"] for q in p["qas"]}
+    outcomes = []
+    with open(R1_FIXTURE, encoding="utf-8") as f:
+        outputs = [json.loads(line) for line in f]
+    for o in outputs:
+        p = R.parse_output(prompts.restore_prefill(tmpl, o["text"]))
+        want = o["expect"]
+        assert p.answer_source == want["answer_source"], o["id"]
+        assert R.first_fatal_problem(p.problems) == want.get("dropped"), o["id"]
+        assert judge(p.answer, golds[o["id"]]).lenient_correct is want["lenient_correct"], o["id"]
+        assert p.reasoning.startswith("Let's think step by step")
+        outcomes.append(want.get("dropped") or p.answer_source)
+    assert {k: outcomes.count(k) for k in set(outcomes)} == {
+        "after_think": 8, "tag": 3, "unfinished <think>": 2}
+    assert any("Wait," in o["text"] for o in outputs if o["expect"]["answer_source"])
+    assert all(o["finish_reason"] == "length" for o in outputs if o["expect"].get("dropped"))
+
+
+def test_answer_source_field_is_optional_checked_and_written(tmp_path):
+    """Schema v2: ``answer_source`` is optional (v1 records read as before, the source taken from
+    the parse), must agree with the parse when present, and is written by the writer."""
+    v1 = make_record(0)
+    rec, why, _, warns = R.validate_record(v1)
+    assert why is None and not warns and rec.answer_source == "tag"
+    assert rec.to_dict() == v1 and "answer_source" not in rec.to_dict()
+    untagged = make_record(1, raw_generation="<think>R1</think>\nParis.", reasoning="R1",
+                           answer="Paris.")
+    rec, why, _, _ = R.validate_record(dict(untagged, answer_source="after_think"))
+    assert why is None and rec.answer_source == "after_think"
+    assert R.validate_record(dict(untagged, answer_source="tag"))[1] == "fields_disagree"
+    assert R.validate_record(dict(v1, answer_source="guess"))[1] == "invalid_value"
+    assert R.validate_record(dict(v1, answer_source=3))[1] == "wrong_type"
+    out = tmp_path / "v2.jsonl"
+    R.write_trace_jsonl(str(out), [untagged, v1])
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [x["answer_source"] for x in lines] == ["after_think", "tag"]
+    back, rep = R.read_trace_jsonl(str(out), strict=True)
+    assert [r.answer_source for r in back] == ["after_think", "tag"] and not rep.warnings
 
 
 # ---------------------------------------------------------------- reading the fixture
@@ -198,10 +263,13 @@ def test_write_roundtrip_and_atomicity(tmp_path):
     assert out.read_bytes() == before
     assert os.listdir(out.parent) == ["shard.jsonl"]  # no temp file left behind
     # an unparseable teacher output can be written; reading counts it
-    unparseable = make_record(9, raw_generation="<think>R", reasoning="R", answer="")
-    R.write_trace_jsonl(str(out), [make_record(8), unparseable])
+    unparseable = make_record(9, raw_generation="<think>R<answer>A</answer>", reasoning="R",
+                              answer="A")
+    unfinished = make_record(10, raw_generation="<think>R", reasoning="R", answer="")
+    R.write_trace_jsonl(str(out), [make_record(8), unparseable, unfinished])
     back, rep = R.read_trace_jsonl(str(out))
-    assert len(back) == 1 and dict(rep.dropped) == {"missing </think>": 1}
+    assert len(back) == 1 and dict(rep.dropped) == {"missing </think>": 1,
+                                                    "unfinished <think>": 1}
 
 
 def test_hf_dataset_and_parquet(tmp_path):
@@ -320,3 +388,20 @@ def test_gzip_shards_read_like_plain_ones(tmp_path):
         f.write(open(SHARD0).readline() + "{not json\n")
     with pytest.raises(R.TraceFormatError, match=r"bad\.jsonl\.gz:2: malformed_json"):
         R.read_trace_jsonl(str(bad), strict=True)
+
+
+def test_truncated_gzip_shard_is_a_counted_tail(tmp_path):
+    """A ``.jsonl.gz`` cut short keeps the lines before the cut and counts the rest as one
+    ``truncated_tail`` line (never a bare EOFError); ``strict=True`` names the file and line."""
+    import gzip
+    lines = [json.dumps(make_record(i)) + "\n" for i in range(400)]
+    whole = gzip.compress("".join(lines).encode())
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(whole[:len(whole) // 2])
+    recs, rep = R.read_trace_jsonl(str(cut))
+    n = len(recs)
+    assert 0 < n < 400 and [r.id for r in recs] == [f"q{i}" for i in range(n)]
+    assert rep.dropped == {"truncated_tail": 1} and rep.n_lines == n + 1
+    assert rep.samples["truncated_tail"][0].startswith(f"{cut}:{n + 1}: compressed stream")
+    with pytest.raises(R.TraceFormatError, match=rf"cut\.jsonl\.gz:{n + 1}: truncated_tail"):
+        R.read_trace_jsonl(str(cut), strict=True)

@@ -30,7 +30,8 @@ TRACES = os.path.join(FIXTURES, "traces")
 
 from regift_jax.core import configs_util
 from regift_jax import train
-from regift_jax.training import trainer  # noqa: E402
+from regift_jax.training import checkpointing, examples, inputs, optim  # noqa: E402
+from regift_jax.training import state as state_lib, step as step_lib  # noqa: E402
 from regift_jax.models import lora as lora_lib  # noqa: E402
 from regift_jax.models.checkpoints import export_hf, load_hf  # noqa: E402
 from regift_jax.models.config import ModelConfig  # noqa: E402
@@ -67,7 +68,7 @@ def random_params(cfg, seed=0):
     rng = np.random.RandomState(seed)
 
     def one(path, x):
-        if trainer._path_str(path).endswith("scale"):
+        if optim.path_str(path).endswith("scale"):
             return (1.0 + 0.1 * rng.standard_normal(x.shape)).astype(np.float32)
         return (0.05 * rng.standard_normal(x.shape)).astype(np.float32)
     return jax.tree_util.tree_map_with_path(one, abstract)
@@ -145,7 +146,8 @@ def test_presets_hold_the_paper_recipe():
     d = cfgs["configs/llama.py"]
     assert (d.model.name, d.lora.enabled, d.lora.rank, d.lora.alpha, d.lora.dropout,
             tuple(d.lora.targets), d.data.source) == ("smollm2-135m-instruct", True, 16, 32.0,
-                                                      0.05, ("q_proj", "v_proj"), "data/traces")
+                                                      0.05, ("q_proj", "v_proj"),
+                                                      "tfds:regift_traces/correct")
     p = cfgs["configs/llama.py:llama3_1_8b"]
     assert (p.train.global_batch, p.optim.learning_rate, p.optim.warmup_fraction,
             p.optim.weight_decay, p.train.num_epochs, p.data.seq_len, p.lora.rank, p.lora.alpha,
@@ -183,16 +185,16 @@ def test_unknown_override_lists_valid_keys(capsys):
 def test_schedule_and_weight_decay_mask():
     c = configs_util.base_config().optim
     c.learning_rate, c.warmup_steps, c.schedule, c.end_lr_fraction = 1.0, 4, "linear", 0.0
-    s = trainer.make_schedule(c, 14)
+    s = optim.make_schedule(c, 14)
     np.testing.assert_allclose(np.asarray(jax.vmap(s)(jnp.array([0, 2, 4, 9, 14]))),
                                [0, .5, 1, .5, 0], atol=1e-6)
     c.schedule, c.warmup_steps, c.warmup_fraction = "cosine", -1, 0.25
-    s = trainer.make_schedule(c, 8)  # 2 warmup steps, 6 cosine steps
+    s = optim.make_schedule(c, 8)  # 2 warmup steps, 6 cosine steps
     np.testing.assert_allclose(np.asarray(jax.vmap(s)(jnp.array([1, 2, 5, 8]))),
                                [0.5, 1.0, 0.5 * (1 + np.cos(np.pi * 3 / 6)), 0.0], atol=1e-6)
     params = random_params(TINY.replace(attention_bias=True))
-    m = trainer.decay_mask(params, configs_util.base_config().optim.no_decay)
-    flat = {trainer._path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(m)[0]}
+    m = optim.decay_mask(params, configs_util.base_config().optim.no_decay)
+    flat = {optim.path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(m)[0]}
     assert flat["embed_tokens"] is False and flat["norm/scale"] is False
     assert flat["layers/input_layernorm/scale"] is False
     assert flat["layers/self_attn/q_proj/bias"] is False
@@ -200,14 +202,14 @@ def test_schedule_and_weight_decay_mask():
     # One AdamW step with zero gradients: decayed leaves shrink by lr * wd, the others stay.
     c = configs_util.base_config().optim
     c.learning_rate, c.warmup_steps, c.schedule, c.weight_decay = 0.1, 0, "constant", 0.5
-    tx, _ = trainer.make_optimizer(c, 10, params)
+    tx, _ = optim.make_optimizer(c, 10, params)
     zeros = jax.tree.map(np.zeros_like, params)
     upd = host(jax.jit(lambda g, p: tx.update(g, tx.init(p), p)[0])(zeros, params))
     for p, u in jax.tree_util.tree_flatten_with_path(upd)[0]:
         x = params
         for k in p:
             x = x[k.key]
-        want = -0.05 * x if flat[trainer._path_str(p)] else np.zeros_like(x)
+        want = -0.05 * x if flat[optim.path_str(p)] else np.zeros_like(x)
         np.testing.assert_allclose(u, want, rtol=1e-6, atol=1e-8)
 
 
@@ -218,10 +220,10 @@ def batch():
     c = configs_util.base_config()
     c.data.source, c.data.seq_len = TRACES, 256
     tok = _tokenizer()
-    ex, _ = trainer.load_examples(c.data)
-    render, _ = trainer.make_render(c.data, tok)
-    pipe = trainer.make_pipeline(ex, tok, render, c.data, global_batch=8, seed=0, num_epochs=1,
-                                 shuffle=False, prefetch=0)
+    ex, _ = examples.load_examples(c.data)
+    render, _ = inputs.make_render(c.data, tok)
+    pipe = inputs.make_pipeline(ex, tok, render, c.data, global_batch=8, seed=0, num_epochs=1,
+                                shuffle=False, prefetch=0)
     assert isinstance(pipe, SFTPipeline)
     b = next(pipe)
     assert 0 < b["loss_mask"].sum() < (b["segment_ids"] != 0).sum()  # prompts are masked
@@ -236,7 +238,7 @@ def test_loss_is_masked_token_mean(batch):
     t, m = np.asarray(batch["targets"]), np.asarray(batch["loss_mask"]).astype(bool)
     lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
     nll = lse - np.take_along_axis(logits, t[..., None], -1)[..., 0]
-    eval_fn = jax.jit(lambda p, b: trainer.eval_step(p, {}, b, model_cfg=TINY))
+    eval_fn = jax.jit(lambda p, b: step_lib.eval_step(p, {}, b, model_cfg=TINY))
     out = host(eval_fn(params, batch))
     np.testing.assert_allclose(out["loss_sum"] / out["tokens"], nll[m].mean(), rtol=1e-5)
     assert out["tokens"] == m.sum()
@@ -255,12 +257,12 @@ def test_grad_accumulation_equals_one_big_batch(batch):
     params = random_params(cfg, seed=3)
     c = configs_util.base_config().optim
     c.warmup_steps = 0
-    tx, _ = trainer.make_optimizer(c, 10, params)
+    tx, _ = optim.make_optimizer(c, 10, params)
     update = jax.jit(lambda g, p: optax_apply(tx, g, p))
     out = {}
     for k in (1, 4):
-        fn = jax.jit(lambda p, b, k=k: trainer.loss_and_grads(p, {}, b, jax.random.PRNGKey(0),
-                                                              model_cfg=cfg, accum=k))
+        fn = jax.jit(lambda p, b, k=k: step_lib.loss_and_grads(p, {}, b, jax.random.PRNGKey(0),
+                                                               model_cfg=cfg, accum=k))
         grads, aux = fn(params, batch)
         out[k] = host((grads, aux, update(grads, params)))
     (g1, a1, p1), (g4, a4, p4) = out[1], out[4]
@@ -292,8 +294,8 @@ def test_fast_paths_equal_the_plain_step(batch):
     plain_runs = {}  # the plain full-FT step serves two cases: compiled once
 
     def run(cfg, p, fr):
-        fn = jax.jit(lambda p, b: trainer.loss_and_grads(p, fr, b, jax.random.PRNGKey(0),
-                                                         model_cfg=cfg))
+        fn = jax.jit(lambda p, b: step_lib.loss_and_grads(p, fr, b, jax.random.PRNGKey(0),
+                                                          model_cfg=cfg))
         return host(fn(p, batch))
     for plain_cfg, fast_cfg, p, fr in cases:
         if plain_cfg not in plain_runs:
@@ -340,7 +342,7 @@ def test_reference_run_outputs(ref):
 
 def test_lora_trains_only_adapters(ref, tiny_dir):
     trainable, frozen, opt = ref["params_host"], ref["frozen_host"], ref["opt_host"]
-    paths = [trainer._path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(trainable)[0]]
+    paths = [optim.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(trainable)[0]]
     assert paths and all(p.endswith(("lora_a", "lora_b")) for p in paths)
     assert {p.split("/")[2] for p in paths} == {"q_proj", "v_proj"}
     n_lora = sum(x.size for x in jax.tree.leaves(trainable))
@@ -371,14 +373,14 @@ KILL_SCRIPT = textwrap.dedent("""
     import json, os, signal, sys
     sys.path.insert(0, {repo!r})
     import ml_collections
-    from regift_jax.training import trainer
+    from regift_jax.training import loop
     cfg = ml_collections.ConfigDict(json.load(open(sys.argv[1])))
 
     def cb(step, info):
         if step == int(sys.argv[3]):
             os.kill(os.getpid(), signal.SIGKILL)  # no cleanup; an async save may be in flight
 
-    trainer.run(cfg, sys.argv[2], callbacks=[cb])
+    loop.run(cfg, sys.argv[2], callbacks=[cb])
 """)
 
 
@@ -433,12 +435,12 @@ def test_corrupt_latest_checkpoint_falls_back(ref, tiny_dir, cache_dir, tmp_path
     # ... and make step 4 unusable too, in another way: its data-iterator state is missing.
     os.remove(os.path.join(wd, "data_state", "4", "process_0.json"))
     cfg = make_config(tiny_dir, cache_dir)
-    with caplog.at_level(logging.WARNING, logger="regift_jax.training.trainer"):
+    with caplog.at_level(logging.WARNING, logger="regift_jax.training.checkpointing"):
         res = train.run_training(cfg, wd)
     msgs = [r.getMessage() for r in caplog.records if "unreadable" in r.getMessage()]
     assert len(msgs) == 2 and "step 6" in msgs[0] and "step 4" in msgs[1], msgs
     assert "falling back to the previous one" in msgs[0]
-    assert sorted(os.listdir(os.path.join(wd, trainer.UNREADABLE_DIR)))[0].startswith("4.")
+    assert sorted(os.listdir(os.path.join(wd, checkpointing.UNREADABLE_DIR)))[0].startswith("4.")
     assert res["step"] == STEPS
     assert losses(res["history"]) == losses(ref["history"])[2:]  # resumed from step 2
     assert_trees_equal(host(res["state"].params), ref["params_host"])
@@ -458,7 +460,7 @@ def test_nonfinite_steps_are_skipped_then_halt(tiny_dir, cache_dir, tmp_path):
         s = info["state"]
         seen.append((step, host(s.params), int(s.skipped), int(s.applied), int(s.bad_streak)))
 
-    with pytest.raises(trainer.NonFiniteError, match="at step 3: 3 consecutive steps with a "
+    with pytest.raises(step_lib.NonFiniteError, match="at step 3: 3 consecutive steps with a "
                        "non-finite loss"):
         train.run_training(cfg, str(tmp_path / "wd"), callbacks=[cb])
     assert [x[0] for x in seen] == [1, 2, 3]  # noticed while step 4 runs
@@ -468,10 +470,10 @@ def test_nonfinite_steps_are_skipped_then_halt(tiny_dir, cache_dir, tmp_path):
     # The step-2 checkpoint holds the unchanged (finite) adapters.
     assert os.listdir(os.path.join(tmp_path, "wd", "checkpoints")) == ["2"]
     # A non-finite state is never written.
-    ck = trainer.Checkpointer(str(tmp_path / "wd2"), configs_util.base_config().checkpoint)
-    state = trainer.TrainState(step=jnp.int32(1), params={"w": jnp.array([1.0, jnp.inf])},
-                               opt_state=(), rng=jax.random.PRNGKey(0), applied=jnp.int32(0),
-                               skipped=jnp.int32(0), bad_streak=jnp.int32(0))
+    ck = checkpointing.Checkpointer(str(tmp_path / "wd2"), configs_util.base_config().checkpoint)
+    state = state_lib.TrainState(step=jnp.int32(1), params={"w": jnp.array([1.0, jnp.inf])},
+                                 opt_state=(), rng=jax.random.PRNGKey(0), applied=jnp.int32(0),
+                                 skipped=jnp.int32(0), bad_streak=jnp.int32(0))
     assert ck.save(1, state, {}, {}) is False
     ck.close()
     assert ck.steps() == []
@@ -482,10 +484,10 @@ SHARDED_SCRIPT = textwrap.dedent("""
     import json, sys
     sys.path.insert(0, {repo!r})
     import jax, ml_collections
-    from regift_jax.training import trainer
+    from regift_jax.training import loop
     assert jax.device_count() == 8, jax.devices()
     cfg = ml_collections.ConfigDict(json.load(open(sys.argv[1])))
-    res = trainer.run(cfg, sys.argv[2])
+    res = loop.run(cfg, sys.argv[2])
     shardings = {{str(p): str(x.sharding.spec) for p, x in
                  jax.tree_util.tree_flatten_with_path(res["state"].params)[0]}}
     json.dump({{"history": res["history"], "shardings": shardings}}, open(sys.argv[3], "w"))
@@ -521,15 +523,15 @@ def test_instruction_baseline_data():
     """configs/instruction.py: SQuAD-v2 pool questions with gold answers, rendered with the
     instruction_baseline template (no reasoning)."""
     c = configs_util.load_config_file(os.path.join(REPO, "configs", "instruction.py"))
-    ex, summary = trainer.load_examples(c.data)
+    ex, summary = examples.load_examples(c.data)
     assert len(ex) == 10152 and summary["split"] == "pool"  # see data/builders/squad_v2.py
     unanswerable = [e for e in ex if e["answer"] == "Not in background."]
     assert 0.3 * len(ex) < len(unanswerable) < 0.7 * len(ex)
-    train_ex, held = trainer.split_heldout(ex, c.data.eval_fraction)
+    train_ex, held = examples.split_heldout(ex, c.data.eval_fraction)
     assert abs(len(held) / len(ex) - c.data.eval_fraction) < 0.01
     assert not {e["id"] for e in held} & {e["id"] for e in train_ex}
-    assert trainer.split_heldout(ex[::-1], c.data.eval_fraction)[1] == held[::-1]  # by id only
-    render, tid = trainer.make_render(c.data, None)
+    assert examples.split_heldout(ex[::-1], c.data.eval_fraction)[1] == held[::-1]  # by id only
+    render, tid = inputs.make_render(c.data, None)
     prompt, pieces = render(ex[0])
     assert tid == "instruction_baseline@v1" and prompt.endswith("### Response:\n")
     assert "".join(p.text for p in pieces) == f"<answer> {ex[0]['answer'].strip()} </answer>"

@@ -18,8 +18,8 @@ constants in modules).  Sections:
 ==============  ====================================================================================
 ``model``       weights source (preset name / HF dir / .gguf), dtypes, remat policy
 ``lora``        LoRA on/off, rank, alpha, dropout, target projections
-``data``        source (traces or SQuAD gold answers), selection, prompt template, packing, lengths,
-                held-out fraction for the evaluation loss
+``data``        source (the regift_traces TFDS builder, trace JSONL or SQuAD gold answers),
+                selection, prompt template, packing, lengths, held-out evaluation fraction
 ``train``       steps or epochs, global batch, gradient accumulation, non-finite handling
 ``optim``       AdamW, schedule, warmup, clipping, weight-decay exclusions
 ``mesh``        mesh axis sizes (-1 fills) and optional logical-axis rules override
@@ -27,6 +27,7 @@ constants in modules).  Sections:
 ``eval``        evaluation-loss cadence and size
 ``log``         metrics cadence, TensorBoard, progress bar, MFU peak FLOPs
 ``export``      HF export at the end (LoRA merged)
+``experiment``  the BBQ evaluation before and after training around the run
 ``distributed`` multi-host initialisation
 ==============  ====================================================================================
 """
@@ -34,9 +35,11 @@ constants in modules).  Sections:
 from __future__ import annotations
 
 import ast
+import difflib
 import importlib.util
 import os
 import sys
+from importlib import metadata
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import ml_collections
@@ -94,6 +97,161 @@ def parse_arg(arg: Optional[str], **defaults) -> ml_collections.ConfigDict:
 
 
 # ============================================================================ the base config
+def _model() -> ml_collections.ConfigDict:
+    m = ml_collections.ConfigDict()
+    # A preset name of regift_jax.models (e.g. "smollm2-135m-instruct"), a Hugging Face
+    # safetensors directory, or a .gguf file; loaded by regift_jax.models.load (never downloads
+    # unless download=True).
+    m.name = "smollm2-135m-instruct"
+    m.download = False
+    m.param_dtype = "float32"  # master weights (and optimizer state) dtype
+    m.dtype = "bfloat16"  # compute dtype (activations, matmuls)
+    m.remat_policy = "none"  # none | full | dots | dots_with_no_batch_dims | nothing_saveable
+    # Causal query chunks of attention (tokens; 0 = one [T, T] score matrix per head).
+    m.attention_chunk = 128
+    # LM head + loss on the loss positions only, this many positions per chunk (0 = full logits).
+    m.loss_chunk = 512
+    # Attention without a KV cache: "einsum" (the decoder's, chunked as above), "xla" or "cudnn"
+    # (jax.nn.dot_product_attention; "cudnn" = cuDNN flash attention, NVIDIA GPUs, bf16/fp16).
+    m.attention_impl = "einsum"
+    return m
+
+
+def _lora() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(
+        enabled=True,  # False: full fine-tuning
+        rank=16, alpha=32.0, dropout=0.05, targets=("q_proj", "v_proj")))
+
+
+def _data() -> ml_collections.ConfigDict:
+    d = ml_collections.ConfigDict()
+    # "traces": teacher traces (regift_jax.data.records schema), response = reasoning + answer.
+    # "squad_gold": SQuAD-v2 questions with their gold answer (Instruction baseline).
+    d.kind = "traces"
+    # traces: "tfds:regift_traces/<config>" streams the regift_traces TFDS builder, built offline
+    # from the data root's traces/ into tfds_data_dir (its config must match selection and
+    # criterion); or a directory of *.jsonl shards, a glob, a file (relative paths: the working
+    # directory first, then the repository root).  squad_gold: a directory holding dev-v2.0.json
+    # or dev-v2.0.reconstructed.json ("" = the data root's squad_v2/).
+    d.source = "tfds:regift_traces/correct"
+    # TFDS data_dir of a tfds: source ("" = $REGIFT_CACHE_DIR/tfds/<digest of the shards>, with
+    # REGIFT_CACHE_DIR defaulting to ~/.cache/regift_jax).
+    d.tfds_data_dir = ""
+    d.selection = "correct"  # traces: correct | incorrect | all
+    d.criterion = "lenient"  # traces: lenient | strict_em
+    d.squad_split = "pool"  # squad_gold: pool | heldout | validation
+    d.squad_num_buckets = 10  # squad_gold: article-hash split, as the SquadV2 builder
+    d.squad_pool_buckets = 8
+    d.template = "student_train"  # prompt template of regift_jax.core.prompts (name or name@vN)
+    d.chat_template = False  # wrap the prompt in the tokenizer's chat template
+    d.seq_len = 1024  # packed row length (= max example length in tokens)
+    d.packing = "first_fit"  # first_fit | sequential | none
+    d.max_open_rows = 16
+    d.overlong = "truncate_reasoning"  # drop | truncate_reasoning
+    d.boundary = "auto"  # prompt/response tokenization: auto | separate | joint
+    d.add_bos = ""  # "" = follow the tokenizer; "true" / "false" force it
+    d.add_eos = True
+    d.shuffle = True
+    d.epoch_boundary = "continue"  # continue | flush
+    # Held-out evaluation examples: a deterministic fraction of the training source, chosen by
+    # sha256(eval_salt + question id), so every sample of one question lands on the same side.
+    d.eval_fraction = 0.05
+    d.eval_salt = ""
+    d.max_examples = -1  # > 0: use only the first N training examples (ablations, smoke runs)
+    d.prefetch = 2
+    d.tokenize_chunk = 64
+    return d
+
+
+def _train() -> ml_collections.ConfigDict:
+    t = ml_collections.ConfigDict()
+    t.global_batch = 32  # rows (packed sequences) per optimizer step, all hosts together
+    t.grad_accum_steps = 1  # micro-batches per step (global_batch / k rows each)
+    t.num_steps = -1  # > 0: exactly this many steps; else num_epochs * steps_per_epoch
+    t.num_epochs = 10.0
+    t.max_nonfinite_in_a_row = 5  # halt after this many consecutive skipped steps
+    # Persistent XLA compilation cache ("" = off): a restarted (preempted) job reuses compiled
+    # steps instead of recompiling them.
+    t.compilation_cache_dir = ""
+    return t
+
+
+def _optim() -> ml_collections.ConfigDict:
+    o = ml_collections.ConfigDict()
+    o.learning_rate = 2e-4
+    o.schedule = "linear"  # linear | cosine | constant (after warmup)
+    o.warmup_fraction = 0.05  # of the total steps; used when warmup_steps < 0
+    o.warmup_steps = -1
+    o.end_lr_fraction = 0.0  # final lr = learning_rate * end_lr_fraction
+    o.b1 = 0.9
+    o.b2 = 0.999
+    o.eps = 1e-8
+    o.weight_decay = 0.01
+    # Regexes matched (re.search) against "/"-joined parameter paths; matching parameters get no
+    # weight decay: RMSNorm scales, biases and the token embedding.  An untied lm_head is a
+    # projection and is decayed.
+    o.no_decay = ("(^|/)scale$", "(^|/)bias$", "^embed_tokens$")
+    o.clip_norm = 1.0  # global-norm gradient clipping (<= 0: off)
+    return o
+
+
+def _mesh() -> ml_collections.ConfigDict:
+    m = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    # Logical-axis rules as ((logical, mesh axes or None), ...); () = sharding.DEFAULT_RULES.
+    # Entries given here replace the default entry of the same logical name.
+    m.rules = ()
+    return m
+
+
+def _run_sections() -> Dict[str, ml_collections.ConfigDict]:
+    """checkpoint, eval, log, export and distributed: how a run saves, measures and starts."""
+    checkpoint = ml_collections.ConfigDict(dict(
+        every_steps=500,  # <= 0: only final / preemption saves
+        keep=3, async_save=True,
+        resume=True))  # resume from the latest readable checkpoint in workdir
+    evaluation = ml_collections.ConfigDict(dict(
+        every_steps=500,  # <= 0: only at the end
+        max_batches=-1,  # > 0: cap the held-out batches per evaluation
+        at_start=False))
+    # peak_flops_per_device: peak FLOP/s of ONE device for MFU; <= 0: known accelerators from a
+    # table, CPU measured once at start-up with a float32 matmul
+    # (regift_jax.training.metrics.peak_flops_per_device).
+    logging = ml_collections.ConfigDict(dict(
+        every_steps=10, tensorboard=True, progress_bar=True, peak_flops_per_device=-1.0))
+    export = ml_collections.ConfigDict(dict(
+        enabled=True,
+        path="",  # "" = <workdir>/export
+        dtype="float32"))  # float32 | bfloat16 | float16
+    # initialize: auto = when JAX_COORDINATOR_ADDRESS / coordinator_address is set or a
+    # multi-host TPU environment is detected; always | never.  num_processes / process_id: -1 =
+    # $JAX_NUM_PROCESSES / $JAX_PROCESS_ID.
+    distributed = ml_collections.ConfigDict(dict(
+        initialize="auto", coordinator_address="", num_processes=-1, process_id=-1,
+        initialization_timeout=300))
+    return {"checkpoint": checkpoint, "eval": evaluation, "log": logging, "export": export,
+            "distributed": distributed}
+
+
+def _experiment() -> ml_collections.ConfigDict:
+    """The whole ReGiFT experiment around training (regift_jax.experiment): BBQ evaluation of
+    the base student, training, the same evaluation of the exported student, a before/after
+    report.  Off by default; the offline default preset turns it on."""
+    e = ml_collections.ConfigDict()
+    e.enabled = False
+    e.modes = "loglik,generate"  # comma list of loglik | generate
+    e.categories = ""  # "" = every BBQ category found in data/bbq
+    e.subset_seed = 0
+    e.bootstrap_resamples = 200
+    e.train_est_seconds = 600  # only for the "time left" estimate
+    e.loglik = ml_collections.ConfigDict(dict(
+        prompt="bbq_base", max_items_per_category=50, batch_size=8, max_new_tokens=0,
+        est_seconds=120))
+    e.generate = ml_collections.ConfigDict(dict(
+        prompt="bbq_reasoning", max_items_per_category=2, batch_size=8, max_new_tokens=64,
+        est_seconds=240))
+    return e
+
+
 def base_config() -> ml_collections.ConfigDict:
     """Every knob of the trainer with its default.  Presets change values, never add keys."""
     c = ml_collections.ConfigDict()
@@ -102,164 +260,19 @@ def base_config() -> ml_collections.ConfigDict:
     c.preset = ""  # informational: which preset built this config
     # XLA flags for a CPU-only JAX install, applied by the entry points before JAX starts
     # (apply_xla_cpu_flags; ignored when an accelerator plugin is installed or the user's
-    # XLA_FLAGS already sets the same flag; "" = none, the default).  Opt-in speed-up:
-    # XNNPACK_DOT_FLAGS (XLA's individual-dot XNNPACK path instead of its YNNPACK dot fusions)
-    # took the 2-core LoRA step from 36.4 to 31.7 s and batch-8 generation from 35.7 to 40-60
-    # tokens/s (BENCHMARKS.md), but with it on a SIGKILL-and-resume run was once not bitwise
-    # identical to an uninterrupted one under the test suite's load, so it is off by default.
+    # XLA_FLAGS already sets the same flag; "" = none, the default).  The opt-in
+    # XNNPACK_DOT_FLAGS is faster on CPU but not bitwise reproducible across a kill and resume
+    # (BENCHMARKS.md), so it is off by default.
     c.xla_cpu_flags = ""
-
-    # ---------------------------------------------------------------- model
-    c.model = ml_collections.ConfigDict()
-    # A preset name of regift_jax.models (e.g. "smollm2-135m-instruct"), a Hugging Face
-    # safetensors directory, or a .gguf file; loaded by regift_jax.models.load (never downloads
-    # unless download=True).
-    c.model.name = "smollm2-135m-instruct"
-    c.model.download = False
-    c.model.param_dtype = "float32"  # master weights (and optimizer state) dtype
-    c.model.dtype = "bfloat16"  # compute dtype (activations, matmuls)
-    c.model.remat_policy = "none"  # none | full | dots | dots_with_no_batch_dims | nothing_saveable
-    # Causal query chunks of attention (tokens; 0 = one [T, T] score matrix per head).
-    c.model.attention_chunk = 128
-    # LM head + loss on the loss positions only, this many positions per chunk (0 = full logits).
-    c.model.loss_chunk = 512
-    # Attention without a KV cache: "einsum" (the decoder's, chunked as above), "xla" or "cudnn"
-    # (jax.nn.dot_product_attention; "cudnn" = cuDNN flash attention, NVIDIA GPUs, bf16/fp16).
-    c.model.attention_impl = "einsum"
-
-    # ---------------------------------------------------------------- LoRA
-    c.lora = ml_collections.ConfigDict()
-    c.lora.enabled = True  # False: full fine-tuning
-    c.lora.rank = 16
-    c.lora.alpha = 32.0
-    c.lora.dropout = 0.05
-    c.lora.targets = ("q_proj", "v_proj")
-
-    # ---------------------------------------------------------------- data
-    c.data = ml_collections.ConfigDict()
-    # "traces": trace JSONL shards (regift_jax.data.records schema), response = reasoning +
-    # answer.  "squad_gold": SQuAD-v2 questions with their gold answer (Instruction baseline).
-    c.data.kind = "traces"
-    # traces: a directory of *.jsonl shards, a glob, a file; relative paths are resolved against
-    # the working directory first, then the repository root.  squad_gold: a directory holding
-    # dev-v2.0.json or dev-v2.0.reconstructed.json ("" = the data root's squad_v2/).
-    c.data.source = "data/traces"
-    c.data.selection = "correct"  # traces: correct | incorrect | all
-    c.data.criterion = "lenient"  # traces: lenient | strict_em
-    c.data.squad_split = "pool"  # squad_gold: pool | heldout | validation
-    c.data.squad_num_buckets = 10  # squad_gold: article-hash split, as the SquadV2 builder
-    c.data.squad_pool_buckets = 8
-    c.data.template = "student_train"  # prompt template of regift_jax.core.prompts (name or name@vN)
-    c.data.chat_template = False  # wrap the prompt in the tokenizer's chat template
-    c.data.seq_len = 1024  # packed row length (= max example length in tokens)
-    c.data.packing = "first_fit"  # first_fit | sequential | none
-    c.data.max_open_rows = 16
-    c.data.overlong = "truncate_reasoning"  # drop | truncate_reasoning
-    c.data.boundary = "auto"  # prompt/response tokenization: auto | separate | joint
-    c.data.add_bos = ""  # "" = follow the tokenizer; "true" / "false" force it
-    c.data.add_eos = True
-    c.data.shuffle = True
-    c.data.epoch_boundary = "continue"  # continue | flush
-    # Held-out evaluation examples: a deterministic fraction of the training source, chosen by
-    # sha256(eval_salt + question id), so every sample of one question lands on the same side.
-    c.data.eval_fraction = 0.05
-    c.data.eval_salt = ""
-    c.data.max_examples = -1  # > 0: use only the first N training examples (ablations, smoke runs)
-    c.data.prefetch = 2
-    c.data.tokenize_chunk = 64
-
-    # ---------------------------------------------------------------- train
-    c.train = ml_collections.ConfigDict()
-    c.train.global_batch = 32  # rows (packed sequences) per optimizer step, all hosts together
-    c.train.grad_accum_steps = 1  # micro-batches per step (global_batch / k rows each)
-    c.train.num_steps = -1  # > 0: exactly this many steps; else num_epochs * steps_per_epoch
-    c.train.num_epochs = 10.0
-    c.train.max_nonfinite_in_a_row = 5  # halt after this many consecutive skipped steps
-    # Persistent XLA compilation cache ("" = off): a restarted (preempted) job reuses compiled
-    # steps instead of recompiling them.
-    c.train.compilation_cache_dir = ""
-
-    # ---------------------------------------------------------------- optimizer
-    c.optim = ml_collections.ConfigDict()
-    c.optim.learning_rate = 2e-4
-    c.optim.schedule = "linear"  # linear | cosine | constant (after warmup)
-    c.optim.warmup_fraction = 0.05  # of the total steps; used when warmup_steps < 0
-    c.optim.warmup_steps = -1
-    c.optim.end_lr_fraction = 0.0  # final lr = learning_rate * end_lr_fraction
-    c.optim.b1 = 0.9
-    c.optim.b2 = 0.999
-    c.optim.eps = 1e-8
-    c.optim.weight_decay = 0.01
-    # Regexes matched (re.search) against "/"-joined parameter paths; matching parameters get no
-    # weight decay: RMSNorm scales, biases and the token embedding.  An untied lm_head is a
-    # projection and is decayed.
-    c.optim.no_decay = ("(^|/)scale$", "(^|/)bias$", "^embed_tokens$")
-    c.optim.clip_norm = 1.0  # global-norm gradient clipping (<= 0: off)
-
-    # ---------------------------------------------------------------- mesh
-    c.mesh = ml_collections.ConfigDict()
-    c.mesh.data = -1
-    c.mesh.fsdp = 1
-    c.mesh.tensor = 1
-    # Logical-axis rules as ((logical, mesh axes or None), ...); () = sharding.DEFAULT_RULES.
-    # Entries given here replace the default entry of the same logical name.
-    c.mesh.rules = ()
-
-    # ---------------------------------------------------------------- checkpoints
-    c.checkpoint = ml_collections.ConfigDict()
-    c.checkpoint.every_steps = 500  # <= 0: only final / preemption saves
-    c.checkpoint.keep = 3
-    c.checkpoint.async_save = True
-    c.checkpoint.resume = True  # resume from the latest readable checkpoint in workdir
-
-    # ---------------------------------------------------------------- evaluation loss
-    c.eval = ml_collections.ConfigDict()
-    c.eval.every_steps = 500  # <= 0: only at the end
-    c.eval.max_batches = -1  # > 0: cap the held-out batches per evaluation
-    c.eval.at_start = False
-
-    # ---------------------------------------------------------------- logging
-    c.log = ml_collections.ConfigDict()
-    c.log.every_steps = 10
-    c.log.tensorboard = True
-    c.log.progress_bar = True
-    # Peak FLOP/s of ONE device for MFU; <= 0: known accelerators from a table, CPU measured
-    # once at start-up with a float32 matmul (see trainer.peak_flops_per_device).
-    c.log.peak_flops_per_device = -1.0
-
-    # ---------------------------------------------------------------- export
-    c.export = ml_collections.ConfigDict()
-    c.export.enabled = True
-    c.export.path = ""  # "" = <workdir>/export
-    c.export.dtype = "float32"  # float32 | bfloat16 | float16
-
-    # ---------------------------------------------------------------- experiment
-    # The whole ReGiFT experiment around training (regift_jax.experiment): BBQ evaluation of
-    # the base student, training, the same evaluation of the exported student, a before/after
-    # report.  Off by default; the offline default preset turns it on.
-    c.experiment = ml_collections.ConfigDict()
-    c.experiment.enabled = False
-    c.experiment.modes = "loglik,generate"  # comma list of loglik | generate
-    c.experiment.categories = ""  # "" = every BBQ category found in data/bbq
-    c.experiment.subset_seed = 0
-    c.experiment.bootstrap_resamples = 200
-    c.experiment.train_est_seconds = 600  # only for the "time left" estimate
-    c.experiment.loglik = ml_collections.ConfigDict(dict(
-        prompt="bbq_base", max_items_per_category=50, batch_size=8, max_new_tokens=0,
-        est_seconds=120))
-    c.experiment.generate = ml_collections.ConfigDict(dict(
-        prompt="bbq_reasoning", max_items_per_category=2, batch_size=8, max_new_tokens=64,
-        est_seconds=240))
-
-    # ---------------------------------------------------------------- multi-host
-    c.distributed = ml_collections.ConfigDict()
-    # auto: initialise when JAX_COORDINATOR_ADDRESS / coordinator_address is set or a multi-host
-    # TPU environment is detected; always / never.
-    c.distributed.initialize = "auto"
-    c.distributed.coordinator_address = ""
-    c.distributed.num_processes = -1  # -1: $JAX_NUM_PROCESSES
-    c.distributed.process_id = -1  # -1: $JAX_PROCESS_ID
-    c.distributed.initialization_timeout = 300
+    c.model = _model()
+    c.lora = _lora()
+    c.data = _data()
+    c.train = _train()
+    c.optim = _optim()
+    c.mesh = _mesh()
+    for name, section in _run_sections().items():
+        c[name] = section
+    c.experiment = _experiment()
     return c
 
 
@@ -291,7 +304,6 @@ def check_key(cfg, key: str) -> None:
         if p not in node:
             where = f"section {here!r}" if here else "the top level"
             valid = ", ".join(sorted(node.keys()))
-            import difflib
             close = difflib.get_close_matches(p, list(node.keys()), n=1)
             hint = f" (did you mean {'.'.join(parts[:i] + [close[0]])!r}?)" if close else ""
             raise ConfigKeyError(f"unknown config key {key!r}{hint}; valid keys in {where}: "
@@ -362,7 +374,6 @@ _ACCELERATOR_DISTS = ("jax-cuda", "jax_cuda", "jax-rocm", "jax_rocm", "libtpu")
 
 
 def _accelerator_plugin_installed() -> bool:
-    from importlib import metadata
     for d in metadata.distributions():
         name = (d.metadata["Name"] or "").lower()
         if name.startswith(_ACCELERATOR_DISTS):
@@ -445,7 +456,7 @@ def to_dict(cfg) -> dict:
 
 
 __all__ = ["parse_arg", "base_config", "check_key", "check_overrides", "override_keys",
-           "load_config_file", "merge_rules", "flat_keys", "ConfigKeyError", "REPO_ROOT"]
+           "load_config_file", "merge_rules", "flat_keys", "ConfigKeyError"]
 
 if __name__ == "__main__":  # print every key with its default
     for k in flat_keys(base_config()):

@@ -8,7 +8,8 @@ bare decoder error: a line that is not valid UTF-8, not JSON, or not a JSON obje
 a :class:`LineCounts` under its reason with ``file:line`` samples and skipped; a gzip file cut
 short (or with a corrupt stream) ends the file there and is counted as ``truncated_tail``.  The
 caller decides what a skipped line means (a trace reader drops it, a resumable job regenerates
-the unit) and reports the counts.
+the unit) and reports the counts; :class:`StrictLineCounts` makes a skipped line an error of the
+caller's type (a BBQ or StereoSet file, where a bad line is never dropped) naming ``file:line``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import json
 import os
 import tempfile
 import zlib
-from typing import Any, Callable, Dict, Iterator, List, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Sequence, Tuple, Type, Union
 
 PathLike = Union[str, os.PathLike]
 
@@ -96,11 +97,37 @@ class LineCounts:
                 "samples": {k: list(v) for k, v in self.samples.items()}}
 
 
+#: How a line that :func:`iter_jsonl` skips is named in an error message.
+LINE_PROBLEMS = {INVALID_UTF8: "invalid UTF-8", MALFORMED_JSON: "invalid JSON",
+                 NOT_AN_OBJECT: "not a JSON object", TRUNCATED_TAIL: "file ends early"}
+
+
+class StrictLineCounts(LineCounts):
+    """:class:`LineCounts` for files where a bad line is an error: the first skipped line whose
+    reason is not in ``tolerate`` raises ``error(f"file:line: <problem> (<detail>)")``."""
+
+    def __init__(self, error: Type[Exception] = ValueError, tolerate: Sequence[str] = (BLANK,)):
+        super().__init__()
+        self.error, self.tolerate = error, tuple(tolerate)
+
+    def skip(self, reason: str, where: str, detail: str = "") -> None:
+        if reason not in self.tolerate:
+            problem = LINE_PROBLEMS.get(reason, reason)
+            raise self.error(f"{where}: {problem} ({detail})" if detail else f"{where}: {problem}")
+        super().skip(reason, where, detail)
+
+
 def iter_raw_lines(path: PathLike, counts: LineCounts) -> Iterator[Tuple[int, bytes]]:
-    """``(line number, bytes without the line break)``; a cut or corrupt gzip stream ends the file
-    and is counted as ``truncated_tail`` (the lines before it are kept)."""
+    """``(line number, bytes without the line break)``; a cut or corrupt gzip stream (an empty
+    ``.gz`` included) ends the file and is counted as ``truncated_tail`` (the lines before it are
+    kept)."""
     path = os.fspath(path)
     lineno = 0
+    if path.endswith(".gz") and os.path.getsize(path) == 0:
+        # gzip reads an empty file as an empty stream, but a .gz always has a header: the file
+        # was created and never written (a writer killed before its first flush).
+        counts.skip(TRUNCATED_TAIL, f"{path}:1", "empty file (no gzip header)")
+        return
     try:
         with open_maybe_gzip(path) as f:
             for lineno, raw in enumerate(f, start=1):
@@ -132,8 +159,8 @@ def iter_jsonl(path: PathLike, counts: LineCounts) -> Iterator[Tuple[int, dict]]
             continue
         try:
             obj = json.loads(text)
-        except ValueError as e:  # JSONDecodeError, and json's own limits (e.g. huge numbers)
-            counts.skip(MALFORMED_JSON, where, str(e))
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, json's own limits (huge
+            counts.skip(MALFORMED_JSON, where, str(e))  # integers) and too deep nesting
             continue
         if not isinstance(obj, dict):
             counts.skip(NOT_AN_OBJECT, where, f"a JSON {type(obj).__name__}, not an object")

@@ -21,8 +21,8 @@ lora       -                     LoRA rank
 
 A mesh axis is dropped from a dimension's spec when it does not divide that dimension (e.g.
 SmolLM2's 3 KV heads on a tensor axis of 2): the dimension is replicated over that axis instead of
-failing, and :func:`tree_shardings` (``models.decoder.param_shardings`` for the decoder) reports every such fallback.  Mesh sizes may be ``-1``
-(fill with the remaining devices).
+failing, and :func:`tree_shardings` (``models.decoder.param_shardings`` for the decoder) reports
+every such fallback.  Mesh sizes may be ``-1`` (fill with the remaining devices).
 """
 
 from __future__ import annotations

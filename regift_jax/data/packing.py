@@ -168,7 +168,8 @@ def pack_examples(examples: Iterable[Example], seq_len: int, method: str = "firs
     return stack_rows(built, seq_len, pad_id=pad_id)
 
 
-def pad_examples(examples: Iterable[Example], seq_len: int, pad_id: int = 0) -> Dict[str, np.ndarray]:
+def pad_examples(examples: Iterable[Example], seq_len: int,
+                 pad_id: int = 0) -> Dict[str, np.ndarray]:
     """Unpacked mode: one example per row, right-padded; same fields as :func:`pack_examples`."""
     return pack_examples(examples, seq_len, method="none", pad_id=pad_id)
 

@@ -14,8 +14,9 @@ tokenizer releases the GIL).
 ``tf.data.Dataset`` (e.g. ``tfds.builder(name).as_dataset(split=..., shuffle_files=False)``) or a
 TFDS ``DatasetBuilder`` plus ``split``.  Sharding happens *before* tokenization, by example index
 in the source's deterministic order: process ``k`` of ``P`` keeps examples ``k, k+P, k+2P, ...``
-(``tf.data.Dataset.shard(P, k)``; for JSONL only this host's lines are JSON-parsed).  The host's
-raw records (text, small) are held in memory for random access; tokens are produced lazily.
+(``tf.data.Dataset.shard(P, k)``; JSONL and JSONL.gz files are read with
+:func:`regift_jax.core.io.iter_jsonl`).  The host's raw records (text, small) are held in memory
+for random access; tokens are produced lazily.
 
 **Order.**  Epoch ``e`` visits the host's records in ``np.random.default_rng(seed + e)
 .permutation(n_local)`` order (identity if ``shuffle=False``).  The stream of examples is
@@ -55,23 +56,27 @@ assembles the global ``jax.Array`` sharded along ``data_axes``.
 truncated (and tokens cut), rows, batches, non-pad tokens, loss tokens, slots and packing
 efficiency (non-pad fraction of all slots, empty padding rows included).
 
-**Bad input** raises ``ValueError`` naming the file and line (JSONL) or the element index
-(lists / TFDS) together with the cause; overlong and empty examples are counted, never silent.
+**Bad input** raises ``ValueError`` naming the file and line (JSONL: the first bad line, and every
+bad line counted by reason: ``invalid_utf8``, ``malformed_json``, ``not_an_object``,
+``truncated_tail``; blank lines are skipped) or the element index (lists / TFDS) together with the
+cause; overlong and empty examples are counted, never silent.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import os
 import queue
 import sys
 import threading
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
+import jax
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
+from regift_jax.core import io as core_io
 from regift_jax.data import packing as packing_lib
 from regift_jax.data.tokenize import (DEFAULT_RESPONSE_TEMPLATE, KEPT, TRUNCATED, Response,
                                       SFTTokenizer, TokenizeStats, response_pieces)
@@ -138,30 +143,40 @@ def _is_tfds_builder(obj) -> bool:
     return tfds is not None and isinstance(obj, tfds.core.DatasetBuilder)
 
 
+# What a skipped JSONL line is called in the error (blank lines are not examples: no error).
+_BAD_LINE = {core_io.INVALID_UTF8: "invalid UTF-8", core_io.MALFORMED_JSON: "invalid JSON",
+             core_io.NOT_AN_OBJECT: "expected a JSON object",
+             core_io.TRUNCATED_TAIL: "compressed stream ends early"}
+
+
+def _check_lines(path: str, counts: core_io.LineCounts) -> None:
+    """Raise ``ValueError`` at the first bad line of ``path`` (``file:line``, what is wrong), with
+    the count of every bad line by reason."""
+    bad = []
+    for reason, samples in counts.samples.items():
+        if reason in _BAD_LINE:
+            for sample in samples:  # "path:line: detail", the first lines of each reason
+                line, _, detail = sample[len(path) + 1:].partition(": ")
+                bad.append((int(line), reason, detail))
+    if bad:
+        line, reason, detail = min(bad)
+        raise ValueError(f"{path}:{line}: {_BAD_LINE[reason]} ({detail}); {counts.summary()}")
+
+
 def _read_jsonl(paths: Sequence[str], k: int, p: int):
     records, origins = [], []
-    g = 0  # index among non-blank lines of all files, in order
+    g = 0  # index among the examples of all files, in order
     for path in paths:
         if not os.path.exists(path):
             raise FileNotFoundError(f"JSONL source not found: {path}")
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                mine = g % p == k
-                g += 1
-                if not mine:
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: invalid JSON: {e.msg} "
-                                     f"(column {e.colno})") from None
-                if not isinstance(rec, dict):
-                    raise ValueError(f"{path}:{lineno}: expected a JSON object, got "
-                                     f"{type(rec).__name__}")
+        counts = core_io.LineCounts()
+        lines = list(core_io.iter_jsonl(path, counts))
+        _check_lines(path, counts)
+        for lineno, rec in lines:
+            if g % p == k:
                 records.append(rec)
                 origins.append(f"{path}:{lineno}")
+            g += 1
     return records, origins, g
 
 
@@ -272,7 +287,6 @@ class SFTPipeline:
                  process_index: Optional[int] = None, process_count: Optional[int] = None,
                  tokenize_chunk: int = 64, prefetch: int = 2):
         if process_index is None or process_count is None:
-            import jax
             process_index = jax.process_index() if process_index is None else process_index
             process_count = jax.process_count() if process_count is None else process_count
         if global_batch % process_count:
@@ -551,8 +565,6 @@ def make_global_array(local_batch, mesh, data_axes="data"):
 
     ``local_batch`` is an array or a pytree (e.g. the batch dict); ``data_axes`` is a mesh axis
     name or a tuple of names (e.g. ``("data", "fsdp")``)."""
-    import jax
-    from jax.sharding import NamedSharding, PartitionSpec
 
     def one(x):
         x = np.asarray(x)

@@ -1,7 +1,10 @@
 """The ReGiFT trace record: schema, teacher-output parsing, JSONL/parquet/HF input and output.
 
 One trace record is one teacher sample for one SQuAD-v2 question, stored as one JSON object per
-line (JSONL).  Fields (all required; order as written by :func:`write_trace_jsonl`):
+line (JSONL).  Schema version 2 (:data:`SCHEMA_VERSION`): the 18 fields of version 1, all
+required, plus the optional ``answer_source``; a version-1 shard (no ``answer_source``) reads
+unchanged, its answer source taken from the parse.  Fields (order as written by
+:func:`write_trace_jsonl`):
 
 =================  ==========  ===================================================================
 field              type        meaning
@@ -12,36 +15,46 @@ question           str         the question
 gold_answers       list[str]   gold answer texts (``[]`` only when ``is_impossible``)
 is_impossible      bool        SQuAD-v2 unanswerable question
 teacher            str         teacher model name
-prompt_version     str         name/version of the extraction prompt (see ``regift_jax.core.prompts``)
+prompt_version     str         name/version of the extraction prompt (``regift_jax.core.prompts``)
 decoding           dict        ``temperature`` (>=0), ``top_p`` (0,1], ``top_k`` (int >=0, 0 = off),
                                ``max_new_tokens`` (int >0), ``seed`` (int64)
 sample_index       int         index of this sample among the N samples of one question (>=0)
 raw_generation     str         the teacher text *including* the prefilled ``<think>`` if any and
                                the stop string ``</answer>``
-reasoning          str         R = :func:`parse_teacher_output` (raw_generation)[0]
-answer             str         A = :func:`parse_teacher_output` (raw_generation)[1]
+reasoning          str         R = :func:`parse_output` (raw_generation).reasoning
+answer             str         A = :func:`parse_output` (raw_generation).answer
 exact_match        float       strict SQuAD EM in [0, 1]
 f1                 float       SQuAD token F1 in [0, 1]
 lenient_correct    bool        paper-lenient correctness
 reasoning_tokens   int         tokens in R (teacher tokenizer, >=0)
 prompt_tokens      int         tokens in the prompt (>=0)
 generated_tokens   int         tokens generated (>=0)
+answer_source      str         optional (v2): ``tag`` (inside ``<answer>``) or ``after_think``
+                               (no answer tag: the text after ``</think>``, the authors' rule)
 =================  ==========  ===================================================================
+
+The TFDS, Hugging Face and parquet exports keep the 18 version-1 columns
+(``TraceRecord.to_dict()``); ``to_dict(include_optional=True)`` adds ``answer_source``.
 
 Reading policy (:func:`read_trace_jsonl`).  Every input line either becomes a record or is counted
 under exactly one *drop reason*; so ``report.n_records + report.n_dropped == report.n_lines``.
-Lines are the file's bytes split on ``b"\\n"`` (a trailing ``\\r`` is removed; the empty piece
-after a final newline is not a line).  Drop reasons, in the order they are checked:
+Lines are the file's bytes split on ``b"\\n"`` (trailing ``\\r`` removed; the empty piece after a
+final newline is not a line), as :func:`regift_jax.core.io.iter_raw_lines` reads them.  Drop
+reasons, in the order they are checked:
 
+* ``truncated_tail``: a ``.jsonl.gz`` whose compressed stream is cut short or corrupt; the lines
+  before the cut are read, the unreadable rest counts as one line
 * ``blank_line``, ``invalid_utf8``, ``malformed_json`` (includes duplicated JSON keys),
   ``not_an_object``
 * ``missing_field`` / ``wrong_type`` / ``invalid_value`` (range, NaN, lone surrogates, answerable
   question without gold answers)
-* a tag problem of ``raw_generation`` (:data:`FATAL_PROBLEMS`: ``missing </think>``,
-  ``duplicated <answer>``, ``empty answer`` ...).  Unparseable teacher outputs are never training
-  data; the paper's incorrect-only collapse came from exactly such outputs, so they are dropped
-  from every selection and their rate is reported.
-* ``fields_disagree``: ``reasoning``/``answer`` differ from the parse of ``raw_generation``
+* a tag problem of ``raw_generation`` (:data:`FATAL_PROBLEMS`: ``unfinished <think>`` (the
+  output ended inside its reasoning), ``missing </think>``, ``duplicated <answer>``, ``empty
+  answer`` ...).  Unparseable teacher outputs are never training data; the paper's
+  incorrect-only collapse came from exactly such outputs, so they are dropped from every
+  selection and their rate is reported.
+* ``fields_disagree``: ``reasoning``/``answer``/``answer_source`` differ from the parse of
+  ``raw_generation``
 * ``duplicate_record``: the same (id, teacher, prompt_version, sample_index) seen before
 
 Records are kept but *warned about* (counted in ``report.warnings``) for: ``unknown_field`` (the
@@ -60,8 +73,10 @@ import json
 import logging
 import math
 import os
-import tempfile
-from typing import Any, Iterable, Iterator, Sequence, Union
+from typing import Any, Iterable, Iterator, NamedTuple, Optional, Sequence, Union
+
+from regift_jax.core.io import (BLANK, INVALID_UTF8, MALFORMED_JSON, NOT_AN_OBJECT, TRUNCATED_TAIL,
+                                LineCounts, atomic_write, iter_raw_lines)
 
 logger = logging.getLogger(__name__)
 
@@ -70,9 +85,10 @@ PathLike = Union[str, os.PathLike]
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
 
-# Problems reported by parse_teacher_output.  Fatal ones make a trace unusable.
+# Problems reported by parse_output.  Fatal ones make a trace unusable.
 FATAL_PROBLEMS = (
     "missing <think>",
+    "unfinished <think>",
     "duplicated <think>",
     "missing </think>",
     "duplicated </think>",
@@ -92,10 +108,11 @@ WARNING_PROBLEMS = (
 
 # Read-level drop reasons (in check order); tag problems and the two below follow them.
 DROP_REASONS = (
-    "blank_line",
-    "invalid_utf8",
-    "malformed_json",
-    "not_an_object",
+    TRUNCATED_TAIL,
+    BLANK,
+    INVALID_UTF8,
+    MALFORMED_JSON,
+    NOT_AN_OBJECT,
     "missing_field",
     "wrong_type",
     "invalid_value",
@@ -103,6 +120,9 @@ DROP_REASONS = (
 WARNING_REASONS = ("unknown_field",) + WARNING_PROBLEMS
 
 DECODING_FIELDS = ("temperature", "top_p", "top_k", "max_new_tokens", "seed")
+SCHEMA_VERSION = 2
+OPTIONAL_FIELDS = ("answer_source",)  # added by schema version 2
+ANSWER_SOURCES = ("tag", "after_think")
 SELECTIONS = ("correct", "incorrect", "all")
 CRITERIA = ("lenient", "strict_em")
 
@@ -141,6 +161,7 @@ class TraceRecord:
     reasoning_tokens: int
     prompt_tokens: int
     generated_tokens: int
+    answer_source: str = ""  # "" only for a record not yet parsed (see OPTIONAL_FIELDS)
     extra: dict = dataclasses.field(default_factory=dict)
 
     @property
@@ -148,10 +169,14 @@ class TraceRecord:
         """Identity of a sample: (id, teacher, prompt_version, sample_index)."""
         return (self.id, self.teacher, self.prompt_version, self.sample_index)
 
-    def to_dict(self, include_extra: bool = False) -> dict:
+    def to_dict(self, include_extra: bool = False, include_optional: bool = False) -> dict:
+        """The version-1 fields; ``include_optional``: and the set optional ones (what
+        :func:`write_trace_jsonl` writes); ``include_extra``: and the unknown keys read."""
         out = {f: getattr(self, f) for f in SCHEMA_FIELDS}
         out["gold_answers"] = list(self.gold_answers)
         out["decoding"] = {k: self.decoding[k] for k in DECODING_FIELDS}
+        if include_optional:
+            out.update({f: getattr(self, f) for f in OPTIONAL_FIELDS if getattr(self, f)})
         if include_extra:
             for k, v in self.extra.items():
                 out.setdefault(k, v)
@@ -166,7 +191,8 @@ class TraceRecord:
         raise ValueError(f"unknown correctness criterion {criterion!r}; expected one of {CRITERIA}")
 
 
-SCHEMA_FIELDS = tuple(f.name for f in dataclasses.fields(TraceRecord) if f.name != "extra")
+SCHEMA_FIELDS = tuple(f.name for f in dataclasses.fields(TraceRecord)
+                      if f.name not in ("extra",) + OPTIONAL_FIELDS)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -174,49 +200,81 @@ SCHEMA_FIELDS = tuple(f.name for f in dataclasses.fields(TraceRecord) if f.name 
 # ------------------------------------------------------------------------------------------------
 
 
-def parse_teacher_output(text: str, prefilled_think: bool = True) -> tuple[str, str, list[str]]:
-    """Extract (reasoning, answer, problems) from ``<think>R</think><answer>A</answer>``.
+class ParsedOutput(NamedTuple):
+    """What :func:`parse_output` reads from one teacher output."""
+    reasoning: str
+    answer: str
+    problems: list
+    answer_source: str  # "tag", "after_think", or "" when no answer could be read
+
+
+def _tag_problems(counts: dict, prefilled_think: bool) -> list[str]:
+    """Missing/duplicated tags; without any answer tag a closed ``<think>`` is complete (the
+    answer follows it) and an unclosed one is ``unfinished <think>``."""
+    problems: list[str] = []
+    if counts[THINK_OPEN] == 0 and not prefilled_think:
+        problems.append("missing <think>")
+    answer_tags = counts[ANSWER_OPEN] + counts[ANSWER_CLOSE]
+    if counts[THINK_CLOSE] == 0 and not answer_tags:
+        problems.append("unfinished <think>")
+    for tag in (THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE):
+        if counts[tag] > 1:
+            problems.append(f"duplicated {tag}")
+        elif counts[tag] == 0 and tag != THINK_OPEN and answer_tags:
+            problems.append(f"missing {tag}")
+    return problems
+
+
+def _answer_span(text: str, p_tc: int, p_ao: int) -> tuple[str, str]:
+    """``(answer, answer_source)``: inside ``<answer>`` (to ``</answer>`` or the end), else, when
+    there is no answer tag at all, everything after the first ``</think>``."""
+    if p_ao >= 0:
+        a_start = p_ao + len(ANSWER_OPEN)
+        p_ac = text.find(ANSWER_CLOSE, a_start)
+        return text[a_start:p_ac if p_ac >= 0 else len(text)], "tag"
+    if p_tc >= 0 and ANSWER_CLOSE not in text:
+        return text[p_tc + len(THINK_CLOSE):], "after_think"
+    return "", ""
+
+
+def _text_warnings(text: str, p_to: int, p_tc: int, p_ao: int) -> list[str]:
+    warnings = []
+    if p_to > 0 and text[:p_to].strip():
+        warnings.append("text before <think>")
+    if p_tc >= 0 and p_ao > p_tc and text[p_tc + len(THINK_CLOSE):p_ao].strip():
+        warnings.append("text between </think> and <answer>")
+    p_ac = text.find(ANSWER_CLOSE, p_ao + len(ANSWER_OPEN)) if p_ao >= 0 else -1
+    if p_ac >= 0 and text[p_ac + len(ANSWER_CLOSE):].strip():
+        warnings.append("text after </answer>")
+    return warnings
+
+
+def parse_output(text: str, prefilled_think: bool = True) -> ParsedOutput:
+    """Extract reasoning R, answer A and their problems from a teacher output.
+
+    The format is ``<think>R</think><answer>A</answer>``, or, following the authors'
+    ``extract_reasoning_and_answer`` (their teacher prompt never asks for answer tags, and
+    R1-distilled models write the answer as plain text), ``<think>R</think>A`` with *no* answer
+    tag: A is then the text after ``</think>`` (``answer_source="after_think"``; the authors
+    also fell back to it for an empty ``<answer></answer>``, which stays ``empty answer`` here).
 
     ``prefilled_think``: the prompt ended with ``<think>``, so ``text`` may start directly with R
     (a leading ``<think>`` is also accepted).  R and A are stripped of surrounding whitespace.
     Extraction is best effort even when there are problems: R runs from after ``<think>`` (or the
-    start) to the first ``</think>`` (else the first ``<answer>``, else the end); A runs from
-    after the first ``<answer>`` to the next ``</answer>`` (else the end; ``""`` without
-    ``<answer>``).  ``problems`` lists strings from :data:`FATAL_PROBLEMS` and
-    :data:`WARNING_PROBLEMS`, in that order of checks.
+    start) to the first ``</think>`` (else the first ``<answer>``, else the end).  An output with
+    neither ``</think>`` nor an answer tag ends inside its reasoning (typically the token budget
+    ran out): ``unfinished <think>``, its own drop reason.  ``problems`` lists strings from
+    :data:`FATAL_PROBLEMS` and :data:`WARNING_PROBLEMS`, in that order of checks.
     """
     if not isinstance(text, str):
-        raise TypeError(f"parse_teacher_output expects str, got {type(text).__name__}")
-    problems: list[str] = []
+        raise TypeError(f"parse_output expects str, got {type(text).__name__}")
     counts = {t: text.count(t) for t in (THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)}
-    if counts[THINK_OPEN] == 0 and not prefilled_think:
-        problems.append("missing <think>")
-    for tag in (THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE):
-        if counts[tag] > 1:
-            problems.append(f"duplicated {tag}")
-        elif counts[tag] == 0 and tag != THINK_OPEN:
-            problems.append(f"missing {tag}")
-
-    p_to = text.find(THINK_OPEN)
-    p_tc = text.find(THINK_CLOSE)
-    p_ao = text.find(ANSWER_OPEN)
+    problems = _tag_problems(counts, prefilled_think)
+    p_to, p_tc, p_ao = text.find(THINK_OPEN), text.find(THINK_CLOSE), text.find(ANSWER_OPEN)
     r_start = p_to + len(THINK_OPEN) if p_to >= 0 else 0
-    if p_tc >= 0:
-        r_end = p_tc
-    elif p_ao >= 0:
-        r_end = p_ao
-    else:
-        r_end = len(text)
+    r_end = p_tc if p_tc >= 0 else p_ao if p_ao >= 0 else len(text)
     reasoning = text[r_start:max(r_start, r_end)]
-
-    if p_ao >= 0:
-        a_start = p_ao + len(ANSWER_OPEN)
-        p_ac = text.find(ANSWER_CLOSE, a_start)
-        a_end = p_ac if p_ac >= 0 else len(text)
-        answer = text[a_start:a_end]
-    else:
-        p_ac = text.find(ANSWER_CLOSE)
-        answer = ""
+    answer, source = _answer_span(text, p_tc, p_ao)
 
     # Order: <think> < </think> <= <answer> < </answer>, among the tags that exist.
     positions = [(p, n) for p, n in ((p_to, 0), (p_tc, 1), (p_ao, 2), (text.find(ANSWER_CLOSE), 3))
@@ -225,18 +283,17 @@ def parse_teacher_output(text: str, prefilled_think: bool = True) -> tuple[str, 
         problems.append("tags out of order")
     if not reasoning.strip():
         problems.append("empty reasoning")
-    if not answer.strip():
+    if not answer.strip() and "unfinished <think>" not in problems:
         problems.append("empty answer")
+    problems += _text_warnings(text, p_to, p_tc, p_ao)
+    return ParsedOutput(reasoning.strip(), answer.strip(), problems,
+                        source if answer.strip() else "")
 
-    if p_to > 0 and text[:p_to].strip():
-        problems.append("text before <think>")
-    if p_tc >= 0 and p_ao > p_tc and text[p_tc + len(THINK_CLOSE):p_ao].strip():
-        problems.append("text between </think> and <answer>")
-    if p_ao >= 0 and p_ac >= 0:
-        after = text[p_ac + len(ANSWER_CLOSE):]
-        if after.strip():
-            problems.append("text after </answer>")
-    return reasoning.strip(), answer.strip(), problems
+
+def parse_teacher_output(text: str, prefilled_think: bool = True) -> tuple[str, str, list[str]]:
+    """``(reasoning, answer, problems)`` of :func:`parse_output`."""
+    parsed = parse_output(text, prefilled_think)
+    return parsed.reasoning, parsed.answer, parsed.problems
 
 
 def first_fatal_problem(problems: Sequence[str]) -> str | None:
@@ -341,9 +398,15 @@ def _validate_fields(obj: dict) -> tuple[TraceRecord, list[str]]:
         raise _Invalid("invalid_value", "answerable question (is_impossible=false) without "
                        "gold_answers")
 
-    unknown = [k for k in obj if k not in SCHEMA_FIELDS]
+    if "answer_source" in obj:
+        v["answer_source"] = _check_text("answer_source", obj["answer_source"])
+        if v["answer_source"] not in ANSWER_SOURCES:
+            raise _Invalid("invalid_value", f"answer_source={v['answer_source']!r} not in "
+                           f"{ANSWER_SOURCES}")
+    known = SCHEMA_FIELDS + OPTIONAL_FIELDS
+    unknown = [k for k in obj if k not in known]
     unknown += [f"decoding.{k}" for k in dec if k not in DECODING_FIELDS]
-    extra = {k: obj[k] for k in obj if k not in SCHEMA_FIELDS}
+    extra = {k: obj[k] for k in obj if k not in known}
     for k in dec:
         if k not in DECODING_FIELDS:
             extra.setdefault("decoding_extra", {})[k] = dec[k]
@@ -370,16 +433,20 @@ def validate_record(obj: Any, prefilled_think: bool = True,
     if unknown:
         warnings.append(("unknown_field", "unknown field(s) " + ", ".join(map(repr, unknown))))
     if check_tags:
-        reasoning, answer, problems = parse_teacher_output(rec.raw_generation, prefilled_think)
-        fatal = first_fatal_problem(problems)
+        parsed = parse_output(rec.raw_generation, prefilled_think)
+        fatal = first_fatal_problem(parsed.problems)
         if fatal is not None:
-            return None, fatal, "raw_generation problems: " + "; ".join(problems), []
-        if reasoning != rec.reasoning.strip() or answer != rec.answer.strip():
-            which = [n for n, a, b in (("reasoning", reasoning, rec.reasoning),
-                                       ("answer", answer, rec.answer)) if a != b.strip()]
+            return None, fatal, "raw_generation problems: " + "; ".join(parsed.problems), []
+        which = [n for n, a, b in (("reasoning", parsed.reasoning, rec.reasoning.strip()),
+                                   ("answer", parsed.answer, rec.answer.strip()),
+                                   ("answer_source", parsed.answer_source,
+                                    rec.answer_source or parsed.answer_source)) if a != b]
+        if which:
             return None, "fields_disagree", (
-                f"{', '.join(which)} differ(s) from parse_teacher_output(raw_generation)"), []
-        warnings += [(p, "raw_generation: " + p) for p in problems if p in WARNING_PROBLEMS]
+                f"{', '.join(which)} differ(s) from parse_output(raw_generation)"), []
+        rec.answer_source = parsed.answer_source  # a version-1 record: from the parse
+        warnings += [(p, "raw_generation: " + p) for p in parsed.problems
+                     if p in WARNING_PROBLEMS]
     return rec, None, "", warnings
 
 
@@ -496,22 +563,40 @@ def _reject_duplicate_keys(pairs):
     return obj
 
 
-def open_shard(path: str, mode: str = "rb"):
-    """Open a trace shard for reading, transparently gunzipping ``*.gz``."""
-    if path.endswith(".gz"):
-        import gzip
-        return gzip.open(path, mode)
-    return open(path, mode)
+def _file_lines(path: str) -> Iterator[tuple[int, Optional[bytes], str]]:
+    """``(line number, bytes, "")`` per line; a cut or corrupt gzip stream ends the file with one
+    ``(line number, None, detail)`` for the unreadable rest."""
+    counts = LineCounts(max_samples=1)
+    lineno = 0
+    for lineno, raw in iter_raw_lines(path, counts):
+        yield lineno, raw, ""
+    if counts.skipped:
+        where = f"{path}:{lineno + 1}"
+        sample = counts.samples[TRUNCATED_TAIL][0]
+        yield lineno + 1, None, sample[len(where) + 2:] if sample.startswith(where) else sample
 
 
-def _iter_lines(path: str) -> Iterator[tuple[int, bytes]]:
-    with open_shard(path) as f:
-        for i, raw in enumerate(f, start=1):
-            if raw.endswith(b"\n"):
-                raw = raw[:-1]
-            if raw.endswith(b"\r"):
-                raw = raw[:-1]
-            yield i, raw
+def _classify_line(raw: Optional[bytes], tail_detail: str, lineno: int, prefilled_think: bool,
+                   seen: dict) -> tuple:
+    """``(record, drop reason, detail, warnings)`` for one line (``raw=None``: a truncated tail)."""
+    if raw is None:
+        return None, TRUNCATED_TAIL, tail_detail, []
+    if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]  # UTF-8 byte-order mark
+    if not raw.strip():
+        return None, BLANK, "empty line", []
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return None, INVALID_UTF8, f"byte {e.start}: {e.reason}", []
+    try:
+        obj = json.loads(text, object_pairs_hook=_reject_duplicate_keys)
+    except (ValueError, RecursionError) as e:
+        return None, MALFORMED_JSON, str(e)[:200], []
+    rec, reason, detail, warns = validate_record(obj, prefilled_think)
+    if reason is None and rec.key in seen:
+        return None, "duplicate_record", f"key {rec.key!r} first at {seen[rec.key]}", []
+    return rec, reason, detail, warns
 
 
 def read_trace_jsonl(paths: Union[PathLike, Sequence[PathLike]], strict: bool = False,
@@ -530,46 +615,20 @@ def read_trace_jsonl(paths: Union[PathLike, Sequence[PathLike]], strict: bool = 
     for path in files:
         report.files.append(path)
         n_lines = n_rec = 0
-        for lineno, raw in _iter_lines(path):
+        for lineno, raw, tail_detail in _file_lines(path):
             n_lines += 1
             where = f"{path}:{lineno}"
-            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]  # UTF-8 byte-order mark
-            reason, detail, rec, warns = None, "", None, []
-            if not raw.strip():
-                reason, detail = "blank_line", "empty line"
-            else:
-                try:
-                    text = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    reason, detail = "invalid_utf8", f"byte {e.start}: {e.reason}"
-                if reason is None:
-                    try:
-                        obj = json.loads(text, object_pairs_hook=_reject_duplicate_keys)
-                    except (ValueError, RecursionError) as e:
-                        reason, detail = "malformed_json", str(e)[:200]
-                if reason is None:
-                    rec, reason, detail, warns = validate_record(obj, prefilled_think)
-                if reason is None:
-                    assert rec is not None
-                    if rec.key in seen:
-                        reason = "duplicate_record"
-                        detail = f"key {rec.key!r} first at {seen[rec.key]}"
-                        rec = None
-            if reason is not None:
+            rec, reason, detail, warns = _classify_line(raw, tail_detail, lineno,
+                                                        prefilled_think, seen)
+            for r, d in ([(reason, detail)] if reason is not None else warns):
                 if strict:
-                    raise TraceFormatError(path, lineno, reason, detail)
-                report.dropped[reason] += 1
-                report._sample(reason, where, detail)
-                continue
-            for wreason, wdetail in warns:
-                if strict:
-                    raise TraceFormatError(path, lineno, wreason, wdetail)
-                report.warnings[wreason] += 1
-                report._sample(wreason, where, wdetail)
-            seen[rec.key] = where
-            records.append(rec)
-            n_rec += 1
+                    raise TraceFormatError(path, lineno, r, d)
+                (report.dropped if reason is not None else report.warnings)[r] += 1
+                report._sample(r, where, d)
+            if reason is None:
+                seen[rec.key] = where
+                records.append(rec)
+                n_rec += 1
         report.per_file[path] = {"lines": n_lines, "records": n_rec}
         report.n_lines += n_lines
         report.n_records += n_rec
@@ -596,33 +655,14 @@ def select_records(records: Iterable[TraceRecord], selection: str = "all",
 # ------------------------------------------------------------------------------------------------
 
 
-def _atomic_write(path: PathLike, write_fn, mode: str = "w") -> None:
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".",
-                               suffix=".tmp")
-    try:
-        kwargs = {"encoding": "utf-8", "newline": "\n"} if "b" not in mode else {}
-        with os.fdopen(fd, mode, **kwargs) as f:
-            write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def _as_record(r: Union[TraceRecord, dict], i: int, where: str) -> TraceRecord:
     if isinstance(r, TraceRecord):
-        r = r.to_dict()
+        r = r.to_dict(include_optional=True)
     rec, reason, detail, _ = validate_record(r, check_tags=False)
     if rec is None:
         raise TraceFormatError(where, i + 1, reason or "invalid", detail)
+    if not rec.answer_source:  # a version-1 record: written as version 2
+        rec.answer_source = parse_output(rec.raw_generation).answer_source
     return rec
 
 
@@ -632,19 +672,20 @@ def write_trace_jsonl(path: PathLike, records: Iterable[Union[TraceRecord, dict]
 
     Every record is schema-checked first (:class:`TraceFormatError` names the record's 1-based
     position, as ``<path>:<n>``); tag problems are *not* errors here, so unparseable teacher
-    outputs can be saved and are counted when read.  The file appears complete or not at all
-    (temp file in the same directory, fsync, ``os.replace``).
+    outputs can be saved and are counted when read.  Written as schema version 2: a record
+    without ``answer_source`` gets the one its ``raw_generation`` parses to.  The file appears
+    complete or not at all (temp file in the same directory, fsync, ``os.replace``).
     """
     path = os.fspath(path)
     recs = [_as_record(r, i, path) for i, r in enumerate(records)]
 
     def write(f):
         for r in recs:
-            f.write(json.dumps(r.to_dict(include_extra=include_extra), ensure_ascii=False,
-                               allow_nan=False))
+            f.write(json.dumps(r.to_dict(include_extra=include_extra, include_optional=True),
+                               ensure_ascii=False, allow_nan=False))
             f.write("\n")
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
     return len(recs)
 
 
@@ -655,7 +696,7 @@ def write_trace_jsonl(path: PathLike, records: Iterable[Union[TraceRecord, dict]
 
 def arrow_schema():
     """The pyarrow schema of exported traces (field order = :data:`SCHEMA_FIELDS`)."""
-    import pyarrow as pa
+    import pyarrow as pa  # lazy: export only; the reader and writer run without it
 
     return pa.schema([
         ("id", pa.string()), ("context", pa.string()), ("question", pa.string()),
@@ -673,7 +714,7 @@ def arrow_schema():
 
 def records_to_arrow(records: Iterable[TraceRecord]):
     """A ``pyarrow.Table`` with :func:`arrow_schema` (``extra`` is not exported)."""
-    import pyarrow as pa
+    import pyarrow as pa  # lazy: export only; the reader and writer run without it
 
     rows = [r.to_dict() for r in records]
     schema = arrow_schema()
@@ -703,7 +744,7 @@ def traces_to_hf_dataset(paths, selection: str = "all", criterion: str = "lenien
 
     With ``return_report=True`` returns ``(dataset, report)`` (``report`` is ``None`` for records).
     """
-    import datasets
+    import datasets  # lazy: pulls in pandas/fsspec/huggingface_hub, needed by this export only
 
     records, report = _load_selected(paths, selection, criterion, strict, prefilled_think)
     table = records_to_arrow(records)
@@ -719,9 +760,9 @@ def write_traces_parquet(paths, out_path: PathLike, selection: str = "all",
     ``paths`` as :func:`traces_to_hf_dataset`.  Read back with ``pyarrow.parquet.read_table`` or
     ``datasets.Dataset.from_parquet``.
     """
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # lazy: export only; the reader and writer run without it
 
     records, _ = _load_selected(paths, selection, criterion, strict, prefilled_think)
     table = records_to_arrow(records)
-    _atomic_write(out_path, lambda f: pq.write_table(table, f), mode="wb")
+    atomic_write(out_path, lambda f: pq.write_table(table, f), mode="wb")
     return table.num_rows

@@ -157,10 +157,6 @@ class TokenizeStats:
         else:
             self.dropped[status] = self.dropped.get(status, 0) + 1
 
-    @property
-    def num_dropped(self) -> int:
-        return sum(self.dropped.values())
-
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["dropped"] = dict(sorted(self.dropped.items()))

@@ -43,9 +43,9 @@ Shapes are bucketed so a whole run compiles a few programs: rows are ``batch_row
 are all padding); group and stage A lengths are rounded up to ``length_bucket``, continuation
 lengths to ``cont_bucket``; rare shapes are folded into larger ones (:func:`merge_buckets`) and
 groups are sorted by shape and batched within a shape (about 20 programs for all of BBQ).  With a
-mesh (``handle.mesh``) every batch is placed with :func:`regift_jax.core.sharding.batch_sharding` (so
-``batch_rows`` and the group rows must divide by the data-parallel size) and ``jit`` propagates
-the sharding.
+mesh (``handle.mesh``) every batch is placed with
+:func:`regift_jax.core.sharding.batch_sharding` (so ``batch_rows`` and the group rows must divide
+by the data-parallel size) and ``jit`` propagates the sharding.
 
 Tokenisation: ``encode(context) + encode(continuation)``, each without special tokens (a chat
 template already writes them).  For the BBQ option texts after a chat header ending in a newline,
@@ -67,12 +67,16 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
+from regift_jax.core import prompts
+from regift_jax.core.shapes import round_up
+from regift_jax.core.sharding import batch_sharding
 from regift_jax.data.packing import Packer, build_row, stack_rows
+from regift_jax.eval.config import LOGLIK_METHODS as METHODS
+from regift_jax.eval.stereoset import scoring_requests
 from regift_jax.models.config import ModelConfig
-from regift_jax.models.decoder import Decoder, init_cache, lm_head, to_dtype
-
-METHODS = ("prefix", "packed", "unpacked")
+from regift_jax.models.decoder import Decoder, init_cache, lm_head
 
 
 # --------------------------------------------------------------------------------------------
@@ -118,10 +122,6 @@ def _check_requests(requests: Sequence[Request]) -> int:
             if not c:
                 raise ValueError(f"{where}: continuation {k} has no tokens")
     return K
-
-
-def _round_up(n: int, m: int) -> int:
-    return max(m, ((n + m - 1) // m) * m)
 
 
 def merge_buckets(shapes: Sequence[Tuple[int, ...]], weights: Sequence[int],
@@ -339,7 +339,6 @@ class _Progress:
     def __init__(self, total: int, desc, unit: str = "item"):
         self.bar = None
         if desc:
-            from tqdm.auto import tqdm
             self.bar = tqdm(total=total, desc=desc if isinstance(desc, str) else "loglik",
                             unit=unit, dynamic_ncols=True)
 
@@ -355,7 +354,6 @@ class _Progress:
 def _placer(mesh):
     if mesh is None:
         return jnp.asarray
-    from regift_jax.core.sharding import batch_sharding
     return lambda x: jax.device_put(x, batch_sharding(mesh, ndim=np.ndim(x)))
 
 
@@ -443,7 +441,7 @@ def plan_prefix(requests: Sequence[Request], *, batch_rows: int = 8, length_buck
     n_pre = shared_prefix_length(ctxs)
     if n_pre < min_shared_prefix:
         n_pre = 0
-    P = _round_up(n_pre, length_bucket) if n_pre else 0
+    P = round_up(n_pre, length_bucket, length_bucket) if n_pre else 0
     own = [c[n_pre:] for c in ctxs]
     max_group = max(1, min(max_group, batch_rows))
     if max_group > 1:
@@ -459,9 +457,9 @@ def plan_prefix(requests: Sequence[Request], *, batch_rows: int = 8, length_buck
     b_len = [max(len(c) for c in r.continuations) for r in requests]
     shapes = []
     for lcp, idx in groups:
-        lg = _round_up(lcp, length_bucket) if grouped else 0
-        la = _round_up(max(len(own[i]) - lcp for i in idx), length_bucket)
-        lb = _round_up(max(b_len[i] for i in idx), cont_bucket)
+        lg = round_up(lcp, length_bucket, length_bucket) if grouped else 0
+        la = round_up(max(len(own[i]) - lcp for i in idx), length_bucket, length_bucket)
+        lb = round_up(max(b_len[i] for i in idx), cont_bucket, cont_bucket)
         if P + lg + la + lb > seq_len:
             i = max(idx, key=lambda j: len(ctxs[j]))
             r = requests[i]
@@ -543,10 +541,10 @@ def _score_prefix(cfg, params, requests, K, *, batch_rows, pad_id, place, progre
                   plan.tokens_real)
 
 
-def _score_packed(cfg, params, requests, K, *, batch_rows, seq_len, length_bucket, packed,
-                  pad_id, place, progress, compile_cost_tokens, max_open_rows=64):
-    N = len(requests)
-    seqs = []  # (request, k, ids, n_context)
+def _packed_sequences(requests, seq_len: int) -> List[Tuple[int, int, tuple, int]]:
+    """``(request, k, context + continuation ids, n_context)`` of every continuation, longest
+    first (tighter first-fit packing, and unpacked rows of similar length together)."""
+    seqs = []
     for i, r in enumerate(requests):
         for k, c in enumerate(r.continuations):
             ids = tuple(r.context) + tuple(c)
@@ -554,32 +552,63 @@ def _score_packed(cfg, params, requests, K, *, batch_rows, seq_len, length_bucke
                 raise ValueError(f"{r.where or f'request {i}'}: {len(r.context)} context + "
                                  f"{len(c)} continuation tokens exceed seq_len={seq_len}")
             seqs.append((i, k, ids, len(r.context)))
-    # Longest first: tighter first-fit packing, and unpacked rows of similar length together.
     seqs.sort(key=lambda s: (-len(s[2]), s[0], s[1]))
-    rows: List[Tuple[int, List[Tuple[Any, dict]]]] = []  # (row length, [(ref, example)])
+    return seqs
+
+
+def _packed_rows(seqs, *, seq_len, length_bucket, packed, compile_cost_tokens, max_open_rows
+                 ) -> List[Tuple[int, List[Tuple[Any, dict]]]]:
+    """``(row length, [(seqs index, example)])`` rows: first-fit packed into ``seq_len``, or one
+    sequence per row with bucketed lengths (rare buckets merged), sorted by length."""
+    def example(s):
+        return {"input_ids": np.asarray(s[2], np.int32),
+                "loss_mask": (np.arange(len(s[2])) >= s[3]).astype(np.int32)}
     if packed:
         packer = Packer(seq_len, "first_fit", max_open_rows)
-        for j, s in enumerate(seqs):
-            ex = {"input_ids": np.asarray(s[2], np.int32),
-                  "loss_mask": (np.arange(len(s[2])) >= s[3]).astype(np.int32)}
-            rows.extend((seq_len, r) for r in packer.add(ex, j))
-        rows.extend((seq_len, r) for r in packer.flush())
-    else:
-        for j, s in enumerate(seqs):
-            ex = {"input_ids": np.asarray(s[2], np.int32),
-                  "loss_mask": (np.arange(len(s[2])) >= s[3]).astype(np.int32)}
-            rows.append((_round_up(len(s[2]), length_bucket), [(j, ex)]))
-        final = merge_buckets([(L,) for L, _ in rows], (1,), compile_cost_tokens)
-        rows = sorted(((final[(L,)][0], r) for L, r in rows), key=lambda x: x[0])
+        rows = [(seq_len, r) for j, s in enumerate(seqs) for r in packer.add(example(s), j)]
+        return rows + [(seq_len, r) for r in packer.flush()]
+    rows = [(round_up(len(s[2]), length_bucket, length_bucket), [(j, example(s))])
+            for j, s in enumerate(seqs)]
+    final = merge_buckets([(L,) for L, _ in rows], (1,), compile_cost_tokens)
+    return sorted(((final[(L,)][0], r) for L, r in rows), key=lambda x: x[0])
+
+
+def _packed_targets(batch, group, batch_rows: int, M: int, pad_id: int):
+    """Per row the ``M`` scored positions: ``(index, target, mask, owning seqs index)``."""
+    L = batch["inputs"].shape[1]
+    owners = np.full((batch_rows, L), -1, np.int64)  # seqs index per target position
+    for b, r in enumerate(group):
+        seg = batch["segment_ids"][b]
+        for s, (j, _) in enumerate(r, start=1):
+            owners[b, seg == s] = j
+    scored = batch["loss_mask"] > 0
+    pred_idx = np.zeros((batch_rows, M), np.int32)
+    pred_tgt = np.full((batch_rows, M), pad_id, np.int32)
+    pred_mask = np.zeros((batch_rows, M), bool)
+    pred_owner = np.full((batch_rows, M), -1, np.int64)
+    for b in range(batch_rows):
+        pos = np.nonzero(scored[b])[0]
+        pred_idx[b, :len(pos)] = pos
+        pred_tgt[b, :len(pos)] = batch["targets"][b, pos]
+        pred_mask[b, :len(pos)] = True
+        pred_owner[b, :len(pos)] = owners[b, pos]
+    return pred_idx, pred_tgt, pred_mask, pred_owner
+
+
+def _score_packed(cfg, params, requests, K, *, batch_rows, seq_len, length_bucket, packed,
+                  pad_id, place, progress, compile_cost_tokens, max_open_rows=64):
+    N = len(requests)
+    seqs = _packed_sequences(requests, seq_len)
+    rows = _packed_rows(seqs, seq_len=seq_len, length_bucket=length_bucket, packed=packed,
+                        compile_cost_tokens=compile_cost_tokens, max_open_rows=max_open_rows)
     # One gather width for the whole call: the most continuation tokens in any row.
-    M = _round_up(max(sum(len(seqs[j][2]) - seqs[j][3] for j, _ in r) for _, r in rows), 8)
+    M = round_up(max(sum(len(seqs[j][2]) - seqs[j][3] for j, _ in r) for _, r in rows), 8, 8)
     lp_sum = np.zeros((N, K), np.float64)
     greedy = np.ones((N, K), bool)
     remaining = np.full(N, K)  # continuations not yet scored, for the items/s progress
     bar = _Progress(N, progress)
-    computed = 0
+    computed = start = 0
     try:
-        start = 0
         while start < len(rows):
             L = rows[start][0]
             group = []
@@ -588,39 +617,19 @@ def _score_packed(cfg, params, requests, K, *, batch_rows, seq_len, length_bucke
                 start += 1
             built = [build_row([ex for _, ex in r], L, pad_id) for r in group]
             batch = stack_rows(built, L, batch_rows, pad_id=pad_id)
-            owners = np.full((batch_rows, L), -1, np.int64)  # seqs index per target position
-            for b, r in enumerate(group):
-                seg = batch["segment_ids"][b]
-                for s, (j, _) in enumerate(r, start=1):
-                    owners[b, seg == s] = j
-            scored = batch["loss_mask"] > 0
-            pred_idx = np.zeros((batch_rows, M), np.int32)
-            pred_tgt = np.full((batch_rows, M), pad_id, np.int32)
-            pred_mask = np.zeros((batch_rows, M), bool)
-            pred_owner = np.full((batch_rows, M), -1, np.int64)
-            for b in range(batch_rows):
-                pos = np.nonzero(scored[b])[0]
-                pred_idx[b, :len(pos)] = pos
-                pred_tgt[b, :len(pos)] = batch["targets"][b, pos]
-                pred_mask[b, :len(pos)] = True
-                pred_owner[b, :len(pos)] = owners[b, pos]
+            idx, tgt, mask, owner = _packed_targets(batch, group, batch_rows, M, pad_id)
             lp, hit = _packed_block(params, place(batch["inputs"]), place(batch["segment_ids"]),
-                                    place(batch["positions"]), place(pred_idx), place(pred_tgt),
-                                    place(pred_mask), StaticCfg(cfg))
+                                    place(batch["positions"]), place(idx), place(tgt),
+                                    place(mask), StaticCfg(cfg))
             lp, hit = np.asarray(lp, np.float64), np.asarray(hit)
-            sel = pred_mask
-            for j, v, h in zip(pred_owner[sel], lp[sel], hit[sel]):
+            for j, v, h in zip(owner[mask], lp[mask], hit[mask]):
                 i, k = seqs[j][0], seqs[j][1]
                 lp_sum[i, k] += v
                 greedy[i, k] &= bool(h)
-            done_items = 0
-            for r in group:
-                for j, _ in r:
-                    i = seqs[j][0]
-                    remaining[i] -= 1
-                    done_items += remaining[i] == 0
+            done = [seqs[j][0] for r in group for j, _ in r]
+            np.subtract.at(remaining, done, 1)
             computed += batch_rows * L
-            bar.update(int(done_items))
+            bar.update(int(sum(remaining[i] == 0 for i in set(done))))
     finally:
         bar.close()
     n_tok = np.array([[len(c) for c in r.continuations] for r in requests])
@@ -710,7 +719,6 @@ class OptionScores:
 
 
 def _resolve_template(template):
-    from regift_jax.core import prompts
     return prompts.get_template(template) if isinstance(template, str) else template
 
 
@@ -729,7 +737,6 @@ def bbq_prompt(item, template, tokenizer=None, *, chat=False, system=None,
                include_prefill: bool = True) -> str:
     """The rendered prompt for one BBQ item (fields the template asks for: context, question,
     and for multiple-choice templates ans0..ans2)."""
-    from regift_jax.core import prompts
     t = _resolve_template(template)
     values = {"context": item.context, "question": item.question,
               "ans0": item.options[0], "ans1": item.options[1], "ans2": item.options[2]}
@@ -772,14 +779,18 @@ def bbq_requests(items, template, tokenizer, *, chat="auto", system=None,
 
 def option_scores(handle, items, template="bbq_base", *, chat="auto", system=None,
                   answer_format: str = "{option}", include_prefill: bool = False,
-                  **kw) -> OptionScores:
-    """Score the three options of every BBQ item (``kw`` go to :func:`score_requests`)."""
+                  shard: Optional[Tuple[int, int]] = None, **kw) -> OptionScores:
+    """Score the three options of every BBQ item (``kw`` go to :func:`score_requests`).
+    ``shard=(start, stop)``: score ``items[start:stop]`` only (one process's share), after
+    checking the requests of every item, so every process finds the same bad request."""
     reqs, texts, conts = bbq_requests(items, template, handle.tokenizer, chat=chat,
                                       system=system, answer_format=answer_format,
                                       include_prefill=include_prefill)
-    sc = score_requests(handle, reqs, **kw)
-    n_bytes = np.array([[len(c.encode("utf-8")) for c in cs] for cs in conts])
-    return OptionScores(sc, n_bytes, texts, conts)
+    _check_requests(reqs)
+    a, b = shard or (0, len(reqs))
+    sc = score_requests(handle, reqs[a:b], **kw)
+    n_bytes = np.array([[len(c.encode("utf-8")) for c in cs] for cs in conts[a:b]])
+    return OptionScores(sc, n_bytes, texts[a:b], conts[a:b])
 
 
 def score_options(handle, items, template="bbq_base", *, batch_rows: int = 8,
@@ -800,7 +811,6 @@ def stereoset_requests(items, tokenizer, *, empty_context_ids: Optional[Sequence
     unrelated) as continuations.  Intrasentence: the whole sentence after
     ``empty_context_ids`` (default ``[bos_token_id]``, as lm-eval-harness does for an empty
     context); intersentence: ``" " + sentence`` after the context."""
-    from regift_jax.eval.stereoset import scoring_requests
     if tokenizer is None:
         raise ValueError("StereoSet scoring needs a tokenizer")
     if empty_context_ids is None:

@@ -40,11 +40,22 @@ Empty groups (a denominator of 0: a category without disambiguated items, a mode
 answers "unknown", ...) give NaN, never an exception.  ``nan`` is kept in the nested dict and
 turned into ``null`` by :mod:`regift_jax.eval.report`.
 
-Bootstrap.  :func:`bootstrap_intervals` draws ``num_resamples`` resamples of the valid items
-(with replacement, jointly over categories) from a fixed ``PRNGKey(seed)`` and evaluates the
-metrics for each, vmapped over ``chunk`` resamples at a time inside ``jax.lax.map`` (bounded
-memory), then takes the ``nan``-aware percentile interval.  A resample is a vector of integer
-multiplicities over the items: ``n_valid`` random ranks, mapped to valid positions by a gather.
+Bootstrap.  BBQ items are not independent: the items that share a context paragraph (the
+ambiguous and disambiguated contexts x the negative and non-negative questions, example ids
+4k..4k+3 in the official files; :func:`regift_jax.eval.subset.context_units`) succeed or fail
+together.  :func:`bootstrap_intervals` therefore resamples *clusters*: an optional ``cluster``
+array gives every valid item a dense cluster id ``0 .. G-1``; a resample draws ``G`` clusters with
+replacement (jointly over categories) and weights each item by the number of times its cluster
+was drawn.  Without ``cluster`` every item is its own cluster (the plain item bootstrap, bit for
+bit).  Resamples come from a fixed ``PRNGKey(seed)``, are evaluated vmapped over ``chunk`` at a
+time inside ``jax.lax.map`` (bounded memory), and give the ``nan``-aware percentile interval.
+
+Paired test.  :func:`paired_bootstrap` takes the same items judged twice (before / after) and
+applies each cluster resample to both, so the distribution of ``metric(after) - metric(before)``
+keeps the pairing; its percentile interval and the two-sided p-value
+``min(1, 2 * min(P(d <= 0), P(d >= 0)))`` (over the finite resamples) go into every
+before/after report.  ``p < 1 - confidence`` exactly when the interval of the difference excludes
+zero.
 
 Compile size.  The host wrapper :func:`score` pads N up to a multiple of ``pad_multiple`` with
 invalid rows, so runs of similar size share one compiled program per (padded N, number of
@@ -148,59 +159,110 @@ def score_batch(prediction, label, unknown_option, biased_option, condition, cat
 score_batch_jit = jax.jit(score_batch, static_argnames=("num_categories",))
 
 
-def _valid_positions(valid):
-    """``pos[r]`` = index of the (r+1)-th valid item (rank -> position), padded with 0."""
-    n = valid.shape[0]
-    rank = jnp.cumsum(valid.astype(jnp.int32)) - 1
-    return jnp.zeros((n,), jnp.int32).at[jnp.where(valid, rank, n)].set(
-        jnp.arange(n, dtype=jnp.int32), mode="drop")
+def _resample_weights(key, valid, num: int = 1, cluster=None):
+    """``[num, N]`` item multiplicities of with-replacement resamples of the clusters.
 
-
-def _resample_weights(key, valid, num: int = 1):
-    """``[num, N]`` multiplicities of with-replacement resamples of the valid items.
-
-    Each resample draws exactly ``n_valid`` ranks uniformly (32 random bits modulo
-    ``n_valid``; the modulo bias is below ``n_valid / 2**32``) and counts them per item.
+    ``cluster``: dense cluster ids ``0 .. G-1`` of the valid items (None: each valid item its
+    own cluster, numbered by its rank among the valid items).  Each resample draws exactly
+    ``G`` cluster ids uniformly (32 random bits modulo ``G``; the modulo bias is below
+    ``G / 2**32``), counts them per cluster and gives every valid item its cluster's count.
     """
     n = valid.shape[0]
-    n_valid = jnp.maximum(valid.astype(jnp.int32).sum(), 1).astype(jnp.uint32)
-    ranks = (jax.random.bits(key, (num, n), jnp.uint32) % n_valid).astype(jnp.int32)
-    idx = _valid_positions(valid)[ranks]  # [num, N]
-    keep = (jnp.arange(n) < valid.astype(jnp.int32).sum()).astype(jnp.float32)
-    return jax.vmap(lambda i: jnp.zeros((n,), jnp.float32).at[i].add(keep))(idx)
+    if cluster is None:
+        cluster = jnp.cumsum(valid.astype(jnp.int32)) - 1
+    cluster = jnp.where(valid, cluster, 0).astype(jnp.int32)
+    g = jnp.maximum(jnp.max(jnp.where(valid, cluster + 1, 0)), 1)
+    ranks = (jax.random.bits(key, (num, n), jnp.uint32) % g.astype(jnp.uint32)
+             ).astype(jnp.int32)
+    keep = (jnp.arange(n) < g).astype(jnp.float32)
+    counts = jax.vmap(lambda r: jnp.zeros((n,), jnp.float32).at[r].add(keep))(ranks)
+    return counts[:, cluster] * valid.astype(jnp.float32)[None, :]
+
+
+def _resampled(metric_fn, key, valid, cluster, num_resamples: int, chunk: int):
+    """``metric_fn(weights)`` for ``num_resamples`` cluster resamples, ``[R, ...]``."""
+    chunk = max(1, min(chunk, num_resamples))
+    num_chunks = -(-num_resamples // chunk)
+
+    def block(k):
+        return jax.vmap(metric_fn)(_resample_weights(k, valid, chunk, cluster))
+
+    samples = jax.lax.map(block, jax.random.split(key, num_chunks))
+    return samples.reshape((num_chunks * chunk,) + samples.shape[2:])[:num_resamples]
+
+
+def _percentiles(samples, confidence):
+    alpha = (1.0 - confidence) / 2.0
+    return jnp.nanpercentile(samples, jnp.stack([100.0 * alpha, 100.0 * (1.0 - alpha)]), axis=0)
+
+
+def _metric_stack(x, onehot, metrics):
+    def one(w):
+        m = _metrics_from_sums(_group_sums(w, x, onehot))
+        return jnp.stack([m[name] for name in metrics])  # [M, C+1]
+    return one
 
 
 @functools.partial(jax.jit, static_argnames=("num_categories", "num_resamples", "chunk",
                                              "metrics"))
 def bootstrap_intervals(prediction, label, unknown_option, biased_option, condition,
-                        category_id, paper_correct, valid, reasoning_length, key, *,
-                        num_categories: int, num_resamples: int = 1000, chunk: int = 100,
+                        category_id, paper_correct, valid, reasoning_length, key, cluster=None,
+                        *, num_categories: int, num_resamples: int = 1000, chunk: int = 100,
                         metrics: Sequence[str] = HEADLINE_METRICS, confidence=0.95
                         ) -> Dict[str, jax.Array]:
-    """Percentile bootstrap intervals: ``{metric: [2, num_categories + 1]}`` (low, high)."""
+    """Percentile bootstrap intervals: ``{metric: [2, num_categories + 1]}`` (low, high);
+    ``cluster``: dense cluster ids (None: items resampled one by one)."""
     x = _indicators(prediction, label, unknown_option, biased_option, condition, paper_correct,
                     reasoning_length)
     onehot = jax.nn.one_hot(category_id, num_categories, dtype=jnp.float32)
-    chunk = max(1, min(chunk, num_resamples))
-    num_chunks = -(-num_resamples // chunk)
-
-    def one(w):
-        m = _metrics_from_sums(_group_sums(w, x, onehot))
-        return jnp.stack([m[name] for name in metrics])  # [M, C+1]
-
-    def block(k):
-        return jax.vmap(one)(_resample_weights(k, valid, chunk))  # [chunk, M, C+1]
-
-    samples = jax.lax.map(block, jax.random.split(key, num_chunks))
-    samples = samples.reshape((num_chunks * chunk,) + samples.shape[2:])[:num_resamples]
-    alpha = (1.0 - confidence) / 2.0
-    qs = jnp.nanpercentile(samples, jnp.stack([100.0 * alpha, 100.0 * (1.0 - alpha)]), axis=0)
+    samples = _resampled(_metric_stack(x, onehot, metrics), key, valid, cluster, num_resamples,
+                         chunk)
+    qs = _percentiles(samples, confidence)
     return {name: qs[:, i, :] for i, name in enumerate(metrics)}
+
+
+@functools.partial(jax.jit, static_argnames=("num_categories", "num_resamples", "chunk",
+                                             "metrics"))
+def paired_bootstrap(before, after, key, cluster=None, *, num_categories: int,
+                     num_resamples: int = 1000, chunk: int = 100,
+                     metrics: Sequence[str] = HEADLINE_METRICS, confidence=0.95
+                     ) -> Dict[str, Dict[str, jax.Array]]:
+    """The paired cluster bootstrap of ``metric(after) - metric(before)``.
+
+    ``before`` / ``after``: the :data:`ARRAY_FIELDS` of the same items in the same order (the
+    items' fields agree; predictions, paper judgements and lengths differ).  Items count where
+    both are valid.  Returns ``{"ci": {metric: [2, C+1]}, "p_value": {metric: [C+1]}}``.
+    """
+    valid = before[7] & after[7]
+    onehot = jax.nn.one_hot(before[5], num_categories, dtype=jnp.float32)
+    xb = _indicators(*before[:5], before[6], before[8])
+    xa = _indicators(*after[:5], after[6], after[8])
+    mb, ma = _metric_stack(xb, onehot, metrics), _metric_stack(xa, onehot, metrics)
+    d = _resampled(lambda w: ma(w) - mb(w), key, valid, cluster, num_resamples, chunk)
+    finite = jnp.isfinite(d)
+    n = jnp.sum(finite, axis=0)
+    le = jnp.sum(finite & (d <= 0), axis=0) / jnp.maximum(n, 1)
+    ge = jnp.sum(finite & (d >= 0), axis=0) / jnp.maximum(n, 1)
+    p = jnp.where(n > 0, jnp.minimum(1.0, 2.0 * jnp.minimum(le, ge)), jnp.nan)
+    qs = _percentiles(d, confidence)
+    return {"ci": {name: qs[:, i, :] for i, name in enumerate(metrics)},
+            "p_value": {name: p[i] for i, name in enumerate(metrics)}}
 
 
 # --------------------------------------------------------------------------------------------
 # Host wrapper
 # --------------------------------------------------------------------------------------------
+
+def dense_clusters(keys: Sequence, valid: np.ndarray) -> np.ndarray:
+    """Dense cluster ids ``0 .. G-1`` (in order of first appearance among the valid items) of
+    hashable per-item ``keys``; invalid items get 0."""
+    ids: Dict[object, int] = {}
+    out = np.zeros(len(keys), np.int32)
+    for i, (k, v) in enumerate(zip(keys, valid)):
+        if v:
+            out[i] = ids.setdefault(k, len(ids))
+    return out
+
 
 def _validated(arrays: Mapping[str, np.ndarray], num_categories: int) -> Dict[str, np.ndarray]:
     missing = [k for k in ARRAY_FIELDS if k not in arrays]
@@ -241,42 +303,93 @@ def _pad(out: Dict[str, np.ndarray], pad_multiple: int) -> Dict[str, np.ndarray]
     return padded
 
 
+def _prepared(arrays: Mapping[str, np.ndarray], names: Sequence[str], total_name: str,
+              pad_multiple: int):
+    """``(device args in ARRAY_FIELDS order, padded dense cluster ids or None)``."""
+    if not names:
+        raise ValueError("score: no categories")
+    if total_name in names:
+        raise ValueError(f"score: a category may not be called {total_name!r}")
+    a = _pad(_validated(arrays, len(names)), pad_multiple)
+    cluster = None
+    if arrays.get("cluster") is not None:
+        keys = [k if not isinstance(k, np.ndarray) else tuple(k.tolist())
+                for k in arrays["cluster"]]  # any hashable key per item
+        n = len(np.asarray(arrays["prediction"]))
+        if len(keys) != n:
+            raise ValueError(f"score: 'cluster' has {len(keys)} entries, expected {n}")
+        dense = dense_clusters(keys, np.asarray(arrays["valid"]).astype(bool))
+        cluster = jnp.asarray(np.pad(dense, (0, len(a["valid"]) - len(dense))))
+    return [jnp.asarray(a[k]) for k in ARRAY_FIELDS], cluster
+
+
+def _rows(values, rows: Sequence[str]) -> Dict[str, Dict[str, float]]:
+    return {r: {m: (int(round(float(v[i]))) if m.startswith("n_") else float(v[i]))
+                for m, v in values.items()} for i, r in enumerate(rows)}
+
+
 def score(arrays: Mapping[str, np.ndarray], category_names: Sequence[str], *,
           num_resamples: int = 1000, seed: int = 0, confidence: float = 0.95,
           ci_metrics: Sequence[str] = HEADLINE_METRICS, chunk: int = 100,
           pad_multiple: int = 1024, total_name: str = "total") -> Dict[str, dict]:
     """Nested dict ``{category | total_name: {metric: float, "ci": {metric: [lo, hi]}}}``.
 
-    ``arrays`` holds the :data:`ARRAY_FIELDS` (numpy or lists); ``category_id`` indexes
-    ``category_names``.  ``num_resamples=0`` skips the bootstrap.  NaN marks empty groups.
+    ``arrays`` holds the :data:`ARRAY_FIELDS` (numpy or lists) and optionally ``cluster`` (any
+    hashable per-item key: the items resampled together; default: each item alone);
+    ``category_id`` indexes ``category_names``.  ``num_resamples=0`` skips the bootstrap.  NaN
+    marks empty groups.
     """
     names = list(category_names)
-    if not names:
-        raise ValueError("score: no categories")
-    if total_name in names:
-        raise ValueError(f"score: a category may not be called {total_name!r}")
-    c = len(names)
-    a = _pad(_validated(arrays, c), pad_multiple)
-    args = [jnp.asarray(a[k]) for k in ARRAY_FIELDS]
-    point = jax.device_get(score_batch_jit(*args, num_categories=c))
+    args, cluster = _prepared(arrays, names, total_name, pad_multiple)
     rows = names + [total_name]
-    result = {r: {m: (int(round(float(v[i]))) if m.startswith("n_") else float(v[i]))
-                  for m, v in point.items()} for i, r in enumerate(rows)}
+    result = _rows(jax.device_get(score_batch_jit(*args, num_categories=len(names))), rows)
     if num_resamples > 0:
         ci = jax.device_get(bootstrap_intervals(
-            *args, jax.random.PRNGKey(seed), num_categories=c, num_resamples=num_resamples,
-            chunk=chunk, metrics=tuple(ci_metrics), confidence=confidence))
+            *args, jax.random.PRNGKey(seed), cluster, num_categories=len(names),
+            num_resamples=num_resamples, chunk=chunk, metrics=tuple(ci_metrics),
+            confidence=confidence))
         for i, r in enumerate(rows):
             result[r]["ci"] = {m: [float(v[0, i]), float(v[1, i])]
                                for m, v in ci.items()}
     return result
 
 
-def bootstrap_settings(num_resamples: int, seed: int, confidence: float) -> Dict[str, object]:
-    """What a report records about the intervals (so a reader can reproduce them)."""
+def paired(before: Mapping[str, np.ndarray], after: Mapping[str, np.ndarray],
+           category_names: Sequence[str], *, num_resamples: int = 1000, seed: int = 0,
+           confidence: float = 0.95, metrics: Sequence[str] = HEADLINE_METRICS,
+           chunk: int = 100, pad_multiple: int = 1024, total_name: str = "total"
+           ) -> Dict[str, Dict[str, dict]]:
+    """The paired cluster bootstrap (:func:`paired_bootstrap`) of two judgements of the same
+    items: ``{category | total_name: {metric: {"before", "after", "diff", "ci", "p_value"}}}``.
+    ``before`` and ``after`` hold the :data:`ARRAY_FIELDS` of the same items in the same order;
+    the clusters are ``after["cluster"]`` (default: each item alone)."""
+    names = list(category_names)
+    b_args, _ = _prepared(before, names, total_name, pad_multiple)
+    a_args, cluster = _prepared(after, names, total_name, pad_multiple)
+    c, rows = len(names), names + [total_name]
+    pb = _rows(jax.device_get(score_batch_jit(*b_args, num_categories=c)), rows)
+    pa = _rows(jax.device_get(score_batch_jit(*a_args, num_categories=c)), rows)
+    res = jax.device_get(paired_bootstrap(
+        tuple(b_args), tuple(a_args), jax.random.PRNGKey(seed), cluster, num_categories=c,
+        num_resamples=max(1, num_resamples), chunk=chunk, metrics=tuple(metrics),
+        confidence=confidence))
+    out: Dict[str, Dict[str, dict]] = {}
+    for i, r in enumerate(rows):
+        out[r] = {m: {"before": pb[r][m], "after": pa[r][m], "diff": pa[r][m] - pb[r][m],
+                      "ci": [float(res["ci"][m][0, i]), float(res["ci"][m][1, i])],
+                      "p_value": float(res["p_value"][m][i])} for m in metrics}
+    return out
+
+
+def bootstrap_settings(num_resamples: int, seed: int, confidence: float,
+                       unit: str = "items") -> Dict[str, object]:
+    """What a report records about the intervals (so a reader can reproduce them); ``unit``:
+    what is resampled."""
     return {"resamples": int(num_resamples), "seed": int(seed), "confidence": float(confidence),
-            "method": "percentile, items resampled with replacement jointly over categories"}
+            "unit": unit,
+            "method": f"percentile, {unit} resampled with replacement jointly over categories"}
 
 
-__all__ = ["score_batch", "score_batch_jit", "bootstrap_intervals", "score", "HEADLINE_METRICS",
-           "ARRAY_FIELDS", "AMBIG", "DISAMBIG", "bootstrap_settings"]
+__all__ = ["score_batch", "score_batch_jit", "bootstrap_intervals", "paired_bootstrap", "score",
+           "paired", "dense_clusters", "HEADLINE_METRICS", "ARRAY_FIELDS", "AMBIG", "DISAMBIG",
+           "bootstrap_settings"]

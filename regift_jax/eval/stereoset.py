@@ -33,11 +33,15 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
-from typing import Callable, Dict, List, Mapping, Sequence, Tuple
+import os
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from regift_jax.core.io import StrictLineCounts, iter_jsonl
+from regift_jax.core.paths import default_source_dir
+
+REPORT_SCHEMA = "regift_jax.stereoset_report/1"
 SPLITS = ("intrasentence", "intersentence")
 CLASSES = ("stereotype", "anti-stereotype", "unrelated")
 _FIELDS = ("type", "target", "bias_type", "context") + CLASSES
@@ -63,33 +67,35 @@ class StereoSetItem:
         return (self.stereotype, self.anti_stereotype, self.unrelated)
 
 
+def default_stereoset_file() -> Optional[str]:
+    """The data root's ``stereoset/stereoset_dev_flat.jsonl`` (None without a data root); read
+    when called, never at import."""
+    d = default_source_dir("stereoset")
+    return os.path.join(d, "stereoset_dev_flat.jsonl") if d else None
+
+
+def _item(obj: dict, where: str) -> StereoSetItem:
+    missing = [k for k in _FIELDS if not isinstance(obj.get(k), str) or not obj[k].strip()]
+    if missing:
+        raise StereoSetFormatError(f"{where}: missing or empty field(s) {', '.join(missing)}")
+    if obj["type"] not in SPLITS:
+        raise StereoSetFormatError(f"{where}: type {obj['type']!r} is not one of {SPLITS}")
+    return StereoSetItem(obj["type"], obj["target"], obj["bias_type"], obj["context"],
+                         obj["stereotype"], obj["anti-stereotype"], obj["unrelated"], where)
+
+
 def load_stereoset(path: str, splits: Sequence[str] = SPLITS) -> List[StereoSetItem]:
-    """Read the flattened jsonl; keep rows whose ``type`` is in ``splits``."""
+    """Read the flattened jsonl (through :func:`regift_jax.core.io.iter_jsonl`; blank lines are
+    skipped, any other bad line or row raises :class:`StereoSetFormatError` naming ``file:line``);
+    keep rows whose ``type`` is in ``splits``."""
     for s in splits:
         if s not in SPLITS:
             raise ValueError(f"unknown StereoSet split {s!r} (expected one of {SPLITS})")
     items = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise StereoSetFormatError(f"{where}: invalid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise StereoSetFormatError(f"{where}: expected a JSON object")
-            missing = [k for k in _FIELDS if not isinstance(obj.get(k), str) or not obj[k].strip()]
-            if missing:
-                raise StereoSetFormatError(f"{where}: missing or empty field(s) "
-                                           f"{', '.join(missing)}")
-            if obj["type"] not in SPLITS:
-                raise StereoSetFormatError(f"{where}: type {obj['type']!r} is not one of {SPLITS}")
-            if obj["type"] in splits:
-                items.append(StereoSetItem(obj["type"], obj["target"], obj["bias_type"],
-                                           obj["context"], obj["stereotype"],
-                                           obj["anti-stereotype"], obj["unrelated"], where))
+    for lineno, obj in iter_jsonl(path, StrictLineCounts(StereoSetFormatError)):
+        item = _item(obj, f"{path}:{lineno}")
+        if item.split in splits:
+            items.append(item)
     if not items:
         raise StereoSetFormatError(f"{path}: no items for splits {tuple(splits)}")
     return items
@@ -166,3 +172,24 @@ def stereoset_metrics(items: Sequence[StereoSetItem], scores) -> Dict[str, dict]
         out[split] = res
     out["overall"] = _group_scores(counts(range(len(items))))
     return out
+
+
+def stereoset_markdown(rep: Mapping[str, object]) -> str:
+    """The Markdown table of a StereoSet report (per-token mean, sums in parentheses)."""
+    lines = [f"# StereoSet: {rep['settings']['model']}", "",
+             f"{rep['settings']['n_items']} items; per-token mean log-likelihood "
+             "(summed log-likelihood in parentheses)", "",
+             "| split | domain | count | LM | SS | ICAT |", "|---|---|---|---|---|---|"]
+    m, ms = rep["metrics"], rep["metrics_sum"]
+    fmt = lambda a, b: (f"{a:.2f} ({b:.2f})" if a == a and b == b  # noqa: E731
+                        else "—")
+    for split in [k for k in m if k != "overall"] + ["overall"]:
+        groups = m[split] if split != "overall" else {"overall": m["overall"]}
+        groups_s = ms[split] if split != "overall" else {"overall": ms["overall"]}
+        for dom, r in groups.items():
+            rs = groups_s[dom]
+            lines.append(f"| {split} | {dom} | {r['count']} | "
+                         f"{fmt(r['lm_score'], rs['lm_score'])} | "
+                         f"{fmt(r['ss_score'], rs['ss_score'])} | "
+                         f"{fmt(r['icat_score'], rs['icat_score'])} |")
+    return "\n".join(lines) + "\n"

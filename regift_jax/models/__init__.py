@@ -22,9 +22,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from regift_jax.models.checkpoints import (CheckpointError, export_hf, load_gguf, load_hf)
+from regift_jax.core import sharding as shd
+from regift_jax.core.prompts import wrap_chat
+from regift_jax.models import presets
+from regift_jax.models.checkpoints import (CheckpointError, export_hf, gguf_hf_config, load_gguf,
+                                           load_hf, open_gguf, read_hf_config)
 from regift_jax.models.config import ModelConfig, UnsupportedArchitectureError
 from regift_jax.models.decoder import Decoder, init_params, param_shardings, positions_from_mask
+from regift_jax.models.lora import add_lora, merge_lora
+from regift_jax.models.sampling import Sampler, SamplingConfig
+from regift_jax.models.tokenizer import load_tokenizer, smollm2_gguf_path
 
 __all__ = ["load", "ModelHandle", "ModelConfig", "Decoder", "CheckpointError",
            "UnsupportedArchitectureError", "init_params"]
@@ -62,18 +69,15 @@ class ModelHandle:
         return np.asarray(_logits(self.params, ids, mask, self.cfg), np.float32)
 
     def sampler(self, **kw):
-        from regift_jax.models.sampling import Sampler
         return Sampler(self.cfg, self.params, self.tokenizer, mesh=self.mesh, **kw)
 
     def chat_prompt(self, user: str, system: Optional[str] = None) -> str:
         """``user`` in the tokenizer's chat template (unchanged without one)."""
-        from regift_jax.core.prompts import wrap_chat
         return wrap_chat(self.tokenizer, user, system=system)
 
     def generate(self, prompts: Sequence[str], max_new_tokens: int = 64, temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = 0, stop_strings=(), seed: int = 0,
                  chat: bool = False, batch_size: int = 8):
-        from regift_jax.models.sampling import SamplingConfig
         if isinstance(prompts, str):
             prompts = [prompts]
         texts = [self.chat_prompt(p) if chat else p for p in prompts]
@@ -85,7 +89,6 @@ class ModelHandle:
         """HF directory (config.json + safetensors + tokenizer); LoRA is merged first."""
         params, cfg = self.params, self.cfg
         if cfg.lora_rank > 0:
-            from regift_jax.models.lora import merge_lora
             cfg, params = merge_lora(cfg, params)
         return export_hf(path, cfg, params, tokenizer=self.tokenizer, dtype=dtype)
 
@@ -99,7 +102,6 @@ def _resolve(name_or_path: str, download: bool):
                               "a Hugging Face directory)")
     if os.path.isdir(name_or_path):
         return "hf", name_or_path, None
-    from regift_jax.models import presets
     try:
         preset = presets.get_preset(name_or_path)
     except (KeyError, ValueError) as e:
@@ -107,14 +109,14 @@ def _resolve(name_or_path: str, download: bool):
                               f"{e}") from None
     key = preset.name
     if key == DEFAULT_MODEL:
-        from regift_jax.models.tokenizer import smollm2_gguf_path
         return "gguf", smollm2_gguf_path(), preset
     local = os.path.join(os.environ.get("REGIFT_MODELS_DIR",
                                         os.path.expanduser("~/.cache/regift_jax/models")), key)
     if os.path.isdir(local):
         return "hf", local, preset
     if download:
-        from huggingface_hub import snapshot_download  # optional, needs internet
+        # lazy: huggingface_hub is optional; only this opt-in download needs it
+        from huggingface_hub import snapshot_download
         snapshot_download(preset.hf_repo, local_dir=local,
                           allow_patterns=["*.json", "*.safetensors", "tokenizer*"])
         return "hf", local, preset
@@ -130,8 +132,9 @@ def load(name_or_path: str = DEFAULT_MODEL, *, dtype: Optional[str] = None,
     """Load a model by preset name, HF safetensors directory or .gguf file.
 
     ``dtype``/``param_dtype``: compute / parameter dtype (default float32).  ``mesh``: place the
-    params on their logical-axis shardings (:mod:`regift_jax.core.sharding`) while streaming them in.
-    Extra keyword arguments override :class:`ModelConfig` fields (e.g. ``lora_rank=16``).
+    params on their logical-axis shardings (:mod:`regift_jax.core.sharding`) while streaming
+    them in.  Extra keyword arguments override :class:`ModelConfig` fields (e.g.
+    ``lora_rank=16``).
     """
     kind, path, _ = _resolve(name_or_path, download)
     overrides = dict(cfg_overrides)
@@ -143,22 +146,14 @@ def load(name_or_path: str = DEFAULT_MODEL, *, dtype: Optional[str] = None,
     loader = load_gguf if kind == "gguf" else load_hf
     shardings = None
     if mesh is not None:
-        from regift_jax.core import sharding as shd
         # Shapes only depend on the architecture, so read the config first, cheaply.
-        if kind == "gguf":
-            import gguf
-            from regift_jax.models.checkpoints import gguf_hf_config
-            base = ModelConfig.from_hf_config(gguf_hf_config(gguf.GGUFReader(path)), **overrides)
-        else:
-            from regift_jax.models.checkpoints import read_hf_config
-            base = ModelConfig.from_hf_config(read_hf_config(path), **overrides)
+        hf = gguf_hf_config(open_gguf(path), path) if kind == "gguf" else read_hf_config(path)
+        base = ModelConfig.from_hf_config(hf, **overrides)
         shardings = param_shardings(base, mesh, rules or shd.DEFAULT_RULES)
     cfg, params = loader(path, shardings=shardings, **overrides)
     if lora:
-        from regift_jax.models.lora import add_lora
         cfg, params = add_lora(cfg.replace(**lora), params, mesh=mesh, rules=rules)
     tok = None
     if tokenizer:
-        from regift_jax.models.tokenizer import load_tokenizer
         tok = load_tokenizer(path)
     return ModelHandle(cfg=cfg, params=params, tokenizer=tok, mesh=mesh, source=path)

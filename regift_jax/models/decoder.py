@@ -37,7 +37,7 @@ with implementation ``xla`` or ``cudnn`` (GPU flash attention), given the boolea
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -197,11 +197,38 @@ class Proj(nn.Module):
         return y
 
 
-def _lora_kw(cfg: ModelConfig, name: str) -> dict:
+# The seven projections of a block: name -> (parent module, logical input axes, logical output
+# axes).  The decoder builds its layers from this table, LoRA adds adapters by it and the
+# checkpoint key map names HF tensors by it, so a kernel's layout has one definition.
+PROJECTIONS = {
+    "q_proj": ("self_attn", ("embed",), ("heads", "head_dim")),
+    "k_proj": ("self_attn", ("embed",), ("kv_heads", "head_dim")),
+    "v_proj": ("self_attn", ("embed",), ("kv_heads", "head_dim")),
+    "o_proj": ("self_attn", ("heads", "head_dim"), ("embed",)),
+    "gate_proj": ("mlp", ("embed",), ("mlp",)),
+    "up_proj": ("mlp", ("embed",), ("mlp",)),
+    "down_proj": ("mlp", ("mlp",), ("embed",)),
+}
+
+
+def proj_shapes(cfg: ModelConfig, name: str) -> Tuple[tuple, tuple]:
+    """``(in_shape, out_shape)`` of projection ``name``'s kernel in one layer."""
+    size = {"embed": cfg.hidden_size, "heads": cfg.num_heads, "kv_heads": cfg.num_kv_heads,
+            "head_dim": cfg.head_dim, "mlp": cfg.intermediate_size}
+    _, in_axes, out_axes = PROJECTIONS[name]
+    return tuple(size[a] for a in in_axes), tuple(size[a] for a in out_axes)
+
+
+def _proj(cfg: ModelConfig, name: str, use_bias: bool = False) -> Proj:
+    """Projection ``name`` of a block, with a LoRA adapter when it is one of ``lora_targets``."""
+    _, in_axes, out_axes = PROJECTIONS[name]
+    in_shape, out_shape = proj_shapes(cfg, name)
+    lora = {}
     if cfg.lora_rank > 0 and name in cfg.lora_targets:
-        return dict(lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+        lora = dict(lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
                     lora_dropout=cfg.lora_dropout)
-    return {}
+    return Proj(in_shape, out_shape, in_axes, out_axes, use_bias=use_bias, name=name,
+                param_dtype=to_dtype(cfg.param_dtype), dtype=to_dtype(cfg.dtype), **lora)
 
 
 def _attend(q, k_t, v_t, mask, dt):
@@ -212,8 +239,8 @@ def _attend(q, k_t, v_t, mask, dt):
 
     Without a KV cache (training, scoring) the decoder passes the additive bias: the VJP of an add
     needs no copy of the broadcast mask, which autodiff through the layer scan would otherwise save
-    per layer (2 x 2.3 GB at 8 x 512 for SmolLM2).  With a cache it passes the boolean mask: with
-    the bias, XLA copied the whole stacked cache twice per layer in a decode step (3x slower)."""
+    per layer.  With a cache it passes the boolean mask: with the bias, XLA copies the whole
+    stacked cache per layer in a decode step."""
     B, T, H, hd = q.shape
     KV, S = k_t.shape[1], k_t.shape[-1]
     G = H // KV
@@ -236,17 +263,10 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x, cos, sin, mask, layer_cache, cache_index, deterministic):
         cfg = self.cfg
-        pd, dt = to_dtype(cfg.param_dtype), to_dtype(cfg.dtype)
-        D, H, KV, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        common = dict(param_dtype=pd, dtype=dt)
-        q = Proj((D,), (H, hd), ("embed",), ("heads", "head_dim"), use_bias=cfg.attention_bias,
-                 name="q_proj", **common, **_lora_kw(cfg, "q_proj"))(x, deterministic)
-        k = Proj((D,), (KV, hd), ("embed",), ("kv_heads", "head_dim"),
-                 use_bias=cfg.attention_bias, name="k_proj", **common,
-                 **_lora_kw(cfg, "k_proj"))(x, deterministic)
-        v = Proj((D,), (KV, hd), ("embed",), ("kv_heads", "head_dim"),
-                 use_bias=cfg.attention_bias, name="v_proj", **common,
-                 **_lora_kw(cfg, "v_proj"))(x, deterministic)
+        dt = to_dtype(cfg.dtype)
+        q = _proj(cfg, "q_proj", cfg.attention_bias)(x, deterministic)
+        k = _proj(cfg, "k_proj", cfg.attention_bias)(x, deterministic)
+        v = _proj(cfg, "v_proj", cfg.attention_bias)(x, deterministic)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
         T = q.shape[1]
@@ -284,8 +304,7 @@ class Attention(nn.Module):
             out = jnp.concatenate(outs, axis=1)
         else:
             out = _attend(q, k_t, v_t, mask, dt)
-        y = Proj((H, hd), (D,), ("heads", "head_dim"), ("embed",), name="o_proj", **common,
-                 **_lora_kw(cfg, "o_proj"))(out, deterministic)
+        y = _proj(cfg, "o_proj")(out, deterministic)
         return y, new_cache
 
 
@@ -295,15 +314,9 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x, deterministic):
         cfg = self.cfg
-        common = dict(param_dtype=to_dtype(cfg.param_dtype), dtype=to_dtype(cfg.dtype))
-        D, F = cfg.hidden_size, cfg.intermediate_size
-        g = Proj((D,), (F,), ("embed",), ("mlp",), name="gate_proj", **common,
-                 **_lora_kw(cfg, "gate_proj"))(x, deterministic)
-        u = Proj((D,), (F,), ("embed",), ("mlp",), name="up_proj", **common,
-                 **_lora_kw(cfg, "up_proj"))(x, deterministic)
-        h = nn.silu(g) * u
-        return Proj((F,), (D,), ("mlp",), ("embed",), name="down_proj", **common,
-                    **_lora_kw(cfg, "down_proj"))(h, deterministic)
+        g = _proj(cfg, "gate_proj")(x, deterministic)
+        u = _proj(cfg, "up_proj")(x, deterministic)
+        return _proj(cfg, "down_proj")(nn.silu(g) * u, deterministic)
 
 
 class Block(nn.Module):
@@ -336,7 +349,8 @@ _REMAT_POLICIES = {
 
 def remat_policy(name: str):
     if name not in _REMAT_POLICIES:
-        raise ValueError(f"unknown remat_policy {name!r}; valid: none, {', '.join(_REMAT_POLICIES)}")
+        raise ValueError(f"unknown remat_policy {name!r}; valid: none, "
+                         f"{', '.join(_REMAT_POLICIES)}")
     p = _REMAT_POLICIES[name]
     return None if p is None else getattr(jax.checkpoint_policies, p)
 
@@ -417,61 +431,10 @@ class Decoder(nn.Module):
         return out, new_cache
 
 
-def unstack_params(params) -> dict:
-    """``{"layers": [per-layer params] * L, ...rest}`` for :func:`forward_unrolled`."""
-    L = jax.tree.leaves(params["layers"])[0].shape[0]
-    out = {k: v for k, v in params.items() if k != "layers"}
-    out["layers"] = [jax.tree.map(lambda x, i=i: x[i], params["layers"]) for i in range(L)]
-    return out
-
-
-def forward_unrolled(cfg: ModelConfig, uparams: dict, input_ids, positions, segment_ids, cache):
-    """The same computation as ``Decoder(cfg).apply(..., cache=cache)`` with the layers unrolled
-    over per-layer parameter and cache arrays (``unstack_params``, ``init_cache(...,
-    unrolled=True)``).  For inference: a scanned decode step slices (copies) every layer's
-    weights and cache out of the stacked arrays each step, which dominates a CPU decode step;
-    unrolled, a step reads each weight in place and writes only its new cache slots."""
-    dt = to_dtype(cfg.dtype)
-    pd = to_dtype(cfg.param_dtype)
-    B, T = input_ids.shape
-    positions = positions.astype(jnp.int32)
-    segment_ids = segment_ids.astype(jnp.int32)
-    embed = uparams["embed_tokens"]
-    x = jnp.take(embed, input_ids, axis=0).astype(dt)
-    cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg))
-    idx = cache["index"]
-    k_pos = jax.lax.dynamic_update_slice(cache["pos"], positions, (0, idx))
-    k_seg = jax.lax.dynamic_update_slice(cache["seg"], segment_ids, (0, idx))
-    mask = attention_mask(positions, segment_ids, k_pos, k_seg, cfg.sliding_window)
-    block = Block(cfg, True)
-    new_k, new_v = [], []
-    for lp, ck, cv in zip(uparams["layers"], cache["k"], cache["v"]):
-        (x, (ck, cv, _)), _ = block.apply({"params": lp}, (x, (ck, cv, jnp.zeros((), jnp.int32))),
-                                          cos, sin, mask, idx)
-        new_k.append(ck)
-        new_v.append(cv)
-    x = RMSNorm(cfg.rms_norm_eps, pd, dt).apply({"params": uparams["norm"]}, x)
-    if cfg.tie_word_embeddings:
-        out = jnp.einsum("btd,vd->btv", x, embed.astype(dt), preferred_element_type=jnp.float32)
-    else:
-        out = jnp.einsum("btd,dv->btv", x, uparams["lm_head"].astype(dt),
-                         preferred_element_type=jnp.float32)
-    new_cache = {"k": tuple(new_k), "v": tuple(new_v), "pos": k_pos, "seg": k_seg,
-                 "index": idx + T}
-    return out.astype(jnp.float32), new_cache
-
-
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None,
-               unrolled: bool = False) -> dict:
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
     """An empty KV cache for ``batch`` rows of up to ``max_len`` tokens."""
     dt = to_dtype(dtype or cfg.dtype)
     L, KV, hd = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
-    if unrolled:  # one [1, B, ...] array per layer
-        return {"k": tuple(jnp.zeros((1, batch, KV, hd, max_len), dt) for _ in range(L)),
-                "v": tuple(jnp.zeros((1, batch, KV, max_len, hd), dt) for _ in range(L)),
-                "pos": jnp.zeros((batch, max_len), jnp.int32),
-                "seg": jnp.zeros((batch, max_len), jnp.int32),
-                "index": jnp.zeros((), jnp.int32)}
     return {"k": jnp.zeros((L, batch, KV, hd, max_len), dt),
             "v": jnp.zeros((L, batch, KV, max_len, hd), dt),
             "pos": jnp.zeros((batch, max_len), jnp.int32),
@@ -494,14 +457,6 @@ def init_params(cfg: ModelConfig, rng=None, boxed: bool = False):
     variables = model.init(rng, ids)
     params = variables["params"]
     return params if boxed else nn.unbox(params)
-
-
-def param_logical_axes(cfg: ModelConfig):
-    """Pytree of logical-axis tuples matching the params, computed abstractly (no FLOPs)."""
-    model = Decoder(cfg)
-    abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
-                                                 jnp.zeros((1, 2), jnp.int32)))["params"]
-    return nn.get_partition_spec(abstract)
 
 
 def param_shardings(cfg: ModelConfig, mesh, rules=shd.DEFAULT_RULES):

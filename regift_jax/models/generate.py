@@ -13,6 +13,8 @@ import argparse
 import sys
 import time
 
+from regift_jax import models
+
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m regift_jax.models.generate",
@@ -30,8 +32,6 @@ def main(argv=None):
     ap.add_argument("--no-chat", dest="chat", action="store_false",
                     help="feed the prompt raw instead of through the chat template")
     args = ap.parse_args(argv)
-
-    from regift_jax import models
     t0 = time.time()
     try:
         m = models.load(args.model, dtype=args.dtype)

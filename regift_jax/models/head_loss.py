@@ -16,9 +16,11 @@ largest activations.  :func:`head_loss` instead
    cut-cross-entropy, written in plain JAX).
 
 The result is the same ``(sum of masked NLL, number of loss tokens, number of correct argmax
-predictions)`` as :func:`regift_jax.training.trainer.token_loss` on full logits (``tests/test_head_loss.py``
-checks values and gradients against it).  The head weights' gradient is computed only when they
-are differentiated (full fine-tuning with tied embeddings); under LoRA they are frozen and skip it.
+predictions)`` as :func:`regift_jax.training.step.token_loss` on full logits
+(``tests/test_head_loss.py`` checks values and gradients against it).  The head weights' gradient
+is computed only when they are differentiated (full fine-tuning with tied embeddings); under LoRA
+they are frozen and skip it.  Each chunk's logits come from the decoder's own LM-head matmul,
+:func:`regift_jax.models.decoder.head_logits`.
 """
 
 from __future__ import annotations
@@ -29,12 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
-from regift_jax.models.decoder import to_dtype
-
-
-def _logits(hc, w, vocab_major: bool, dt):
-    spec = "cd,vd->cv" if vocab_major else "cd,dv->cv"
-    return jnp.einsum(spec, hc.astype(dt), w.astype(dt), preferred_element_type=jnp.float32)
+from regift_jax.models.decoder import head_logits, to_dtype
 
 
 def _run(h, w, targets, mask, chunk: int, vocab_major: bool, dtype: str, want_dh: bool,
@@ -60,7 +57,7 @@ def _run(h, w, targets, mask, chunk: int, vocab_major: bool, dtype: str, want_dh
         i, s, n_ok, dh, dw = state
         idx = jax.lax.dynamic_slice(order, (i * chunk,), (chunk,))
         hc, tc, mc = hp[idx], tp[idx], mp[idx]
-        logits = _logits(hc, w, vocab_major, dt)  # [C, V] f32
+        logits = head_logits(hc, w, vocab_major, dtype)  # [C, V] f32
         lse = jax.nn.logsumexp(logits, axis=-1)
         tl = jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]
         s = s + jnp.sum((lse - tl) * mc)

@@ -18,26 +18,17 @@ from typing import Tuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
 
+from regift_jax.core import sharding as shd
 from regift_jax.models.config import ModelConfig
-
-# projection -> (parent module, number of input axes in the kernel after the layer axis,
-#                logical input axes, logical output axes)
-TARGETS = {
-    "q_proj": ("self_attn", 1, ("embed",), ("heads", "head_dim")),
-    "k_proj": ("self_attn", 1, ("embed",), ("kv_heads", "head_dim")),
-    "v_proj": ("self_attn", 1, ("embed",), ("kv_heads", "head_dim")),
-    "o_proj": ("self_attn", 2, ("heads", "head_dim"), ("embed",)),
-    "gate_proj": ("mlp", 1, ("embed",), ("mlp",)),
-    "up_proj": ("mlp", 1, ("embed",), ("mlp",)),
-    "down_proj": ("mlp", 1, ("mlp",), ("embed",)),
-}
+from regift_jax.models.decoder import PROJECTIONS
 
 
 def _check(cfg: ModelConfig):
-    bad = [t for t in cfg.lora_targets if t not in TARGETS]
+    bad = [t for t in cfg.lora_targets if t not in PROJECTIONS]
     if bad:
-        raise ValueError(f"unknown LoRA target(s) {bad}; valid: {sorted(TARGETS)}")
+        raise ValueError(f"unknown LoRA target(s) {bad}; valid: {sorted(PROJECTIONS)}")
     if cfg.lora_rank <= 0:
         raise ValueError("lora_rank must be > 0 to add LoRA adapters")
 
@@ -52,11 +43,11 @@ def add_lora(cfg: ModelConfig, params: dict, seed: int = 0, mesh=None, rules=Non
     r = cfg.lora_rank
     layers = dict(params["layers"])
     for name in cfg.lora_targets:
-        parent, n_in, in_axes, out_axes = TARGETS[name]
+        parent, in_axes, out_axes = PROJECTIONS[name]
         mod = dict(layers[parent])
         leaf = dict(mod[name])
         k = leaf["kernel"]
-        L = k.shape[0]
+        L, n_in = k.shape[0], len(in_axes)
         in_shape, out_shape = k.shape[1:1 + n_in], k.shape[1 + n_in:]
         fan_in = int(np.prod(in_shape))
         key = jax.random.fold_in(jax.random.PRNGKey(seed), zlib.crc32(name.encode()))
@@ -65,8 +56,6 @@ def add_lora(cfg: ModelConfig, params: dict, seed: int = 0, mesh=None, rules=Non
         pd = k.dtype
         a, b = a.astype(pd), b.astype(pd)
         if mesh is not None:
-            from jax.sharding import NamedSharding
-            from regift_jax.core import sharding as shd
             rl = rules or shd.DEFAULT_RULES
             a = jax.device_put(a, NamedSharding(mesh, shd.logical_to_spec(
                 ("layers",) + in_axes + ("lora",), a.shape, mesh, rl)))
@@ -117,7 +106,7 @@ def merge_lora(cfg: ModelConfig, params: dict) -> Tuple[ModelConfig, dict]:
     """Fold every adapter into its kernel: W + a @ b * alpha / r; drop the LoRA leaves."""
     scale = cfg.lora_alpha / cfg.lora_rank if cfg.lora_rank else 0.0
     layers = dict(params["layers"])
-    for name, (parent, n_in, _, _) in TARGETS.items():
+    for name, (parent, _, _) in PROJECTIONS.items():
         mod = dict(layers[parent])
         leaf = dict(mod[name])
         if "lora_a" not in leaf:

@@ -21,16 +21,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
-from typing import Callable, List, Optional, Sequence, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
+from regift_jax.core.sharding import batch_sharding
+from regift_jax.core.shapes import round_up
 from regift_jax.models.config import ModelConfig
-from regift_jax.models.decoder import (Decoder, forward_unrolled, init_cache, positions_from_mask,
-                                       unstack_params)
+from regift_jax.models.decoder import Decoder, init_cache, positions_from_mask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,11 +42,6 @@ class SamplingConfig:
     top_k: int = 0  # 0 = off
     stop_strings: tuple = ()
     seed: int = 0
-
-    def as_dict(self):
-        d = dataclasses.asdict(self)
-        d["stop_strings"] = list(self.stop_strings)
-        return d
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +59,15 @@ class Generation:
     finish_reason: str  # "eos" | "stop" | "length"
     prompt_tokens: int
     generated_tokens: int
+
+
+@dataclasses.dataclass
+class _BatchState:
+    """One batch's device state between decode chunks and phases; ``seeds``: one per row."""
+    cache: dict
+    logits: jax.Array
+    last_pos: jax.Array
+    seeds: List[int]
 
 
 def filter_logits(logits, temperature: float, top_p: float, top_k: int):
@@ -99,43 +104,37 @@ def sample_next(logits, row_keys, step, temperature: float, top_p: float, top_k:
     return jax.vmap(jax.random.categorical)(keys, filt).astype(jnp.int32)
 
 
-def _call(params, ids, pos, seg, cache, cfg, unrolled):
-    if unrolled:
-        return forward_unrolled(cfg, params, ids, pos, seg, cache)
+def _call(params, ids, pos, seg, cache, cfg):
     return Decoder(cfg).apply({"params": params}, ids, positions=pos, segment_ids=seg,
                               cache=cache)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "cache_len", "unrolled"))
-def prefill(params, input_ids, attention_mask, cfg: ModelConfig, cache_len: int,
-            unrolled: bool = False):
+@functools.partial(jax.jit, static_argnames=("cfg", "cache_len"))
+def prefill(params, input_ids, attention_mask, cfg: ModelConfig, cache_len: int):
     B = input_ids.shape[0]
-    cache = init_cache(cfg, B, cache_len, unrolled=unrolled)
+    cache = init_cache(cfg, B, cache_len)
     pos = positions_from_mask(attention_mask)
-    logits, cache = _call(params, input_ids, pos, attention_mask.astype(jnp.int32), cache, cfg,
-                          unrolled)
+    logits, cache = _call(params, input_ids, pos, attention_mask.astype(jnp.int32), cache, cfg)
     return logits[:, -1, :], cache, pos[:, -1]
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "unrolled"), donate_argnames=("cache",))
-def extend(params, cache, input_ids, attention_mask, last_pos, logits, cfg: ModelConfig,
-           unrolled: bool = False):
+@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
+def extend(params, cache, input_ids, attention_mask, last_pos, logits, cfg: ModelConfig):
     """Append a left-padded block of tokens [B, K] to every row's cache (padding slots get
     segment 0 and are never attended).  Rows whose block is all padding keep their logits."""
     m = attention_mask.astype(jnp.int32)
     pos = last_pos[:, None] + jnp.cumsum(m, axis=1)
-    new_logits, cache = _call(params, input_ids, pos, m, cache, cfg, unrolled)
+    new_logits, cache = _call(params, input_ids, pos, m, cache, cfg)
     n = jnp.sum(m, axis=1)
     logits = jnp.where((n > 0)[:, None], new_logits[:, -1, :], logits)
     return logits, cache, last_pos + n
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "n_steps", "temperature", "top_p", "top_k",
-                                             "unrolled"),
+@functools.partial(jax.jit, static_argnames=("cfg", "n_steps", "temperature", "top_p", "top_k"),
                    donate_argnames=("cache",))
 def decode_chunk(params, cache, logits, last_pos, done, out_tokens, n_out, row_keys, eos_ids,
                  pad_id, cfg: ModelConfig, n_steps: int, temperature: float, top_p: float,
-                 top_k: int, unrolled: bool = False):
+                 top_k: int):
     """Up to ``n_steps`` decode steps.  ``out_tokens`` [B, max_new] is written at ``n_out``.
     Finished rows write padding with segment 0 into their cache slot, so a later continuation of
     the same cache never attends to it."""
@@ -153,7 +152,7 @@ def decode_chunk(params, cache, logits, last_pos, done, out_tokens, n_out, row_k
         out_tokens = jax.lax.dynamic_update_slice(out_tokens, tok[:, None], (0, n_out))
         pos = jnp.where(done, last_pos, last_pos + 1)
         new_logits, cache = _call(params, tok[:, None], pos[:, None],
-                                  (~done).astype(jnp.int32)[:, None], cache, cfg, unrolled)
+                                  (~done).astype(jnp.int32)[:, None], cache, cfg)
         done = done | is_eos
         return (i + 1, cache, new_logits[:, -1, :], pos, done, out_tokens, n_out + 1)
 
@@ -166,15 +165,13 @@ def decode_chunk(params, cache, logits, last_pos, done, out_tokens, n_out, row_k
 def _tile_rows(cache, logits, last_pos, reps: int):
     """Repeat a 1-row prefilled state ``reps`` times along the batch."""
     c = dict(cache)
-    c["k"] = jax.tree.map(lambda x: jnp.repeat(x, reps, axis=1), cache["k"])
-    c["v"] = jax.tree.map(lambda x: jnp.repeat(x, reps, axis=1), cache["v"])
+    c["k"] = jnp.repeat(cache["k"], reps, axis=1)
+    c["v"] = jnp.repeat(cache["v"], reps, axis=1)
     c["pos"] = jnp.repeat(cache["pos"], reps, axis=0)
     c["seg"] = jnp.repeat(cache["seg"], reps, axis=0)
     return c, jnp.repeat(logits, reps, axis=0), jnp.repeat(last_pos, reps, axis=0)
 
 
-def _round_up(n, m):
-    return ((n + m - 1) // m) * m
 
 
 class Sampler:
@@ -189,29 +186,20 @@ class Sampler:
       prefilled once and its cache copied to every row; the prompt's own tokens are appended.
       The token sequence is ``encode(prefix) + encode(prompt)``, so split the text at a
       pre-token boundary (a newline).
-    * ``then``: an optional :class:`Continuation` phase: after the first phase the harness appends ``forced_texts[i]`` to row i (e.g. closing a
-      reasoning scaffold: ``"</think>\n<answer>"``) and samples again on the same cache.  Tokens
-      the first phase produced after its stop string are masked out of the cache, so the second
-      phase sees exactly the returned text.  The returned ``Generation.text`` is
-      ``first + forced + second``.
+    * ``then``: an optional :class:`Continuation` phase: after the first phase the harness
+      appends ``forced_texts[i]`` to row i (e.g. closing a reasoning scaffold:
+      ``"</think>\n<answer>"``) and samples again on the same cache.  Tokens the first phase
+      produced after its stop string are masked out of the cache, so the second phase sees
+      exactly the returned text.  The returned ``Generation.text`` is ``first + forced + second``.
     """
 
     def __init__(self, cfg: ModelConfig, params, tokenizer=None, mesh=None, batch_size: int = 8,
                  length_bucket: int = 64, chunk: int = 32, pad_id: Optional[int] = None,
                  eos_ids: Optional[Sequence[int]] = None, bridge_tokens: int = 16,
-                 cache_len: Optional[int] = None, unroll_layers=False):
+                 cache_len: Optional[int] = None):
         """``cache_len``: a fixed KV-cache length for every batch (one compiled decode program
-        for a whole run; a batch that needs more raises).  Default: sized per batch.
-        ``unroll_layers``: run the layers unrolled over per-layer weights instead of the layer
-        scan (a second copy of the weights, a longer compile; measured slower than the scan on
-        the 2-core CPU machine, kept for accelerators); ``"auto"``: when the weights take under
-        2 GiB."""
+        for a whole run; a batch that needs more raises).  Default: sized per batch."""
         self.cfg, self.params, self.tokenizer, self.mesh = cfg, params, tokenizer, mesh
-        if unroll_layers == "auto":
-            nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
-            unroll_layers = nbytes < 2 * 2 ** 30
-        self.unrolled = bool(unroll_layers)
-        self.run_params = unstack_params(params) if self.unrolled else params
         self.fixed_cache_len = cache_len
         self.batch_size, self.length_bucket, self.chunk = batch_size, length_bucket, chunk
         self.bridge_tokens = bridge_tokens
@@ -221,24 +209,6 @@ class Sampler:
         self.eos_ids = tuple(eos_ids) if eos_ids is not None else cfg.eos_token_ids
         if not self.eos_ids:
             self.eos_ids = (-1,)
-
-    def _encode(self, p) -> List[int]:
-        if isinstance(p, str):
-            if self.tokenizer is None:
-                raise ValueError("Sampler: string prompts need a tokenizer")
-            return list(self.tokenizer(p, add_special_tokens=False)["input_ids"])
-        return [int(t) for t in p]
-
-    def _decode(self, ids) -> str:
-        if self.tokenizer is None:
-            return ""
-        return self.tokenizer.decode([int(t) for t in ids], skip_special_tokens=False)
-
-    def _place(self, x):
-        if self.mesh is None:
-            return jnp.asarray(x)
-        from regift_jax.core.sharding import batch_sharding
-        return jax.device_put(x, batch_sharding(self.mesh, ndim=x.ndim))
 
     def generate(self, prompts: Sequence[Union[str, Sequence[int]]], sampling: SamplingConfig,
                  row_seeds: Optional[Sequence[int]] = None, progress=None, prefix=None,
@@ -253,7 +223,6 @@ class Sampler:
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
         bar = None
         if progress:
-            from tqdm.auto import tqdm
             bar = tqdm(total=len(encoded), desc=progress if isinstance(progress, str) else
                        "generate", unit="seq", dynamic_ncols=True)
         for start in range(0, len(order), self.batch_size):
@@ -268,7 +237,33 @@ class Sampler:
             bar.close()
         return results  # type: ignore[return-value]
 
-    # ------------------------------------------------------------------ internals
+    # ------------------------------------------------------------------ text and placement
+    def _encode(self, p) -> List[int]:
+        if isinstance(p, str):
+            if self.tokenizer is None:
+                raise ValueError("Sampler: string prompts need a tokenizer")
+            return list(self.tokenizer(p, add_special_tokens=False)["input_ids"])
+        return [int(t) for t in p]
+
+    def _decode(self, ids) -> str:
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode([int(t) for t in ids], skip_special_tokens=False)
+
+    def _strip(self, row) -> List[int]:
+        """A row's tokens up to (without) its first EOS."""
+        out = []
+        for t in row:
+            if int(t) in self.eos_ids:
+                break
+            out.append(int(t))
+        return out
+
+    def _place(self, x):
+        if self.mesh is None:
+            return jnp.asarray(x)
+        return jax.device_put(x, batch_sharding(self.mesh, ndim=x.ndim))
+
     def _left_pad(self, rows, T, B):
         ids = np.full((B, T), self.pad_id, np.int32)
         mask = np.zeros((B, T), np.int32)
@@ -278,112 +273,66 @@ class Sampler:
                 mask[r, T - len(e):] = 1
         return ids, mask
 
-    def _run_phase(self, st, sampling: SamplingConfig, n_rows: int):
-        """Decode until every row is done; returns per-row (tokens, finish_reason, text)."""
-        B = self.batch_size
-        max_new = sampling.max_new_tokens
-        base = jax.random.PRNGKey(sampling.seed)
-        keys = jnp.stack([jax.random.fold_in(base, int(s)) for s in st["seeds"]])
-        done = np.zeros((B,), bool)
-        done[n_rows:] = True
-        done = jnp.asarray(done)
-        out = jnp.full((B, max_new), self.pad_id, jnp.int32)
-        n_out = jnp.zeros((), jnp.int32)
-        eos = jnp.asarray(self.eos_ids, jnp.int32)
-        start_index = int(st["cache"]["index"])
-        stopped = [False] * n_rows
-        while True:
-            cache, logits, last_pos, done, out, n_out = decode_chunk(
-                self.run_params, st["cache"], st["logits"], st["last_pos"], done, out, n_out,
-                keys, eos, jnp.int32(self.pad_id), self.cfg, self.chunk,
-                float(sampling.temperature), float(sampling.top_p), int(sampling.top_k),
-                self.unrolled)
-            st.update(cache=cache, logits=logits, last_pos=last_pos)
-            n_done = int(n_out)
-            done_h = np.array(done)
-            if sampling.stop_strings and self.tokenizer is not None:
-                toks = np.asarray(out[:, :n_done])
-                for r in range(n_rows):
-                    if done_h[r]:
-                        continue
-                    text = self._decode(self._strip(toks[r]))
-                    if any(x in text for x in sampling.stop_strings):
-                        stopped[r] = True
-                        done_h[r] = True
-                done = jnp.asarray(done_h)
-            if done_h.all() or n_done >= max_new:
-                break
-        toks = np.asarray(out[:, :int(n_out)])
-        res = []
-        for r in range(n_rows):
-            row = self._strip(toks[r])
-            reason = "eos" if len(row) < len(toks[r]) else "length"
-            text = self._decode(row)
-            if sampling.stop_strings:
-                hits = [(text.find(x), x) for x in sampling.stop_strings if x in text]
-                if hits:
-                    p, x = min(hits)
-                    text = text[:p + len(x)]
-                    reason = "stop"
-                    while len(row) > 1 and len(self._decode(row[:-1])) >= p + len(x):
-                        row = row[:-1]
-            res.append((row, reason, text))
-        st["start_index"] = start_index
-        return res
-
+    # ------------------------------------------------------------------ one batch
     def _generate_batch(self, encoded, sampling: SamplingConfig, seeds, pre, then
                         ) -> List[Generation]:
-        n = len(encoded)
-        B = self.batch_size
-        T = _round_up(max(1, max(len(e) for e in encoded)), self.length_bucket)
-        P = _round_up(len(pre), self.length_bucket) if pre else 0
+        T = round_up(max(1, max(len(e) for e in encoded)), self.length_bucket)
+        P = round_up(len(pre), self.length_bucket) if pre else 0
+        st = self._prefill(encoded, pre, T, P, self._cache_len(P, T, sampling, then), seeds)
+        pos0 = np.asarray(st.last_pos)
+        first, start = self._run_phase(st, sampling, len(encoded))
+        if then is None:
+            return [Generation(text=text, token_ids=row, finish_reason=reason,
+                               prompt_tokens=len(pre) + len(encoded[r]),
+                               generated_tokens=len(row))
+                    for r, (row, reason, text) in enumerate(first)]
+        return self._continue(st, first, start, pos0, then,
+                              [len(pre) + len(e) for e in encoded])
+
+    def _cache_len(self, P: int, T: int, sampling: SamplingConfig,
+                   then: Optional[Continuation]) -> int:
+        """KV-cache slots for a prefix of ``P``, prompts of ``T`` and both phases' tokens."""
         extra = 0
         if then is not None:
-            extra = self.bridge_tokens + _round_up(then.sampling.max_new_tokens,
-                                                   self.length_bucket)
-        cache_len = P + T + _round_up(sampling.max_new_tokens, self.length_bucket) + extra
-        if self.fixed_cache_len:
-            if cache_len > self.fixed_cache_len:
-                raise ValueError(f"batch needs a KV cache of {cache_len} slots (prefix {P}, "
-                                 f"prompts {T}, generation {cache_len - P - T}) but the sampler "
-                                 f"was built with cache_len={self.fixed_cache_len}")
-            cache_len = self.fixed_cache_len
+            extra = self.bridge_tokens + round_up(then.sampling.max_new_tokens,
+                                                  self.length_bucket)
+        cache_len = P + T + round_up(sampling.max_new_tokens, self.length_bucket) + extra
+        if not self.fixed_cache_len:
+            return cache_len
+        if cache_len > self.fixed_cache_len:
+            raise ValueError(f"batch needs a KV cache of {cache_len} slots (prefix {P}, "
+                             f"prompts {T}, generation {cache_len - P - T}) but the sampler "
+                             f"was built with cache_len={self.fixed_cache_len}")
+        return self.fixed_cache_len
+
+    def _prefill(self, encoded, pre, T: int, P: int, cache_len: int, seeds) -> _BatchState:
+        """Run the prefix (once, then copied to every row) and the prompts into a new cache."""
+        B, n = self.batch_size, len(encoded)
         rows = list(encoded) + [[self.pad_id]] * (B - n)  # filler rows: one token each
         ids, mask = self._left_pad(rows, T, B)
         if pre:
             pids, pmask = self._left_pad([pre], P, 1)
-            logits, cache, last_pos = prefill(self.run_params, jnp.asarray(pids),
-                                              jnp.asarray(pmask), self.cfg, cache_len,
-                                              self.unrolled)
+            logits, cache, last_pos = prefill(self.params, jnp.asarray(pids),
+                                              jnp.asarray(pmask), self.cfg, cache_len)
             cache, logits, last_pos = _tile_rows(cache, logits, last_pos, B)
-            logits, cache, last_pos = extend(self.run_params, cache, self._place(ids),
-                                             self._place(mask), last_pos, logits, self.cfg,
-                                             self.unrolled)
+            logits, cache, last_pos = extend(self.params, cache, self._place(ids),
+                                             self._place(mask), last_pos, logits, self.cfg)
         else:
-            logits, cache, last_pos = prefill(self.run_params, self._place(ids),
-                                              self._place(mask), self.cfg, cache_len,
-                                              self.unrolled)
-        st = {"cache": cache, "logits": logits, "last_pos": last_pos,
-              "seeds": list(seeds) + [0] * (B - n)}
-        pos0 = np.asarray(last_pos)
-        first = self._run_phase(st, sampling, n)
-        gens = []
-        if then is None:
-            for r, (row, reason, text) in enumerate(first):
-                gens.append(Generation(text=text, token_ids=row, finish_reason=reason,
-                                       prompt_tokens=len(pre) + len(encoded[r]),
-                                       generated_tokens=len(row)))
-            return gens
+            logits, cache, last_pos = prefill(self.params, self._place(ids),
+                                              self._place(mask), self.cfg, cache_len)
+        return _BatchState(cache, logits, last_pos, list(seeds) + [0] * (B - n))
+
+    def _continue(self, st: _BatchState, first, start: int, pos0, then: Continuation,
+                  prompt_tokens: List[int]) -> List[Generation]:
+        """The :class:`Continuation` phase: forced text, then sampling on the same cache."""
+        n, B = len(first), self.batch_size
         forced = list(then.forced([t for _, _, t in first]))
-        sampling2 = then.sampling
-        # Mask what phase 1 generated beyond each row's kept tokens; rewind positions.
-        cache = st["cache"]
-        start = st["start_index"]
         keep = np.zeros((B,), np.int64)
         keep[:n] = [len(row) for row, _, _ in first]
-        slots = np.arange(cache["seg"].shape[1])[None, :]
-        kill = (slots >= start + keep[:, None]) & (slots < int(cache["index"]))
-        cache = dict(cache)
+        # Mask what phase 1 generated beyond each row's kept tokens; rewind positions.
+        slots = np.arange(st.cache["seg"].shape[1])[None, :]
+        kill = (slots >= start + keep[:, None]) & (slots < int(st.cache["index"]))
+        cache = dict(st.cache)
         cache["seg"] = jnp.where(jnp.asarray(kill), 0, cache["seg"])
         last_pos = jnp.asarray(pos0 + keep, jnp.int32)
         f_ids = [self._encode(f) for f in forced] + [[]] * (B - n)
@@ -392,24 +341,64 @@ class Sampler:
             raise ValueError(f"continuation text of {K} tokens exceeds bridge_tokens="
                              f"{self.bridge_tokens}")
         fid, fmask = self._left_pad(f_ids, self.bridge_tokens, B)
-        logits, cache, last_pos = extend(self.run_params, cache, self._place(fid),
-                                         self._place(fmask), last_pos, st["logits"], self.cfg,
-                                         self.unrolled)
-        st.update(cache=cache, logits=logits, last_pos=last_pos)
-        second = self._run_phase(st, sampling2, n)
-        for r in range(n):
-            row1, _, t1 = first[r]
-            row2, reason, t2 = second[r]
-            gens.append(Generation(text=t1 + forced[r] + t2,
-                                   token_ids=row1 + f_ids[r] + row2, finish_reason=reason,
-                                   prompt_tokens=len(pre) + len(encoded[r]),
-                                   generated_tokens=len(row1) + len(row2)))
-        return gens
+        st.logits, st.cache, st.last_pos = extend(self.params, cache, self._place(fid),
+                                                  self._place(fmask), last_pos, st.logits,
+                                                  self.cfg)
+        second, _ = self._run_phase(st, then.sampling, n)
+        return [Generation(text=t1 + forced[r] + t2, token_ids=row1 + f_ids[r] + row2,
+                           finish_reason=reason, prompt_tokens=prompt_tokens[r],
+                           generated_tokens=len(row1) + len(row2))
+                for r, ((row1, _, t1), (row2, reason, t2)) in enumerate(zip(first, second))]
 
-    def _strip(self, row):
-        out = []
-        for t in row:
-            if int(t) in self.eos_ids:
-                break
-            out.append(int(t))
-        return out
+    # ------------------------------------------------------------------ one phase
+    def _run_phase(self, st: _BatchState, sampling: SamplingConfig, n_rows: int
+                   ) -> Tuple[List[tuple], int]:
+        """Decode until every row is done: per-row ``(tokens, finish_reason, text)`` and the
+        cache index where the phase's tokens start."""
+        start = int(st.cache["index"])
+        toks = self._decode_rows(st, sampling, n_rows)
+        return [self._finish_row(toks[r], sampling.stop_strings) for r in range(n_rows)], start
+
+    def _decode_rows(self, st: _BatchState, sampling: SamplingConfig, n_rows: int) -> np.ndarray:
+        """Decode chunks of steps until every row has stopped (EOS on device, stop strings on
+        the host between chunks) or ``max_new_tokens``; the tokens ``[B, steps]``."""
+        B, max_new = self.batch_size, sampling.max_new_tokens
+        base = jax.random.PRNGKey(sampling.seed)
+        keys = jnp.stack([jax.random.fold_in(base, int(s)) for s in st.seeds])
+        done = np.zeros((B,), bool)
+        done[n_rows:] = True
+        done = jnp.asarray(done)
+        out = jnp.full((B, max_new), self.pad_id, jnp.int32)
+        n_out = jnp.zeros((), jnp.int32)
+        eos = jnp.asarray(self.eos_ids, jnp.int32)
+        while True:
+            st.cache, st.logits, st.last_pos, done, out, n_out = decode_chunk(
+                self.params, st.cache, st.logits, st.last_pos, done, out, n_out, keys, eos,
+                jnp.int32(self.pad_id), self.cfg, self.chunk, float(sampling.temperature),
+                float(sampling.top_p), int(sampling.top_k))
+            n_done = int(n_out)
+            done_h = np.array(done)
+            if sampling.stop_strings and self.tokenizer is not None:
+                toks = np.asarray(out[:, :n_done])
+                for r in range(n_rows):
+                    if not done_h[r] and any(x in self._decode(self._strip(toks[r]))
+                                             for x in sampling.stop_strings):
+                        done_h[r] = True
+                done = jnp.asarray(done_h)
+            if done_h.all() or n_done >= max_new:
+                return np.asarray(out[:, :n_done])
+
+    def _finish_row(self, toks, stop_strings) -> tuple:
+        """``(tokens, finish_reason, text)`` of one row: cut at EOS, then at the first stop
+        string (the text ends with it; the tokens end with the one that completes it)."""
+        row = self._strip(toks)
+        reason = "eos" if len(row) < len(toks) else "length"
+        text = self._decode(row)
+        hits = [(text.find(x), x) for x in stop_strings if x in text]
+        if hits:
+            p, x = min(hits)
+            text = text[:p + len(x)]
+            reason = "stop"
+            while len(row) > 1 and len(self._decode(row[:-1])) >= p + len(x):
+                row = row[:-1]
+        return row, reason, text

@@ -14,7 +14,7 @@ Why our own GGUF conversion and not ``AutoTokenizer.from_pretrained(dir, gguf_fi
 -------------------------------------------------------------------------------------------
 transformers' GGUF path (5.x) imports torch (``integrations/gguf/reader.py``), which the product
 must not need on TPU hosts, it is slow (``AutoTokenizer`` parses the model config with the pure
-Python ``gguf`` reader: ~45 s for a 150k vocabulary), and on llama.cpp's own reference
+Python ``gguf`` reader, the whole vocabulary included), and on llama.cpp's own reference
 vocabularies it gets three families wrong: Llama-2/Mistral SentencePiece vocabularies get a
 ``Metaspace`` pre-tokenizer instead of the ``Prepend + Replace`` normalizer of the original
 ``tokenizer.json`` (15/46 llama.cpp reference cases differ: " " -> 29871 instead of 259), the
@@ -65,6 +65,9 @@ import shutil
 import struct
 import tempfile
 from typing import Any, Optional, Sequence
+
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+from tokenizers import processors
 
 logger = logging.getLogger(__name__)
 
@@ -291,8 +294,6 @@ def _vocab_dict(tokens: Sequence[str], source: str) -> dict:
 def _spm_backend(tokens, scores, types, unk_id, add_space_prefix: bool, byte_fallback: bool,
                  source: str):
     """The pipeline of a SentencePiece-BPE ``tokenizer.json`` (Llama-2, Mistral-7B-v0.1, Phi-3)."""
-    from tokenizers import Tokenizer, decoders, models, normalizers
-
     vocab = _vocab_dict(tokens, source)
     unk = tokens[unk_id] if unk_id is not None and 0 <= unk_id < len(tokens) else None
     bpe = models.BPE(vocab=vocab, merges=_spm_merges(tokens, scores, types), unk_token=unk,
@@ -313,8 +314,6 @@ def _spm_backend(tokens, scores, types, unk_id, add_space_prefix: bool, byte_fal
 
 def _bpe_backend(tokens, merges, pre: BpePreTokenizer, source: str):
     """The pipeline of a byte-level BPE ``tokenizer.json`` (Llama-3, Qwen2, SmolLM2, ...)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
-
     pairs = []
     for n, m in enumerate(merges):
         parts = m.split(" ")
@@ -348,8 +347,6 @@ def _add_typed_tokens(backend, tokens: Sequence[str], types: Optional[Sequence[i
                       extra_special: Sequence[Optional[int]] = ()):
     """Control tokens -> special added tokens; user-defined -> plain added tokens (matched whole).
     They are already in the vocabulary, so their ids do not change."""
-    from tokenizers import AddedToken
-
     special_ids = {i for i in extra_special if i is not None and 0 <= i < len(tokens)}
     if types is not None:
         special_ids |= {i for i, t in enumerate(types) if t in (TOKEN_CONTROL, TOKEN_UNKNOWN)}
@@ -363,8 +360,6 @@ def _add_typed_tokens(backend, tokens: Sequence[str], types: Optional[Sequence[i
 
 def _set_post_processor(backend, add_bos: bool, add_eos: bool, bos: Optional[str],
                         bos_id: Optional[int], eos: Optional[str], eos_id: Optional[int]):
-    from tokenizers import processors
-
     add_bos = bool(add_bos and bos is not None)
     add_eos = bool(add_eos and eos is not None)
     single = (f"{bos}:0 " if add_bos else "") + "$A:0" + (f" {eos}:0" if add_eos else "")
@@ -377,6 +372,8 @@ def _set_post_processor(backend, add_bos: bool, add_eos: bool, bos: Optional[str
 
 def _wrap(backend, n_tokens: int, source: str, *, bos, eos, unk, pad, add_bos, add_eos,
           chat_template=None, model_max_length=None):
+    # lazy: transformers takes about as long to import as JAX; the decoder, sampler and
+    # checkpoints (``import regift_jax.models``) never need it, only a tokenizer does
     from transformers import PreTrainedTokenizerFast
 
     kw: dict[str, Any] = dict(tokenizer_object=backend, bos_token=bos, eos_token=eos,
@@ -476,6 +473,7 @@ def convert_sentencepiece_tokenizer(model_file: str, tokenizer_config: Optional[
     trainer spec (bos/eos/unk/pad ids; BOS added, EOS not, as Llama-2 and Mistral do).
     """
     try:
+        # lazy: needs protobuf, which only SentencePiece-only directories do
         from sentencepiece import sentencepiece_model_pb2 as pb2
     except ImportError as e:  # protobuf missing
         raise ImportError(f"reading {model_file} needs the protobuf package "
@@ -596,6 +594,7 @@ def _read_json(path: str) -> dict:
 
 
 def _load_hf_dir(directory: str):
+    # lazy: as in _wrap, only building or loading a tokenizer imports transformers
     from transformers import PreTrainedTokenizerFast
 
     tok = PreTrainedTokenizerFast.from_pretrained(directory, local_files_only=True)

@@ -14,8 +14,10 @@ one split, ``test``.  Per-category access: build the category's config, or filte
 ``category`` feature.  The original row order is kept (``disable_shuffling``).
 
 Every file's SHA-256 is checked against the hash published for the pinned commit
-(``verify_checksums=False`` to skip, e.g. for a patched copy); every row is validated and a bad
-row raises ``ValueError`` naming ``file:line``.  Features keep all official fields:
+(``verify_checksums=False`` to skip, e.g. for a patched copy).  Rows are read and validated by
+the one BBQ reader, :func:`regift_jax.data.bbq.read_bbq_file` (evaluation reads the same way); a
+bad row raises :class:`~regift_jax.data.bbq.BBQFormatError` (a ``ValueError``) naming
+``file:line``.  Features keep all official fields:
 ``answer_info`` as nested ``{ans0, ans1, ans2}: [name, group]`` string lists and
 ``additional_metadata`` flattened into ``stereotyped_groups``, ``subcategory``, ``version``,
 ``source``.  The bias *target* (``target_loc`` of the official ``additional_metadata.csv``) is not a
@@ -25,7 +27,6 @@ field of the JSONL and is not produced here.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from typing import Optional
@@ -33,31 +34,13 @@ from typing import Optional
 import numpy as np
 import tensorflow_datasets as tfds
 
-from regift_jax.core.paths import default_source_dir, file_digest
+from regift_jax.core.paths import file_digest
+from regift_jax.data.bbq import (BBQ_CATEGORIES, BBQ_COMMIT, BBQ_URL, TEXT_FIELDS,  # noqa: F401
+                                 BBQItem, available_categories, bbq_path,
+                                 default_bbq_dir, read_bbq_file)
 
 logger = logging.getLogger(__name__)
 
-BBQ_COMMIT = "bea11bd97d79217245b5871acd247b9d6eb24598"
-BBQ_URL = "https://raw.githubusercontent.com/nyu-mll/BBQ/{commit}/data/{category}.jsonl"
-
-# category -> (examples, sha256) of data/<category>.jsonl at BBQ_COMMIT.
-BBQ_CATEGORIES = {
-    "Age": (3680, "46e805b3fc2d8cbd26eeb8e8430d98cf7b2dc9c83574ff3674e8ce4f0fca2a60"),
-    "Disability_status": (1556, "375d40d9b71f056150264445ec189b13934998f3f49a1e311aa7578eb3b45e5f"),
-    "Gender_identity": (5672, "8b5adbb368510a97d5775dc43e1c719e0249fe2da33f13c83e3e29edafec7a00"),
-    "Nationality": (3080, "a583e74666aec0341ded8aa3983e7cad694eb24de72c254d28b2df3035720090"),
-    "Physical_appearance": (1576,
-                            "e48d7e13508565f4801574e611043470c25c95a0a62af3699cb5ee7cb02608fb"),
-    "Race_ethnicity": (6880, "4a9f1214cfaa115ce7f0bdb40609122e431f5152c71b8ca64d665e483b946ae6"),
-    "Race_x_SES": (11160, "af8e2ae3d0e5be9ebcbfe7149e591d47ff649e263307f4548f7fb12f6a6d83e8"),
-    "Race_x_gender": (15960, "e5dbba782f8c4e25b99dd5470b5136e2db73dbf401cf6d4a5a3ed31b02f95696"),
-    "Religion": (1200, "cb9555f9f3454a52cd2df85956b59bd7fcca5aa922c8527693b1164d08417616"),
-    "SES": (6864, "9f92754bb037b0982604b9112705fb81d60a19d9e759c67e4a85e484a070f528"),
-    "Sexual_orientation": (864, "2c71036b9e7584fe589c42aef32c1a42bc01b9a5e9b1b8704342630cdb08cefd"),
-}
-
-_TEXT_FIELDS = ("question_index", "question_polarity", "context_condition", "category", "context",
-                "question", "ans0", "ans1", "ans2")
 _CITATION = """@inproceedings{parrish-etal-2022-bbq,
   title = {{BBQ}: A hand-built bias benchmark for question answering},
   author = {Parrish, Alicia and Chen, Angelica and Nangia, Nikita and Padmakumar, Vishakh and
@@ -89,64 +72,15 @@ def _configs():
     return cfgs
 
 
-def _bad(path: str, line: int, msg: str) -> ValueError:
-    return ValueError(f"{path}:{line}: {msg}")
-
-
-def read_bbq_file(path: str) -> list:
-    """Parse and validate one official BBQ JSONL file into flat example dicts (file order)."""
-    rows, seen = [], {}
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            if not raw.strip():
-                raise _bad(path, lineno, "blank line")
-            try:
-                obj = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                raise _bad(path, lineno, f"invalid UTF-8 ({e.reason})") from None
-            except ValueError as e:
-                raise _bad(path, lineno, f"malformed JSON ({e})") from None
-            if not isinstance(obj, dict):
-                raise _bad(path, lineno, "not a JSON object")
-            missing = [k for k in ("example_id", "label", "answer_info", "additional_metadata")
-                       + _TEXT_FIELDS if k not in obj]
-            if missing:
-                raise _bad(path, lineno, f"missing field(s) {missing}")
-            eid, label = obj["example_id"], obj["label"]
-            if not isinstance(eid, int) or isinstance(eid, bool) or not 0 <= eid < 2**31:
-                raise _bad(path, lineno, f"example_id must be a non-negative int32, got {eid!r}")
-            if label not in (0, 1, 2) or isinstance(label, bool):
-                raise _bad(path, lineno, f"label must be 0, 1 or 2, got {label!r}")
-            if eid in seen:
-                raise _bad(path, lineno, f"example_id {eid} already at line {seen[eid]}")
-            seen[eid] = lineno
-            row = {"example_id": eid, "label": label}
-            for k in _TEXT_FIELDS:
-                v = obj[k]
-                if not isinstance(v, str):
-                    raise _bad(path, lineno, f"{k} must be a string, got {type(v).__name__}")
-                row[k] = v
-            info = obj["answer_info"]
-            if not isinstance(info, dict) or sorted(info) != ["ans0", "ans1", "ans2"]:
-                raise _bad(path, lineno, "answer_info must be an object with keys ans0, ans1, ans2")
-            row["answer_info"] = {}
-            for k in ("ans0", "ans1", "ans2"):
-                if not isinstance(info[k], list) or not all(isinstance(x, str) for x in info[k]):
-                    raise _bad(path, lineno, f"answer_info.{k} must be a list of strings")
-                row["answer_info"][k] = list(info[k])
-            meta = obj["additional_metadata"]
-            if not isinstance(meta, dict):
-                raise _bad(path, lineno, "additional_metadata must be an object")
-            groups = meta.get("stereotyped_groups", [])
-            if not isinstance(groups, list) or not all(isinstance(x, str) for x in groups):
-                raise _bad(path, lineno, "additional_metadata.stereotyped_groups must be a list of "
-                           "strings")
-            row["stereotyped_groups"] = list(groups)
-            for k in ("subcategory", "version", "source"):
-                v = meta.get(k, "")
-                row[k] = v if isinstance(v, str) else json.dumps(v)
-            rows.append(row)
-    return rows
+def to_example(item: BBQItem) -> dict:
+    """The TFDS example of one BBQ row: its official fields, ``additional_metadata`` flattened."""
+    return {"example_id": item.example_id, "label": item.label,
+            **{k: getattr(item, k) for k in TEXT_FIELDS[:6]},
+            **{f"ans{i}": item.options[i] for i in range(3)},
+            "answer_info": {f"ans{i}": list(item.answer_info[i]) for i in range(3)},
+            "stereotyped_groups": list(item.stereotyped_groups),
+            "subcategory": item.subcategory, "version": item.version,
+            "source": item.metadata_source}
 
 
 class Bbq(tfds.core.GeneratorBasedBuilder):
@@ -176,7 +110,7 @@ class Bbq(tfds.core.GeneratorBasedBuilder):
                         "choice; ambiguous and disambiguated contexts).",
             features=tfds.features.FeaturesDict({
                 "example_id": np.int32,
-                **{k: text for k in _TEXT_FIELDS},
+                **{k: text for k in TEXT_FIELDS},
                 "label": np.int32,
                 "answer_info": tfds.features.FeaturesDict(
                     {k: strings for k in ("ans0", "ans1", "ans2")}),
@@ -199,11 +133,11 @@ class Bbq(tfds.core.GeneratorBasedBuilder):
         return list(cats)
 
     def _split_generators(self, dl_manager):
-        src = None if self._download else (self._source_dir or default_source_dir("bbq"))
+        src = None if self._download else (self._source_dir or default_bbq_dir())
         if src is not None:
             if not os.path.isdir(src):
                 raise FileNotFoundError(f"BBQ source directory {src} does not exist")
-            present = {c for c in BBQ_CATEGORIES if os.path.isfile(os.path.join(src, f"{c}.jsonl"))}
+            present = set(available_categories(src))
             others = sorted(f for f in os.listdir(src) if f.endswith(".jsonl")
                             and f[:-len(".jsonl")] not in BBQ_CATEGORIES)
             if others:
@@ -215,7 +149,7 @@ class Bbq(tfds.core.GeneratorBasedBuilder):
                     f"BBQ source directory {src} lacks {missing or 'every category file'}; get "
                     f"them from {BBQ_URL.format(commit=BBQ_COMMIT, category='<Category>')}, or "
                     f"build with download=True")
-            paths = {c: os.path.join(src, f"{c}.jsonl") for c in wanted}
+            paths = {c: bbq_path(src, c) for c in wanted}
             origin = os.path.abspath(src)
         else:
             wanted = self._wanted(BBQ_CATEGORIES)
@@ -240,7 +174,7 @@ class Bbq(tfds.core.GeneratorBasedBuilder):
                 if self._verify:
                     raise ValueError(msg + "; pass verify_checksums=False to build it anyway")
                 logger.warning("%s", msg)
-            per_cat[cat] = read_bbq_file(path)
+            per_cat[cat] = [to_example(it) for it in read_bbq_file(path)]
         md = self.info.metadata
         md["source"] = origin
         md["bbq_commit"] = BBQ_COMMIT

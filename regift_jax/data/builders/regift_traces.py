@@ -3,7 +3,10 @@
 Source shards (see :mod:`regift_jax.data.records` for the record schema and the reading
 policy): ``RegiftTraces(source=...)`` — a directory (its ``*.jsonl``), a glob, a file, or a list
 of these; default ``$REGIFT_DATA_DIR/traces`` or the repository's ``data/traces/``.  There is no
-download: traces are produced by ``regift_jax.traces.generate``.
+download: traces are produced by ``python -m regift_jax.generate_traces``.  The trainer's default
+source, ``data.source = "tfds:regift_traces/correct"``, is this builder
+(:mod:`regift_jax.training.examples` builds it into a cache directory and reads it back in the
+stored order, which is the shards' line order).
 
 Every line goes through :func:`regift_jax.data.records.read_trace_jsonl`: unusable lines
 (malformed JSON, schema errors, unparseable ``raw_generation`` tags, duplicates …) are dropped and
