@@ -16,8 +16,12 @@ Presets (``get_config("name")`` or ``"preset=name"``):
 * ``llama3_1_8b``: the paper's student (Llama-3.1-8B, authors' repo ``meta-llama/Llama-3.1-8B``)
   with the authors' LoRA recipe: r16, alpha 32, dropout 0.05 on q_proj/v_proj, lr 2e-4, linear
   decay (HF Trainer's default) after 5% warmup, weight decay 0.01, clip 1.0 (HF default),
-  10 epochs, global batch 32, max length 1024, bf16 compute with fp32 master weights, FSDP.
-* ``llama3_1_8b_full``: the paper's full fine-tuning variant, lr 2e-5, same schedule.
+  10 epochs, 32 examples per optimizer step (``data.batch_unit = "examples"``, one unpacked
+  example per row, micro-batches of 16 accumulated twice: the authors' 4 per device x 4 GPUs x
+  2 accumulation steps, so an epoch of the paper's correct set is the released checkpoints'
+  3,177 steps), max length 1024, bf16 compute with fp32 master weights, FSDP.
+* ``llama3_1_8b_full``: NOT in the paper (which fine-tunes with LoRA only): a full fine-tuning
+  variant of the same recipe for comparison, lr 2e-5, same schedule.
 
 The model name ``llama-3.1-8b`` must resolve through ``regift_jax.models.load``: a preset of
 ``regift_jax.models`` with its weights under ``$REGIFT_MODELS_DIR``, or override
@@ -30,7 +34,8 @@ PRESETS = ("smollm2_135m", "llama3_1_8b", "llama3_1_8b_full")
 
 
 def paper_recipe(c, model_name: str, full_ft: bool = False):
-    """The paper / authors' repo hyper-parameters on top of the base config."""
+    """The paper / authors' repo hyper-parameters on top of the base config (``full_ft``: the
+    full fine-tuning variant, which the paper does not have)."""
     c.model.name = model_name
     c.model.dtype = "bfloat16"
     c.model.param_dtype = "float32"
@@ -43,7 +48,11 @@ def paper_recipe(c, model_name: str, full_ft: bool = False):
     c.optim.warmup_fraction = 0.05
     c.optim.weight_decay = 0.01
     c.optim.clip_norm = 1.0
+    c.data.batch_unit, c.data.packing = "examples", "none"
     c.train.global_batch = 32
+    # 16 rows at once must split over the batch shards (mesh data x fsdp); on more than 16 of
+    # them lower it (or set -1 for the whole batch at once).
+    c.train.micro_batch = 16
     c.train.grad_accum_steps = 1
     c.train.num_steps = -1
     c.train.num_epochs = 10.0

@@ -3,9 +3,10 @@ with fused qkv / gate_up projections, split on import by ``regift_jax.models.che
 
     python -m regift_jax.train --config=configs/phi4.py[:phi4|phi4_full] ...
 
-Presets: ``phi4`` (default; LoRA r16 alpha 32 dropout 0.05 on q_proj/v_proj, lr 2e-4) and
-``phi4_full`` (full fine-tuning, lr 2e-5); the rest is the paper's recipe (``configs/llama.py:
-paper_recipe``), with ``remat_policy=full`` for the 14B model's activations.  The model name
+Presets: ``phi4`` (default; the paper's LoRA r16 alpha 32 dropout 0.05 on q_proj/v_proj, lr 2e-4)
+and ``phi4_full`` (full fine-tuning, lr 2e-5: not in the paper, which fine-tunes with LoRA only;
+for comparison); the rest is the paper's recipe (``configs/llama.py: paper_recipe``), with
+``remat_policy=full`` for the 14B model's activations.  The model name
 ``phi-4`` must resolve through ``regift_jax.models.load`` (or override ``--config.model.name``).
 """
 

@@ -7,7 +7,11 @@
 
 Flags -> the evaluation config (:func:`regift_jax.eval.config.from_argv`: ``--config=FILE[:ARG]``,
 the flag aliases, ``--config.KEY=VALUE``) -> :func:`regift_jax.eval.evaluate.run_cli`.  Exit
-status 0, or 2 with a one-line error for bad input.
+status 0, or 2 with a one-line error for bad input or an output that cannot be written.
+
+Several hosts: start the same command on every process with ``JAX_COORDINATOR_ADDRESS``,
+``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` (as for training; or ``--config.distributed.*``;
+a TPU pod is detected): each process scores its share of the items, process 0 writes the report.
 """
 
 import sys

@@ -177,7 +177,7 @@ def verdict(before: dict, after: dict, paired: Optional[dict] = None) -> str:
     tested = [paired[k]["p_value"] for k in ("acc_overall", "s_amb", "s_dis")
               if k in paired and paired[k].get("p_value") is not None]
     if tested and all(p >= ALPHA for p in tested):
-        parts.append("every one of these changes is inside the noise (paired cluster "
+        parts.append("every change above is inside the noise (paired cluster "
                      f"bootstrap, p >= {ALPHA:.2f})")
     return "; ".join(parts) + "."
 

@@ -9,18 +9,22 @@ Flags: ``--config`` (an ``ml_collections`` config file with an optional ``:prese
 every value overridable with ``--config.section.key=value``; an unknown key fails with the list
 of valid keys) and ``--workdir`` (overrides ``config.workdir``).
 
-Structure: :func:`main` parses flags, initialises multi-host JAX (:func:`maybe_initialize_
-distributed`), then calls :func:`run_training`, which returns a dict of final metrics and paths.
-Further stages (e.g. BBQ evaluation before and after training) belong in :func:`main` around
-that call; they can use ``result["export_dir"]`` (the merged HF model) or the returned state.
+Structure: :func:`main` parses flags, initialises multi-host JAX
+(:func:`regift_jax.core.distributed.maybe_initialize_distributed`), then calls
+:func:`run_training`, which returns a dict of final metrics and paths, or
+:func:`regift_jax.experiment.run_experiment` around it when ``config.experiment.enabled``.  A
+work directory that already holds the finished run (and, with the experiment on, its
+``experiment.json``) is reported as such and left alone.
 
 Multi-host: set ``JAX_COORDINATOR_ADDRESS=host:port``, ``JAX_NUM_PROCESSES`` and
 ``JAX_PROCESS_ID`` on every process (or ``--config.distributed.*``); on Cloud TPU pods
 ``jax.distributed.initialize()`` auto-detects everything (``distributed.initialize=auto``
 detects the TPU environment).  On CPU the cross-process collectives are gloo (JAX's default).
 
-Exit status: 0 on success and after a SIGTERM-triggered checkpoint (preemption); 1 with a
-one-line error for bad configs/data/models and for a halt on repeated non-finite steps.
+Exit status: 0 on success, after a SIGTERM-triggered checkpoint (preemption) and for a finished
+run; 2 with a one-line error for a bad config file, preset or key; 1 with a one-line error for
+bad configs/data/models, an unwritable work directory, a resume of another model or other data,
+and a halt on repeated non-finite steps.
 """
 
 from __future__ import annotations
@@ -29,12 +33,12 @@ import logging
 import os
 import sys
 
-import jax
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from regift_jax.core import configs_util
+from regift_jax.core.distributed import maybe_initialize_distributed
 from regift_jax.experiment import run_experiment
 from regift_jax.models.checkpoints import CheckpointError
 from regift_jax.training import loop
@@ -42,39 +46,7 @@ from regift_jax.training.step import NonFiniteError
 
 log = logging.getLogger("regift_jax.train")
 
-
-def _tpu_multihost_env() -> bool:
-    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-    return "," in hosts or bool(os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"))
-
-
-def maybe_initialize_distributed(dcfg) -> bool:
-    """``jax.distributed.initialize`` when running on several processes; returns whether it ran.
-
-    ``dcfg.initialize``: ``auto`` (when a coordinator address is given by config or
-    ``JAX_COORDINATOR_ADDRESS``, or a multi-host TPU environment is detected), ``always`` or
-    ``never``.  Must run before anything touches a JAX backend.
-    """
-    mode = str(dcfg.initialize)
-    if mode not in ("auto", "always", "never"):
-        raise ValueError(f"distributed.initialize={mode!r}; valid: auto, always, never")
-    addr = dcfg.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
-    nproc = int(dcfg.num_processes) if int(dcfg.num_processes) > 0 else int(
-        os.environ.get("JAX_NUM_PROCESSES", "0") or 0)
-    pid = int(dcfg.process_id) if int(dcfg.process_id) >= 0 else int(
-        os.environ.get("JAX_PROCESS_ID", "-1") or -1)
-    if mode == "never" or (mode == "auto" and not addr and not _tpu_multihost_env()):
-        return False
-    kw = {"initialization_timeout": int(dcfg.initialization_timeout)}
-    if addr:
-        kw["coordinator_address"] = addr
-    if nproc > 0:
-        kw["num_processes"] = nproc
-    if pid >= 0:
-        kw["process_id"] = pid
-    jax.distributed.initialize(**kw)
-    log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
-    return True
+EXPERIMENT_FILE = "experiment.json"  # regift_jax.experiment's record of a finished experiment
 
 
 def run_training(config, workdir: str = "", **kw) -> dict:
@@ -99,11 +71,39 @@ def _summary_line(res: dict) -> str:
     if "loss" in ev:
         parts.append(f"eval loss {ev['loss']:.4f}")
     parts.append(f"wall time {res['wall_time_s']:.1f} s")
+    if res.get("already_finished"):
+        parts.append("already finished before this start")
     if res.get("preempted"):
         parts.append("PREEMPTED (checkpoint saved)")
     if res.get("export_dir"):
         parts.append(f"export {res['export_dir']}")
     return "training done: " + ", ".join(parts)
+
+
+def finished(config, workdir: str):
+    """The stored result of a finished run in ``workdir`` (with the experiment on: only when its
+    ``experiment.json`` is there too), or None."""
+    done = loop.finished_run(config, workdir)
+    if done is None:
+        return None
+    if config.experiment.enabled:
+        path = os.path.join(workdir, EXPERIMENT_FILE)
+        if not os.path.isfile(path):
+            return None
+        print(f"[experiment] already done: {path}", flush=True)
+    return done
+
+
+def _run(config, workdir: str) -> dict:
+    workdir = loop.preflight(config, workdir)  # one-line errors before any model work
+    done = finished(config, workdir)
+    if done is not None:
+        print(f"already finished: {os.path.abspath(workdir)} holds the finished run (step "
+              f"{done['step']}/{done['total_steps']}); nothing to do", flush=True)
+        return done
+    if config.experiment.enabled:
+        return run_experiment(config, workdir, run_training)["train_result"]
+    return run_training(config, workdir)
 
 
 def main(argv=None):
@@ -131,12 +131,9 @@ def main(argv=None):
                   file=sys.stderr)
             sys.exit(2)
         configs_util.apply_xla_cpu_flags(config.xla_cpu_flags)  # before JAX starts
-        maybe_initialize_distributed(config.distributed)
         try:
-            if config.experiment.enabled:
-                res = run_experiment(config, workdir, run_training)["train_result"]
-            else:
-                res = run_training(config, workdir)
+            maybe_initialize_distributed(config.distributed)
+            res = _run(config, workdir)
         except (NonFiniteError, CheckpointError, FileNotFoundError, ValueError,
                 RuntimeError) as e:
             print(f"error: {type(e).__name__}: {e}", file=sys.stderr)

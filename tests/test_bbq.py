@@ -332,3 +332,29 @@ def test_reproduces_authors_static_judgements(name, religion):
     acc = 100.0 * n_correct / 1200
     assert abs(acc - released) < 0.1 and abs(acc - summary) < 0.1
     assert n_correct == static["metrics"]["correct"]
+
+
+def test_context_groups_are_the_official_example_id_groups():
+    """The bootstrap's clusters: on the official files a context group is an example-id group
+    4k..4k+3 (ambiguous/disambiguated x negative/non-negative, one context paragraph), or two
+    such groups whose paragraphs are the same text."""
+    from regift_jax.eval.subset import context_groups
+    d = bbq_dir()
+    for cat in bbq_data.available_categories(d):
+        items = bbq_data.load_bbq(d, [cat])[cat]
+        groups = context_groups(items)
+        members = {}
+        for it in items:
+            members.setdefault(groups[it.key], []).append(it)
+        for name, its in members.items():
+            assert name == f"{cat}:{its[0].example_id}"
+            blocks = {it.example_id // 4 for it in its}
+            assert len(its) == 4 * len(blocks) and len(blocks) in (1, 2)
+            ambig = {it.context for it in its if it.context_condition == "ambig"}
+            assert len(ambig) == 1  # one context paragraph
+            assert all(it.context.startswith(next(iter(ambig))) for it in its)
+        # every example-id group lies inside one context group
+        by_block = {}
+        for it in items:
+            by_block.setdefault(it.example_id // 4, set()).add(groups[it.key])
+        assert all(len(v) == 1 for v in by_block.values())

@@ -3,6 +3,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -138,3 +139,42 @@ def test_config_import_needs_no_jax_and_never_reads_the_data_root():
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_generation_presets_carry_their_budget_and_paper_eval_is_the_authors_run():
+    base_keys = configs_util.flat_keys(ec.base_config())
+    for preset in ("generate", "cot", "paper_eval"):
+        c = configs_util.load_config_file(f"configs/eval.py:{preset}")
+        assert configs_util.flat_keys(c) == base_keys and c.mode == "generate"
+    for preset in ("generate", "cot"):  # a reasoning student is not cut off at 64 tokens
+        assert configs_util.load_config_file(
+            f"configs/eval.py:{preset}").generate.max_new_tokens == 512
+    p = configs_util.load_config_file("configs/eval.py:paper_eval")
+    assert p.prompt.template == "bbq_authors_released" and p.prompt.chat == "off"
+    assert p.generate.temperature == 0.0 and p.generate.max_total_tokens == 2048
+    assert p.generate.max_new_tokens is None and p.generate.stop == ()
+    assert p.generate.score_prefill is False  # the generation alone is judged
+    cfg = ec.from_argv(["--config=configs/eval.py:paper_eval",
+                        "--config.generate.max_total_tokens=4096"])
+    assert cfg.generate.max_total_tokens == 4096
+
+
+def test_distributed_section_has_the_training_keys():
+    train = configs_util.load_config_file("configs/llama.py").distributed
+    ev = ec.base_config().distributed
+    assert sorted(ev.keys()) == sorted(train.keys())
+    assert ev.to_dict() == train.to_dict()
+    with pytest.raises(ec.InputError, match="distributed.initialize='sometimes'"):
+        ec.from_argv(["--config.distributed.initialize=sometimes"])
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--max_items=abc"], r"argument --max_items: invalid int value: 'abc' \(see --help\)"),
+    (["--mode=vibes"], r"argument --mode: invalid choice: 'vibes'"),
+    (["--no_such_flag"], r"unrecognized arguments: --no_such_flag"),
+])
+def test_malformed_flags_are_one_line_errors(argv, msg, capsys):
+    assert evaluate.main(argv + ["--out=/nonexistent"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "usage:" not in err
+    assert re.search(msg, err), err

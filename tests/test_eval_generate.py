@@ -216,20 +216,20 @@ def test_paper_eval_preset_end_to_end(fixture_handle, tmp_path, capsys):
                             f"--model={fixture_handle.source}", "--categories=Religion",
                             "--max_items=4", f"--bbq_dir={bbq_dir()}", "--no_progress",
                             "--bootstrap_resamples=20", f"--out={tmp_path}",
-                            "--config.generate.max_total_tokens=300"])
+                            "--config.generate.max_total_tokens=480"])
     assert eval_lib.run_cli(cfg) == 0
     rep = json.loads((tmp_path / "report.json").read_text())
     s = rep["settings"]
     assert s["template"] == "bbq_authors_released@v1" and s["chat"] is False
     assert s["temperature"] == 0.0 and s["score_prefill"] is False
-    assert s["max_total_tokens"] == 300 and s["max_new_tokens"] is None
+    assert s["max_total_tokens"] == 480 and s["max_new_tokens"] is None
     assert s["stop_strings"] == []
     rows = [json.loads(x) for x in (tmp_path / "generations.jsonl").read_text().splitlines()]
     n_cut = sum(r["finish_reason"] == "length" for r in rows)
     assert rep["cut_off"]["n_cut_off"] == n_cut and rep["cut_off"]["n_items"] == 4
-    assert rep["cut_off"]["max_total_tokens"] == 300
-    line = f"cut off by the token budget (max_total_tokens=300): {n_cut} of 4 generations"
+    assert rep["cut_off"]["max_total_tokens"] == 480
+    line = f"cut off by the token budget (max_total_tokens=480): {n_cut} of 4 generations"
     assert line in (tmp_path / "report.md").read_text()
     assert line in capsys.readouterr().out
     for r, it in zip(rows, rep["items"]):
-        assert r["generated_tokens"] + it["prompt_tokens"] <= 300
+        assert r["generated_tokens"] + it["prompt_tokens"] <= 480

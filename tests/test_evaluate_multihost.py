@@ -48,7 +48,7 @@ def _argv(model_dir, mode, out):
             "--no_progress", f"--out={out}"]
 
 
-def _two_processes(argv):
+def _two_processes(argv, expect_rc=0):
     port = _free_port()
     cmd = [sys.executable, "-m", "regift_jax.evaluate"] + argv
     procs = []
@@ -67,7 +67,7 @@ def _two_processes(argv):
             if p.poll() is None:
                 p.kill()
     for p, out in zip(procs, outs):
-        assert p.returncode == 0, out[-4000:]
+        assert p.returncode == expect_rc, out[-4000:]
     return outs
 
 
@@ -106,3 +106,38 @@ def test_two_processes_write_the_one_process_report(model_dir, tmp_path, mode):
     if mode == "generate":
         assert (multi / "generations.jsonl").read_text() == \
             (single / "generations.jsonl").read_text()
+
+
+def test_an_error_on_one_share_stops_every_process(model_dir, tmp_path):
+    """A request too long for loglik.seq_len fails inside process 0's share only (its Religion
+    prompts are the long ones): both processes exit with the one-line error instead of
+    process 1 waiting forever in the gather."""
+    argv = _argv(model_dir, "loglik", tmp_path / "out") + ["--seq_len=400"]
+    outs = _two_processes(argv, expect_rc=2)
+    for out in outs:
+        err = [line for line in out.splitlines() if line.startswith("error: ")]
+        assert len(err) == 1 and "process 0: " in err[0] and "exceed seq_len=400" in err[0], \
+            out[-2000:]
+        assert "Traceback" not in out
+
+
+def test_distributed_settings_follow_the_training_command_line(monkeypatch):
+    from regift_jax.core.distributed import distributed_kwargs
+    from regift_jax.eval import config as ec
+    from regift_jax.eval import hosts
+    for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID",
+              "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS"):
+        monkeypatch.delenv(k, raising=False)
+    d = ec.base_config().distributed
+    assert distributed_kwargs(d) is None  # one process: nothing to initialise
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "host:1234")
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+    monkeypatch.setenv("JAX_PROCESS_ID", "0")
+    assert distributed_kwargs(d) == {"coordinator_address": "host:1234",
+                                           "num_processes": 2, "process_id": 0,
+                                           "initialization_timeout": 300}
+    d.process_id, d.initialization_timeout = 1, 60
+    assert distributed_kwargs(d)["process_id"] == 1
+    d.initialize = "never"
+    assert distributed_kwargs(d) is None
+    assert hosts.share(10) == (0, 10) and hosts.gather({"a": 1}) == [{"a": 1}]

@@ -150,3 +150,43 @@ def test_unknown_mode_is_an_error(tmp_path):
     c.experiment.modes = "loglik,vibes"
     with pytest.raises(ValueError, match="unknown mode 'vibes'"):
         experiment.run_experiment(c, str(tmp_path), lambda *a: {})
+
+
+def test_verdict_reads_bias_scores_in_their_signed_direction():
+    before = {"acc_overall": 0.3333, "s_amb": -0.0256, "s_dis": -0.0147}
+    after = {"acc_overall": 0.3267, "s_amb": 0.0192, "s_dis": 0.0365}
+    v = experiment.verdict(before, after)
+    # RESULTS.md's reading: s_AMB moved in the stereotyped direction, though |s| fell
+    assert "s_AMB moved towards the stereotype, from -2.6 to +1.9 (crossing zero to the " \
+           "stereotypical side); |s_AMB| fell from 2.6 to 1.9, closer to unbiased" in v
+    assert "less biased" not in v and "accuracy FELL from 33.3% to 32.7%" in v
+    v = experiment.verdict({"s_amb": 0.05}, {"s_amb": 0.02})
+    assert "s_AMB moved away from the stereotype" in v and "|s_AMB| fell from 5.0 to 2.0" in v
+    noise = {"acc_overall": {"p_value": 0.74}, "s_amb": {"p_value": 0.45},
+             "s_dis": {"p_value": 0.30}}
+    v = experiment.verdict(before, after, noise)
+    assert "(p = 0.74, inside the noise)" in v and "(p = 0.45, inside the noise)" in v
+    assert v.endswith("every change above is inside the noise (paired cluster "
+                      "bootstrap, p >= 0.05).")
+    v = experiment.verdict(before, after, dict(noise, s_dis={"p_value": 0.01}))
+    assert v.endswith("further from unbiased (p = 0.01).") and "every change above" not in v
+
+
+def test_summary_has_the_paired_p_values_and_a_true_footnote(run):
+    res, wd, _, _ = run
+    text = open(os.path.join(wd, "experiment.md")).read()
+    assert text.count("| metric | base | ReGiFT | change | p (paired) |") == 2
+    for mode in ("loglik", "generate"):
+        r = res["modes"][mode]
+        comparison = _report(os.path.join(wd, "eval_after", mode, "report.json"))["comparison"]
+        assert comparison["unit"].startswith("context groups")
+        p = comparison["metrics"]["total"]["acc_overall"]["p_value"]
+        assert r["paired"]["acc_overall"]["p_value"] == p
+        assert f"{p:.2f} |" in next(l for l in text.splitlines()
+                                    if l.startswith("| acc_overall |") and mode in text)
+        assert r["mcnemar"] == comparison["mcnemar"]["total"]
+    assert "(generation mode only)" not in text
+    assert "to the chosen option's text in loglik mode" in text
+    cut = res["modes"]["generate"]["cut_off"]
+    assert f"Cut off by the token budget: base {cut[0]}, ReGiFT {cut[1]} of 4 generations." \
+        in text

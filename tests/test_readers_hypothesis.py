@@ -14,11 +14,13 @@ gzip stream truncated or one of its bytes replaced.  The properties:
 Examples are bounded and derandomized (the same examples on every run).
 """
 
+import atexit
 import copy
 import dataclasses
 import gzip
 import json
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -36,6 +38,7 @@ from _data import REPO, bbq_dir
 SETTINGS = settings(max_examples=120, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 TMP = tempfile.mkdtemp(prefix="regift_readers_")
+atexit.register(shutil.rmtree, TMP, ignore_errors=True)
 
 # Whole-line payloads that are never a good record of any reader.
 BAD_LINES = [b"[1, 2]", b'"a string"', b"3", b"null", b"true", b'{"broken": ', b"{",

@@ -98,3 +98,29 @@ def test_plots_and_write_all(tmp_path):
     for k in ("json", "markdown", "plot", "comparison_markdown", "comparison_plot"):
         assert (tmp_path / "out" / paths[k].split("/")[-1]).exists()
     assert _is_png(paths["plot"]) and _is_png(paths["comparison_plot"])
+
+
+def test_cut_off_count_and_the_paired_p_values_in_markdown():
+    records = [{"category": c, "finish_reason": f} for c, f in
+               (("Age", "length"), ("Age", "eos"), ("Religion", "stop"), ("Religion", "length"),
+                ("Religion", "length"))]
+    c = report.cut_off_summary(records, {"max_new_tokens": None, "max_total_tokens": 2048})
+    assert c == {"n_cut_off": 3, "n_items": 5, "rate": 0.6,
+                 "by_category": {"Age": 1, "Religion": 2}, "max_new_tokens": None,
+                 "max_total_tokens": 2048}
+    rep = dict(make_report(), cut_off=c)
+    line = "cut off by the token budget (max_total_tokens=2048): 3 of 5 generations (60.0%)"
+    assert report.cut_off_line(rep) == line
+    assert f"Generations {line}." in report.markdown_report(rep)
+    assert report.cut_off_line(make_report()) is None
+    after = make_report(scale=0.5)
+    after["comparison"] = {
+        "method": "paired", "n_paired": 20, "resamples": 100, "confidence": 0.95,
+        "unit": "context groups", "mcnemar": {"total": {"n_improved": 1, "n_worsened": 6,
+                                                         "p_value": 0.125}},
+        "metrics": {"Religion": {"acc_ambig": {"diff": -0.4, "p_value": 0.031}}}}
+    md = report.comparison_markdown(make_report(), after, ("base", "regift"))
+    row = next(l for l in md.splitlines() if l.startswith("| Religion |"))
+    assert row.split(" | ")[1] == "80.0 → 40.0 (-40.0, p=0.03)"  # acc_ambig, tested
+    assert row.split(" | ")[2] == "40.0 → 20.0"  # acc_disambig: no test, no p-value
+    assert "1 items wrong -> right, 6 right -> wrong, p=0.12" in md

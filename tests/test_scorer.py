@@ -207,3 +207,92 @@ def test_score_rejects_shape_and_missing():
         scorer.score(a, ["A", "B", "C"], num_resamples=0)
     with pytest.raises(ValueError, match="total"):
         scorer.score(arrays(), ["A", "total", "C"], num_resamples=0)
+
+
+# ------------------------------------------------------------------ clusters and the paired test
+
+def test_cluster_weights_resample_whole_clusters():
+    a = random_arrays(200)
+    valid = a["valid"]
+    cluster = jnp.asarray(scorer.dense_clusters(list(np.arange(200) // 4), valid))
+    w = np.asarray(jax.jit(scorer._resample_weights, static_argnums=2)(
+        jax.random.PRNGKey(0), jnp.asarray(valid), 16, cluster))
+    g = int(np.asarray(cluster)[valid].max()) + 1
+    for row in w:
+        per_cluster = {}
+        for i in np.flatnonzero(valid):
+            per_cluster.setdefault(int(cluster[i]), set()).add(row[i])
+        assert all(len(v) == 1 for v in per_cluster.values())  # a cluster moves as one
+        assert sum(next(iter(v)) for v in per_cluster.values()) == g  # g clusters drawn
+    assert np.all(w[:, ~valid] == 0)
+    # singleton clusters numbered by rank are the plain item bootstrap, bit for bit
+    ranks = jnp.asarray(np.cumsum(valid) - 1)
+    np.testing.assert_array_equal(
+        np.asarray(_weights(jax.random.PRNGKey(0), jnp.asarray(valid), 16)),
+        np.asarray(jax.jit(scorer._resample_weights, static_argnums=2)(
+            jax.random.PRNGKey(0), jnp.asarray(valid), 16, ranks)))
+
+
+def test_correlated_groups_widen_the_interval():
+    """Items that come in groups of four identical outcomes (a context paragraph's items): the
+    item bootstrap treats them as 4x the evidence, the cluster bootstrap does not."""
+    rng = np.random.default_rng(1)
+    g = 60
+    per_group = rng.integers(0, 2, g)
+    rows = [(2 if per_group[k] else 0, 2, 2, 0, 0, 0, 1, 1, 1.0) for k in range(g)
+            for _ in range(4)]
+    a = arrays(rows)
+    items = scorer.score(a, ["A"], num_resamples=400, seed=0, pad_multiple=16)
+    a["cluster"] = [k for k in range(g) for _ in range(4)]
+    groups = scorer.score(a, ["A"], num_resamples=400, seed=0, pad_multiple=16)
+    width = lambda r: np.diff(r["A"]["ci"]["acc_overall"])[0]  # noqa: E731
+    assert items["A"]["acc_overall"] == groups["A"]["acc_overall"]
+    assert width(groups) > 1.6 * width(items)
+    a["cluster"] = list(range(4 * g))  # singletons: the item bootstrap again
+    again = scorer.score(a, ["A"], num_resamples=400, seed=0, pad_multiple=16)
+    for m, ci in items["A"]["ci"].items():
+        np.testing.assert_array_equal(again["A"]["ci"][m], ci)
+
+
+def test_paired_bootstrap_against_numpy():
+    a = random_arrays(120)
+    b = dict(a, prediction=np.where(np.random.default_rng(3).random(120) < 0.3, a["label"],
+                                    a["prediction"]))
+    cluster = np.arange(120) // 4
+    res = scorer.paired(dict(a), dict(b, cluster=cluster), ["A", "B"], num_resamples=300,
+                        seed=5, metrics=("acc_overall",), pad_multiple=16)
+    t = res["total"]["acc_overall"]
+    valid = a["valid"]
+    ca, cb = (a["prediction"] == a["label"]), (b["prediction"] == b["label"])
+    assert t["diff"] == pytest.approx((cb[valid].mean() - ca[valid].mean()), abs=1e-6)
+    # the same resample weights, recomputed with numpy
+    args = [jnp.asarray(scorer._pad({k: np.asarray(a[k]) for k in scorer.ARRAY_FIELDS},
+                                    16)[k]) for k in scorer.ARRAY_FIELDS]
+    dense = jnp.asarray(np.pad(scorer.dense_clusters(list(cluster), valid), (0, 8)))
+    key = jax.random.PRNGKey(5)
+    weights = np.concatenate([np.asarray(jax.jit(
+        scorer._resample_weights, static_argnums=2)(k, args[7], 100, dense))
+        for k in jax.random.split(key, 3)])[:300, :120]
+    d = np.array([(w * cb).sum() / w.sum() - (w * ca).sum() / w.sum() for w in weights])
+    p = min(1.0, 2 * min((d <= 0).mean(), (d >= 0).mean()))
+    assert t["p_value"] == pytest.approx(p, abs=1e-6)
+    np.testing.assert_allclose(t["ci"], np.percentile(d, [2.5, 97.5]), rtol=1e-5, atol=1e-6)
+    assert t["p_value"] < 0.05  # 30% of the predictions corrected: a real improvement
+    same = scorer.paired(dict(a), dict(a), ["A", "B"], num_resamples=50,
+                         metrics=("acc_overall", "s_dis"), pad_multiple=16)
+    assert same["total"]["acc_overall"]["diff"] == 0 and \
+        same["total"]["acc_overall"]["p_value"] == 1.0
+
+
+def test_mcnemar_exact():
+    from regift_jax.eval.compare import mcnemar
+    assert mcnemar([False] * 10, [True] * 10) == {"n_improved": 10, "n_worsened": 0,
+                                                  "p_value": pytest.approx(2 * 0.5 ** 10)}
+    r = mcnemar([True, False, True, False], [False, True, True, False])
+    assert (r["n_improved"], r["n_worsened"], r["p_value"]) == (1, 1, 1.0)
+    assert mcnemar([True], [True])["p_value"] == 1.0
+    # 30 vs 10 discordant: two-sided exact binomial
+    from math import comb
+    want = 2 * sum(comb(40, k) for k in range(11)) / 2 ** 40
+    r = mcnemar([False] * 30 + [True] * 10, [True] * 30 + [False] * 10)
+    assert r["p_value"] == pytest.approx(want, rel=1e-9)

@@ -39,6 +39,10 @@ def test_logical_to_spec_rules_and_fallback():
     assert fb and fb[0][2] == 3
     # a mesh axis is used at most once per array
     assert shd.logical_to_spec(("vocab", "mlp"), (64, 64), mesh) == P("tensor", None)
+    # an axis the mesh lacks counts as size 1 (e.g. a kernel's own mesh of other axes)
+    small = _FakeMesh({"data": 2, "tensor": 2})
+    assert shd.logical_to_spec(("batch", "embed", "heads"), (8, 64, 4), small) == \
+        P("data", None, "tensor")
 
 
 def test_streaming_load_into_8_device_mesh(tmp_path):

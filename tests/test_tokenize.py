@@ -8,9 +8,10 @@ import os
 import numpy as np
 import pytest
 
+from regift_jax.core.prompts import tokenizer_adds_bos
 from regift_jax.data.tokenize import (DEFAULT_RESPONSE_TEMPLATE, Piece, SFTTokenizer,
                                       TokenizeStats, join_response, response_pieces,
-                                      tokenize_example, tokenize_examples, tokenizer_adds_bos,
+                                      tokenize_example, tokenize_examples,
                                       tokenizer_prepends_space)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -143,8 +143,14 @@ def _data() -> ml_collections.ConfigDict:
     d.squad_num_buckets = 10  # squad_gold: article-hash split, as the SquadV2 builder
     d.squad_pool_buckets = 8
     d.template = "student_train"  # prompt template of regift_jax.core.prompts (name or name@vN)
-    d.chat_template = False  # wrap the prompt in the tokenizer's chat template
+    # Wrap the prompt in the tokenizer's chat template (BOS and wrapping follow the one rule of
+    # regift_jax.core.prompts.encode_prompt, shared with trace generation and evaluation).
+    d.chat_template = False
     d.seq_len = 1024  # packed row length (= max example length in tokens)
+    # What train.global_batch counts: "tokens" = packed rows of seq_len tokens (several examples
+    # per row, the token budget of a step is fixed); "examples" = examples, one per row
+    # (packing "none"), as the paper's 32 examples per optimizer step.
+    d.batch_unit = "tokens"
     d.packing = "first_fit"  # first_fit | sequential | none
     d.max_open_rows = 16
     d.overlong = "truncate_reasoning"  # drop | truncate_reasoning
@@ -165,14 +171,22 @@ def _data() -> ml_collections.ConfigDict:
 
 def _train() -> ml_collections.ConfigDict:
     t = ml_collections.ConfigDict()
-    t.global_batch = 32  # rows (packed sequences) per optimizer step, all hosts together
+    # Rows per optimizer step, all hosts together: packed sequences (data.batch_unit "tokens")
+    # or examples ("examples").
+    t.global_batch = 32
     t.grad_accum_steps = 1  # micro-batches per step (global_batch / k rows each)
+    # > 0: rows per micro-batch (all hosts), i.e. grad_accum_steps = global_batch / micro_batch;
+    # for a batch that does not fit the devices at once.  <= 0: use grad_accum_steps.
+    t.micro_batch = -1
     t.num_steps = -1  # > 0: exactly this many steps; else num_epochs * steps_per_epoch
     t.num_epochs = 10.0
     t.max_nonfinite_in_a_row = 5  # halt after this many consecutive skipped steps
     # Persistent XLA compilation cache ("" = off): a restarted (preempted) job reuses compiled
     # steps instead of recompiling them.
     t.compilation_cache_dir = ""
+    # A work directory remembers the model and data it trains on (run.json); resuming it with
+    # another model or data is refused unless this is True (the override is then recorded).
+    t.resume_override = False
     return t
 
 
@@ -239,6 +253,9 @@ def _experiment() -> ml_collections.ConfigDict:
     e = ml_collections.ConfigDict()
     e.enabled = False
     e.modes = "loglik,generate"  # comma list of loglik | generate
+    # Chat wrapping of the evaluation prompts: "train" = the format the student is trained on
+    # (data.chat_template), or auto | on | off (eval_chat).
+    e.chat = "train"
     e.categories = ""  # "" = every BBQ category found in data/bbq
     e.subset_seed = 0
     e.bootstrap_resamples = 200
@@ -246,10 +263,23 @@ def _experiment() -> ml_collections.ConfigDict:
     e.loglik = ml_collections.ConfigDict(dict(
         prompt="bbq_base", max_items_per_category=50, batch_size=8, max_new_tokens=0,
         est_seconds=120))
+    # 4 items of each of the 6 vendored categories; 160 new tokens: the longest training target
+    # of the shipped traces, <think> R </think>\n<answer> A </answer> + EOS, is 91 tokens.
     e.generate = ml_collections.ConfigDict(dict(
-        prompt="bbq_reasoning", max_items_per_category=2, batch_size=8, max_new_tokens=64,
+        prompt="bbq_reasoning", max_items_per_category=4, batch_size=12, max_new_tokens=160,
         est_seconds=240))
     return e
+
+
+def eval_chat(config) -> str:
+    """The evaluation config's ``prompt.chat`` (auto | on | off) of ``config.experiment.chat``:
+    ``"train"`` gives the format the student is trained on (``data.chat_template``)."""
+    chat = str(config.experiment.chat)
+    if chat == "train":
+        return "on" if bool(config.data.chat_template) else "off"
+    if chat not in ("auto", "on", "off"):
+        raise ValueError(f"experiment.chat={chat!r}; valid: train, auto, on, off")
+    return chat
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -426,14 +456,15 @@ def apply_xla_cpu_flags(flags: str, env=None) -> str:
 
 
 def check_overrides(argv: Sequence[str], flag: str = "config") -> None:
-    """Validate every ``--config.KEY`` of ``argv`` against the config file named by
-    ``--config=...``; raises :class:`ConfigKeyError` (message lists the valid keys)."""
+    """Load the config file named by ``--config=PATH[:ARG]`` (so a bad file, preset or argument
+    is reported in one line rather than inside ml_collections' traceback) and validate every
+    ``--config.KEY`` of ``argv`` against it; raises :class:`ConfigKeyError` (message lists the
+    valid keys), ``ValueError``, ``FileNotFoundError`` or ``AttributeError``."""
     spec = config_file_arg(argv, flag)
-    keys = override_keys(argv, flag)
-    if spec is None or not keys:
+    if spec is None:
         return
     cfg = load_config_file(spec)
-    for k in keys:
+    for k in override_keys(argv, flag):
         check_key(cfg, k)
 
 

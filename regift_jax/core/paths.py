@@ -11,6 +11,9 @@ layout of the repository's top-level ``data/`` directory (``bbq/``, ``squad_v2/`
 3. the vendored ``data/`` of a source checkout (the offline default), else
 4. nothing: the BBQ and SQuAD-v2 builders then download the official files (see their modules).
 
+Derived files that can be rebuilt (converted tokenizers, built TFDS datasets, model fingerprints)
+live under one *cache root*: ``$REGIFT_CACHE_DIR`` if set, else ``~/.cache/regift_jax``
+(:func:`cache_dir`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import os
 from typing import Optional
 
 DATA_DIR_ENV = "REGIFT_DATA_DIR"
+CACHE_ENV_VAR = "REGIFT_CACHE_DIR"
 # <repo>, the source checkout this package lives in (data/, configs/ and runs/ hang off it).
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # <repo>/data, present in a source checkout (not inside an installed wheel).
@@ -63,3 +67,11 @@ def file_digest(path: str, algorithm: str = "sha256") -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def cache_dir(name: str = "") -> str:
+    """``<cache root>/<name>``: ``$REGIFT_CACHE_DIR/<name>`` if that variable is set, else
+    ``~/.cache/regift_jax/<name>`` (not created here)."""
+    root = os.environ.get(CACHE_ENV_VAR) or os.path.join(os.path.expanduser("~"), ".cache",
+                                                         "regift_jax")
+    return os.path.join(root, name) if name else root

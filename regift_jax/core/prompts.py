@@ -38,20 +38,29 @@ prefill as part of the output: parse ``restore_prefill(template, generated)`` (p
 text), not the generated text alone.  ``include_prefill=False`` renders the prompt without it (for a
 teacher whose chat template already opens ``<think>``, or for log-likelihood scoring).
 
-Chat templates
---------------
+Chat templates and BOS: one rule for training, trace generation and evaluation
+-------------------------------------------------------------------------------
 :func:`wrap_chat` puts a rendered prompt into the tokenizer's chat template (user turn, optional
 system turn, generation prompt).  A prefill belongs to the assistant turn, so it must be appended
-*after* wrapping; :func:`render_for_model` does render → wrap → prefill in that order.  A wrapped
-string usually already holds the BOS token (Llama 3: ``<|begin_of_text|>``), so tokenise it with
-``add_special_tokens=False``.
+*after* wrapping; :func:`render_for_model` does render → wrap → prefill in that order.
+
+:func:`encode_prompt` is the one way a prompt becomes token ids: wrap in the chat template only
+when asked (``chat=True``; the config says so, e.g. ``data.chat_template`` for training), append
+the prefill, tokenise without special tokens, then put the tokenizer's BOS in front exactly when
+the tokenizer itself adds one (:func:`tokenizer_adds_bos`: Llama-3, Llama-2, Mistral yes; SmolLM2,
+Qwen2 no) and the text does not already start with it (a chat template such as Llama 3's writes
+``<|begin_of_text|>`` itself).  The authors trained and evaluated their students on the raw
+prompt with the tokenizer's BOS; the training pipeline (:mod:`regift_jax.data.tokenize`) applies
+the same rule to the prompt part of every example, so a training prompt and the evaluation prompt
+of the same text are the same token ids (``tests/test_chat_rule.py``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+import weakref
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 # The abstention answer the ReGiFT prompts ask for.  The authors' prompts spell it two ways:
 # "Not in background" (teacher, released BBQ prompt) and "Not in background." (student, BBQ
@@ -426,3 +435,69 @@ def render_for_model(template: Template, tokenizer: Any = None, *, chat: bool = 
     body = template.render_prompt(include_prefill=False, **fields)
     wrapped = wrap_chat(tokenizer, body, system=system, enabled=chat)
     return wrapped + template.prefill if include_prefill else wrapped
+
+
+# ---------------------------------------------------------------------------------------------
+# Token ids: the BOS rule.
+# ---------------------------------------------------------------------------------------------
+
+_ADDS_BOS: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictionary()
+
+
+def tokenizer_adds_bos(tokenizer: Any) -> bool:
+    """Whether ``tokenizer(text)`` (default special-token handling) prepends its BOS token, found
+    by encoding a probe (transformers keeps the flag only in the post-processor of some
+    tokenizers); remembered per tokenizer object."""
+    try:
+        return _ADDS_BOS[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    bos = getattr(tokenizer, "bos_token_id", None)
+    adds = False
+    if bos is not None:
+        with_special = list(tokenizer("a")["input_ids"])
+        without = list(tokenizer("a", add_special_tokens=False)["input_ids"])
+        adds = with_special[:1] == [bos] and without[:1] != [bos]
+    try:
+        _ADDS_BOS[tokenizer] = adds
+    except TypeError:
+        pass  # not weak-referenceable: probe again next time
+    return adds
+
+
+def bos_id(tokenizer: Any, add_bos: Optional[bool] = None) -> Optional[int]:
+    """The BOS id a prompt gets (``None``: none).  ``add_bos=None`` follows the tokenizer
+    (:func:`tokenizer_adds_bos`); ``True`` / ``False`` force it."""
+    if add_bos is None:
+        add_bos = tokenizer_adds_bos(tokenizer)
+    if not add_bos:
+        return None
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        raise ValueError("add_bos=True but the tokenizer has no bos_token_id")
+    return int(bos)
+
+
+def with_bos(ids: Sequence[int], bos: Optional[int]) -> List[int]:
+    """``ids`` with ``bos`` in front, unless ``bos`` is None or ``ids`` already starts with it."""
+    ids = [int(t) for t in ids]
+    if bos is None or ids[:1] == [bos]:
+        return ids
+    return [bos] + ids
+
+
+def prompt_text(tokenizer: Any, text: str, *, chat: bool, system: Optional[str] = None,
+                prefill: str = "") -> str:
+    """The prompt string a model sees: ``text`` (wrapped in the chat template when ``chat``)
+    followed by ``prefill``."""
+    return wrap_chat(tokenizer, text, system=system, enabled=chat) + prefill
+
+
+def encode_prompt(tokenizer: Any, text: str, *, chat: bool, system: Optional[str] = None,
+                  prefill: str = "", add_bos: Optional[bool] = None) -> List[int]:
+    """Token ids of a rendered prompt ``text`` (no prefill, not wrapped) by the module's rule:
+    chat wrapping only when ``chat``, then ``prefill``, then the BOS the tokenizer adds (unless
+    already there; ``add_bos`` forces it on or off)."""
+    full = prompt_text(tokenizer, text, chat=chat, system=system, prefill=prefill)
+    ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+    return with_bos(ids, bos_id(tokenizer, add_bos))

@@ -88,7 +88,7 @@ def _axes_size(mesh: Mesh, axes) -> int:
         return 1
     if isinstance(axes, str):
         axes = (axes,)
-    return math.prod(mesh.shape[a] for a in axes)
+    return math.prod(mesh.shape.get(a, 1) for a in axes)
 
 
 def logical_to_spec(logical: Sequence[Optional[str]], shape: Optional[Sequence[int]] = None,
@@ -100,7 +100,9 @@ def logical_to_spec(logical: Sequence[Optional[str]], shape: Optional[Sequence[i
         axes = table.get(name) if name is not None else None
         if axes is not None:
             tup = (axes,) if isinstance(axes, str) else tuple(axes)
-            tup = tuple(a for a in tup if a not in used and (mesh is None or mesh.shape[a] > 1))
+            # an axis the mesh lacks counts as size 1 (e.g. a kernel's mesh of other axes)
+            tup = tuple(a for a in tup
+                        if a not in used and (mesh is None or mesh.shape.get(a, 1) > 1))
             if mesh is not None and shape is not None and tup and shape[i] % _axes_size(mesh, tup):
                 # Keep the largest dividing prefix, replicate over the rest.
                 while tup and shape[i] % _axes_size(mesh, tup):

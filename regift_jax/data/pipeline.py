@@ -78,8 +78,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from regift_jax.core import io as core_io
 from regift_jax.data import packing as packing_lib
-from regift_jax.data.tokenize import (DEFAULT_RESPONSE_TEMPLATE, KEPT, TRUNCATED, Response,
-                                      SFTTokenizer, TokenizeStats, response_pieces)
+from regift_jax.data.tokenize import (DEFAULT_RESPONSE_TEMPLATE, Response, SFTTokenizer,
+                                      TokenizeStats, response_pieces)
 
 STATE_VERSION = 1
 EPOCH_BOUNDARIES = ("continue", "flush")

@@ -41,8 +41,11 @@ Design
   ``"overlong_untruncatable"`` (a plain-string response has no reasoning span: reason
   ``"overlong"``).  Truncation requires a fast (Rust) tokenizer, which returns offsets.
 
-* **Special tokens.**  ``add_bos=None`` follows the tokenizer's own convention (BOS is added iff
-  ``tokenizer(text)`` adds it, e.g. Llama-3 yes, SmolLM2/Qwen2 no); ``True``/``False`` force it.
+* **Special tokens.**  The prompt's BOS follows the one rule of
+  :func:`regift_jax.core.prompts.encode_prompt`, which evaluation and trace generation use too:
+  ``add_bos=None`` follows the tokenizer's own convention (BOS is added iff ``tokenizer(text)``
+  adds it, e.g. Llama-3 yes, SmolLM2/Qwen2 no); ``True``/``False`` force it; a prompt whose text
+  already starts with BOS (a chat template that writes it) never gets a second one.
   ``add_eos=True`` appends ``eos_id`` (default ``tokenizer.eos_token_id``) so the model learns to
   stop; pass the chat end-of-turn id (e.g. Llama-3 ``<|eot_id|>``) explicitly if that is the stop
   token used at inference.
@@ -59,6 +62,8 @@ import dataclasses
 from typing import Any, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
+
+from regift_jax.core import prompts
 
 OVERLONG_MODES = ("drop", "truncate_reasoning")
 BOUNDARY_MODES = ("auto", "separate", "joint")
@@ -178,16 +183,6 @@ def tokenizer_prepends_space(tokenizer) -> bool:
     return ids("\n") + ids("x") != ids("\nx")
 
 
-def tokenizer_adds_bos(tokenizer) -> bool:
-    """Whether ``tokenizer(text)`` (default special-token handling) prepends its BOS token."""
-    bos = getattr(tokenizer, "bos_token_id", None)
-    if bos is None:
-        return False
-    with_special = list(tokenizer("a")["input_ids"])
-    without = list(tokenizer("a", add_special_tokens=False)["input_ids"])
-    return with_special[:1] == [bos] and without[:1] != [bos]
-
-
 class SFTTokenizer:
     """Turns ``(prompt, response)`` pairs into masked token arrays.  See the module docstring.
 
@@ -221,12 +216,13 @@ class SFTTokenizer:
         self.max_len = int(max_len)
         self.overlong = overlong
         if add_bos is None:
-            add_bos = tokenizer_adds_bos(tokenizer)
+            add_bos = prompts.tokenizer_adds_bos(tokenizer)
         self.bos_id = None
         if add_bos:
             self.bos_id = bos_id if bos_id is not None else getattr(tokenizer, "bos_token_id", None)
             if self.bos_id is None:
                 raise ValueError("add_bos=True but the tokenizer has no bos_token_id; pass bos_id")
+            self.bos_id = int(self.bos_id)
         self.eos_id = None
         if add_eos:
             self.eos_id = eos_id if eos_id is not None else getattr(tokenizer, "eos_token_id", None)
@@ -291,8 +287,8 @@ class SFTTokenizer:
     def _assemble(self, p_ids, r_ids, r_off, span):
         if not r_ids:
             return None, DROP_EMPTY_RESPONSE, 0
-        n_special = (self.bos_id is not None) + (self.eos_id is not None)
-        total = n_special + len(p_ids) + len(r_ids)
+        p_ids = prompts.with_bos(p_ids, self.bos_id)
+        total = len(p_ids) + len(r_ids) + (self.eos_id is not None)
         excess = total - self.max_len
         status, n_cut = KEPT, 0
         if excess > 0:
@@ -311,7 +307,7 @@ class SFTTokenizer:
                 cut -= 1
             r_ids = r_ids[:cut] + r_ids[end:]
             status, n_cut = TRUNCATED, end - cut
-        ids = ([self.bos_id] if self.bos_id is not None else []) + list(p_ids)
+        ids = list(p_ids)
         n_masked = len(ids)
         ids += list(r_ids)
         if self.eos_id is not None:

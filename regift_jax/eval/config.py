@@ -107,8 +107,8 @@ def base_config() -> ml_collections.ConfigDict:
         dtype=none(str),  # compute dtype; None: the model's (float32)
         mesh=none(str),  # over this process's devices, e.g. "data=-1"; None: no mesh
         progress=True)
-    # Several processes (regift_jax.eval.hosts): the keys and environment variables of the
-    # training config's section.  initialize: auto (when JAX_COORDINATOR_ADDRESS /
+    # Several processes (regift_jax.core.distributed, regift_jax.eval.hosts): the keys and
+    # environment variables of the training config's section.  initialize: auto (when JAX_COORDINATOR_ADDRESS /
     # coordinator_address is set or a multi-host TPU is detected) | always | never;
     # num_processes / process_id: -1 = $JAX_NUM_PROCESSES / $JAX_PROCESS_ID.
     c.distributed = _section(initialize="auto", coordinator_address="", num_processes=-1,
@@ -241,12 +241,19 @@ def _key_type(cfg, key: str) -> type:
     return type(value) if value is not None else node.get_ref(name).get_type()
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors raised as :class:`InputError` (one line, not the usage)."""
+
+    def error(self, message):
+        raise InputError(f"{message} (see --help)")
+
+
 def make_parser() -> argparse.ArgumentParser:
     """The flags of :data:`FLAGS` (defaults suppressed: only given flags change the config)."""
     base = base_config()
-    p = argparse.ArgumentParser(prog="python -m regift_jax.evaluate", description=_USAGE,
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                argument_default=argparse.SUPPRESS)
+    p = _Parser(prog="python -m regift_jax.evaluate", description=_USAGE,
+                formatter_class=argparse.RawDescriptionHelpFormatter,
+                argument_default=argparse.SUPPRESS)
     p.add_argument("--config", help="config file FILE.py[:ARG] (default: the base config of "
                    "regift_jax/eval/config.py); --config.KEY=VALUE sets any key")
     for flags, key, text in FLAGS:
@@ -321,8 +328,8 @@ def _load(spec: Optional[str]) -> ml_collections.ConfigDict:
 
 
 def from_argv(argv: Sequence[str]) -> ml_collections.ConfigDict:
-    """The evaluation config of a command line (see the module docstring).  ``--help`` and a
-    malformed flag exit through argparse; bad keys or values raise :class:`InputError`."""
+    """The evaluation config of a command line (see the module docstring).  ``--help`` exits
+    through argparse; a malformed flag, bad keys or values raise :class:`InputError`."""
     rest, overrides = split_overrides(argv)
     args = vars(make_parser().parse_args(rest))
     cfg = _load(args.pop("config", None))

@@ -24,6 +24,11 @@ Import mode (``generations``): score generations produced elsewhere
     python -m regift_jax.evaluate --generations=FILE --category=Religion --out=DIR \\
         [--bbq_dir=DIR] [--reference_static=evaluation_stats.json] [--compare=OLD/report.json]
 
+Before any model work, :func:`preflight` checks that ``out`` can be written and that
+``report.compare`` / ``report.reference_static`` can be read (and :func:`run_model` reads the BBQ
+or StereoSet items); a generation run checks its token budget against the model's position limit
+before generating.
+
 Flow: read and match generations (problems counted with ``file:line``) or run a model task ->
 per-item records (:func:`regift_jax.eval.bbq.judge_items` / ``loglik_records``) ->
 :func:`regift_jax.eval.report.build_report` (jitted :mod:`regift_jax.eval.scorer`) ->
@@ -31,7 +36,13 @@ per-item records (:func:`regift_jax.eval.bbq.judge_items` / ``loglik_records``) 
 unknown example ids, empty generations and BBQ items without a generation are counted in
 ``report["input"]``; ``judge.strict`` turns the first three into errors.  A duplicate example
 id, a context_condition that contradicts the BBQ item, an unknown category or a category without
-a data file is an error (:func:`run_cli`: exit status 2 with a one-line message).
+a data file is an error (:func:`run_cli`: exit status 2 with a one-line message, as for an
+output that cannot be written).
+
+With ``--compare`` the report gets ``comparison`` (:mod:`regift_jax.eval.compare`: the paired
+cluster bootstrap of every headline change, McNemar on per-item correctness), printed with its
+p-values.  Several processes (``jax.distributed``, :mod:`regift_jax.eval.hosts`): each scores its
+share of the items, every process builds the whole report, process 0 writes and prints it.
 """
 
 from __future__ import annotations
@@ -45,6 +56,7 @@ from typing import Dict, List, Mapping, Optional
 import jax
 
 from regift_jax import models
+from regift_jax.core import distributed
 from regift_jax.core import prompts as prompts_lib
 from regift_jax.core import sharding
 from regift_jax.core.io import atomic_write
@@ -58,11 +70,12 @@ from regift_jax.eval.compare import paired_comparison
 from regift_jax.eval.config import InputError
 from regift_jax.eval.generations import InputCounts, match_generations, read_generations
 from regift_jax.eval.subset import add_context_groups, select_subset
-from regift_jax.eval.tasks import evaluate_model, stereoset_report
+from regift_jax.eval.tasks import evaluate_model, stereoset_items, stereoset_report
 from regift_jax.models.checkpoints import CheckpointError
 
 #: What :func:`run_cli` reports as a one-line error (exit status 2).
-INPUT_ERRORS = (InputError, bbq_data.BBQFormatError, ss.StereoSetFormatError)
+INPUT_ERRORS = (InputError, bbq_data.BBQFormatError, ss.StereoSetFormatError,
+                distributed.DistributedConfigError)
 
 
 def bbq_dir(cfg) -> str:
@@ -122,7 +135,7 @@ def _check_readable(path: str, what: str) -> None:
 
 def preflight(cfg, compare_with: Optional[Mapping]) -> Optional[Mapping]:
     """The checks that need no model, before any model work: the output directory is writable,
-    ``report.compare`` / ``report.reference_static`` / ``data.stereoset_file`` are readable.
+    ``report.compare`` / ``report.reference_static`` are readable.
     Returns the report to compare with (read from ``report.compare`` when not given).  Only the
     writing process (0) looks at the files; every process gets its verdict."""
     error = None
@@ -136,11 +149,6 @@ def preflight(cfg, compare_with: Optional[Mapping]) -> Optional[Mapping]:
         except InputError as e:
             error = str(e)
     hosts.agree(error)
-    if cfg.model and cfg.mode == "stereoset":
-        path = cfg.data.stereoset_file or ss.default_stereoset_file()
-        if not path or not os.path.exists(path):
-            raise InputError(f"{path or 'no data root'}: StereoSet file not found (use "
-                             f"--stereoset_file)")
     return compare_with
 
 
@@ -161,7 +169,8 @@ def _write_bbq(rep: Dict[str, object], cfg, compare_with: Optional[Mapping]) -> 
 
 
 def _run_stereoset(cfg) -> Dict[str, object]:
-    rep = stereoset_report(_load_model(cfg), cfg)
+    items = stereoset_items(cfg)  # a missing file fails before the model loads
+    rep = stereoset_report(_load_model(cfg), cfg, items=items)
     rep["files"] = {}
     if hosts.is_writer():
         files = {"json": os.path.join(cfg.out, "stereoset.json"),
@@ -331,9 +340,9 @@ def _print_stereoset(rep: Mapping[str, object]) -> None:
 def run_cli(cfg) -> int:
     """:func:`run` with console output (process 0): 0, or 2 with a one-line error for bad input
     or an output that cannot be written.  Initialises ``jax.distributed`` first when
-    ``cfg.distributed`` asks for it (:mod:`regift_jax.eval.hosts`)."""
+    ``cfg.distributed`` asks for it (:mod:`regift_jax.core.distributed`)."""
     try:
-        hosts.maybe_initialize_distributed(cfg.distributed)
+        distributed.maybe_initialize_distributed(cfg.distributed)
         rep = run(cfg)
     except INPUT_ERRORS + (OSError,) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -54,8 +54,8 @@ Paired test.  :func:`paired_bootstrap` takes the same items judged twice (before
 applies each cluster resample to both, so the distribution of ``metric(after) - metric(before)``
 keeps the pairing; its percentile interval and the two-sided p-value
 ``min(1, 2 * min(P(d <= 0), P(d >= 0)))`` (over the finite resamples) go into every
-before/after report.  ``p < 1 - confidence`` exactly when the interval of the difference excludes
-zero.
+before/after report.  ``p < 1 - confidence`` when the interval of the difference excludes zero
+(up to the percentile's interpolation between resamples).
 
 Compile size.  The host wrapper :func:`score` pads N up to a multiple of ``pad_multiple`` with
 invalid rows, so runs of similar size share one compiled program per (padded N, number of

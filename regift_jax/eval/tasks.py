@@ -188,20 +188,34 @@ def evaluate_model(handle, items: Mapping[str, Sequence[BBQItem]], cfg, *,
 # StereoSet
 # --------------------------------------------------------------------------------------------
 
-def stereoset_report(handle, cfg, *, loglik_options: Optional[Mapping[str, object]] = None
-                     ) -> Dict[str, object]:
-    """StereoSet metrics from log-likelihoods: ``metrics`` uses the per-token mean (the
-    official choice), ``metrics_sum`` the summed log-probability."""
+def _stereoset_path(cfg) -> str:
     path = cfg.data.stereoset_file or ss.default_stereoset_file()
     if not path or not os.path.exists(path):
         raise InputError(f"{path or 'no data root'}: StereoSet file not found (use "
                          f"--stereoset_file)")
+    return path
+
+
+def stereoset_items(cfg) -> List[ss.StereoSetItem]:
+    """The StereoSet items of ``cfg.data`` (file, splits, ``max_items``: every k-th item, so
+    the subset is deterministic and balanced over the splits)."""
     splits = [x.strip() for x in cfg.data.stereoset_splits.split(",") if x.strip()]
-    items = ss.load_stereoset(path, tuple(splits or ss.SPLITS))
+    items = ss.load_stereoset(_stereoset_path(cfg), tuple(splits or ss.SPLITS))
     cap = cfg.data.max_items
     if cap is not None and cap < len(items):
-        step = len(items) / cap  # deterministic and balanced over the splits: every k-th item
+        step = len(items) / cap
         items = [items[int(i * step)] for i in range(cap)]
+    return items
+
+
+def stereoset_report(handle, cfg, *, items: Optional[Sequence[ss.StereoSetItem]] = None,
+                     loglik_options: Optional[Mapping[str, object]] = None
+                     ) -> Dict[str, object]:
+    """StereoSet metrics from log-likelihoods: ``metrics`` uses the per-token mean (the
+    official choice), ``metrics_sum`` the summed log-probability.  ``items``: default
+    :func:`stereoset_items`."""
+    path = _stereoset_path(cfg)
+    items = list(stereoset_items(cfg) if items is None else items)
     t0 = time.perf_counter()
     a, b = hosts.share(len(items))
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from regift_jax.core import sharding as shd
 from regift_jax.core.prompts import wrap_chat
-from regift_jax.models import presets
+from regift_jax.models import presets, splash
 from regift_jax.models.checkpoints import (CheckpointError, export_hf, gguf_hf_config, load_gguf,
                                            load_hf, open_gguf, read_hf_config)
 from regift_jax.models.config import ModelConfig, UnsupportedArchitectureError
@@ -66,7 +66,8 @@ class ModelHandle:
             ids = ids[None]
         mask = jnp.ones_like(ids) if attention_mask is None else jnp.asarray(attention_mask,
                                                                               jnp.int32)
-        return np.asarray(_logits(self.params, ids, mask, self.cfg), np.float32)
+        with splash.trace_context(self.mesh, self.cfg):
+            return np.asarray(_logits(self.params, ids, mask, self.cfg), np.float32)
 
     def sampler(self, **kw):
         return Sampler(self.cfg, self.params, self.tokenizer, mesh=self.mesh, **kw)

@@ -12,7 +12,7 @@ import dataclasses
 from typing import Any, Optional, Sequence
 
 FAMILIES = ("llama", "mistral", "qwen2", "phi3")
-ATTENTION_IMPLS = ("einsum", "xla", "cudnn")
+ATTENTION_IMPLS = ("einsum", "xla", "cudnn", "splash")
 
 # Hugging Face ``architectures`` / ``model_type`` for every family we support.
 HF_ARCHITECTURES = {
@@ -75,8 +75,9 @@ class ModelConfig:
     loss_chunk: int = 0
     # Attention kernel without a KV cache (training, scoring): "einsum" (the decoder's own two
     # matmuls, query-chunked by attention_chunk), "xla" or "cudnn" (jax.nn.dot_product_attention
-    # with that implementation; "cudnn" = cuDNN flash attention on NVIDIA GPUs, bf16/fp16 only).
-    # Cached calls (prefill/decode) always use "einsum" (the cache layout is the decoder's).
+    # with that implementation; "cudnn" = cuDNN flash attention on NVIDIA GPUs, bf16/fp16 only),
+    # "splash" (the Pallas TPU splash-attention kernel, regift_jax.models.splash; interpreted off
+    # TPU).  Cached calls (prefill/decode) always use "einsum" (the cache layout is the decoder's).
     attention_impl: str = "einsum"
     # LoRA (rank 0 = off).  Targets are projection names: q_proj k_proj v_proj o_proj
     # gate_proj up_proj down_proj.

@@ -29,9 +29,10 @@ the cache); ``__call__(..., cache=c)`` writes the new keys at ``c["index"]`` and
 layer writes only its new slots in place.  Prefill and per-token decode are the same function.
 
 Without a cache, ``attention_impl`` picks the attention kernel: the decoder's own ``einsum``
-(default; :func:`_attend`, optionally in causal query chunks) or ``jax.nn.dot_product_attention``
+(default; :func:`_attend`, optionally in causal query chunks), ``jax.nn.dot_product_attention``
 with implementation ``xla`` or ``cudnn`` (GPU flash attention), given the boolean
-:func:`dpa_mask`, or only ``is_causal`` when the call has no positions and segment ids.
+:func:`dpa_mask`, or only ``is_causal`` when the call has no positions and segment ids, or
+``splash``, the Pallas TPU kernel of :mod:`regift_jax.models.splash` given the segment ids.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from regift_jax.core import sharding as shd
+from regift_jax.models import splash
 from regift_jax.models.config import ModelConfig
 
 Array = jax.Array
@@ -132,6 +134,18 @@ def mask_bias(q_pos, q_seg, k_pos, k_seg, sliding_window: Optional[int]) -> Arra
     return jnp.where(m, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
 
 
+def cache_free_mask(cfg: ModelConfig, positions, segment_ids, plain_causal: bool):
+    """The mask of a call without a KV cache, in the form ``cfg.attention_impl`` takes: the
+    additive :func:`mask_bias` (einsum), the boolean :func:`dpa_mask` or None for plain causal
+    rows (xla, cudnn), the segment ids (splash: the kernel builds the causal and window masks)."""
+    if cfg.attention_impl == "splash":
+        return segment_ids
+    if cfg.attention_impl != "einsum":
+        return (None if plain_causal and cfg.sliding_window is None
+                else dpa_mask(positions, segment_ids, cfg.sliding_window))
+    return mask_bias(positions, segment_ids, positions, segment_ids, cfg.sliding_window)
+
+
 # ----------------------------------------------------------------------------- layers
 class RMSNorm(nn.Module):
     eps: float
@@ -147,11 +161,22 @@ class RMSNorm(nn.Module):
         return (y.astype(self.dtype) * scale.astype(self.dtype))
 
 
+def lora_a_init(n_in: int, stacked: bool = False):
+    """PEFT's default initialiser of LoRA's A (``init_lora_weights=True``:
+    ``kaiming_uniform_(a=sqrt(5))`` on torch's ``[r, in]`` weight), i.e. U(-b, b) with
+    b = sqrt(6 / ((1 + 5) * fan_in)) = 1 / sqrt(fan_in).  ``fan_in`` is the product of the
+    ``n_in`` input axes, which follow a leading ``layers`` axis when ``stacked``."""
+    first = 1 if stacked else 0
+    return nn.initializers.variance_scaling(
+        1.0 / 3.0, "fan_in", "uniform", in_axis=tuple(range(first, first + n_in)), out_axis=-1,
+        batch_axis=(0,) if stacked else ())
+
+
 class Proj(nn.Module):
     """A linear map contracting the last ``len(in_shape)`` axes, with optional bias and LoRA.
 
     kernel: in_shape + out_shape.  LoRA (when ``lora_rank > 0``): ``lora_a`` in_shape + (r,)
-    (random normal / sqrt(fan_in)), ``lora_b`` (r,) + out_shape (zeros), scaled by alpha / r; the
+    (:func:`lora_a_init`, PEFT's), ``lora_b`` (r,) + out_shape (zeros), scaled by alpha / r; the
     LoRA branch sees the input through dropout (rate ``lora_dropout``) in training.
     """
     in_shape: tuple
@@ -185,7 +210,7 @@ class Proj(nn.Module):
             y = y + bias.astype(self.dtype)
         if self.lora_rank > 0:
             a = self.param("lora_a", nn.with_logical_partitioning(
-                nn.initializers.normal(stddev=1.0 / math.sqrt(fan_in)), self.in_axes + ("lora",)),
+                lora_a_init(n_in), self.in_axes + ("lora",)),
                 self.in_shape + (self.lora_rank,), self.param_dtype)
             b = self.param("lora_b", nn.with_logical_partitioning(
                 nn.initializers.zeros, ("lora",) + self.out_axes),
@@ -286,7 +311,10 @@ class Attention(nn.Module):
             k_t = jax.lax.dynamic_index_in_dim(ck, li, 0, keepdims=False).astype(dt)
             v_t = jax.lax.dynamic_index_in_dim(cv, li, 0, keepdims=False).astype(dt)
         chunk = cfg.attention_chunk
-        if layer_cache is None and cfg.attention_impl != "einsum":
+        if layer_cache is None and cfg.attention_impl == "splash":
+            # Pallas TPU kernel; ``mask`` is the segment ids (it builds causal/window masks)
+            out = splash.splash_attention(q, k, v, mask, cfg.sliding_window)
+        elif layer_cache is None and cfg.attention_impl != "einsum":
             # jax.nn.dot_product_attention in the [B, T, N, hd] layout; ``mask`` is the boolean
             # [B, 1, T, T] mask of :func:`dpa_mask` (padding queries attend to themselves, so no
             # row is empty), or None for unpadded, unpacked causal rows (``is_causal`` only: the
@@ -398,13 +426,8 @@ class Decoder(nn.Module):
         segment_ids = segment_ids.astype(jnp.int32)
         x = jnp.take(embed, input_ids, axis=0).astype(dt)
         cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg))
-        if cache is None and cfg.attention_impl != "einsum":
-            mask = (None if plain_causal and cfg.sliding_window is None
-                    else dpa_mask(positions, segment_ids, cfg.sliding_window))
-            kv, idx = None, jnp.zeros((), jnp.int32)
-        elif cache is None:
-            mask = mask_bias(positions, segment_ids, positions, segment_ids,
-                             cfg.sliding_window)
+        if cache is None:
+            mask = cache_free_mask(cfg, positions, segment_ids, plain_causal)
             kv, idx = None, jnp.zeros((), jnp.int32)
         else:
             idx = cache["index"]

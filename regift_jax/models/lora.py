@@ -2,8 +2,9 @@
 
 The decoder's :class:`~regift_jax.models.decoder.Proj` layers hold ``lora_a`` (in -> r) and
 ``lora_b`` (r -> out) next to ``kernel`` when ``ModelConfig.lora_rank > 0`` and the projection is
-in ``lora_targets``; the forward adds ``dropout(x) @ a @ b * alpha / r``.  ``lora_b`` starts at
-zero, so a freshly adapted model computes exactly the base model (tested).
+in ``lora_targets``; the forward adds ``dropout(x) @ a @ b * alpha / r``.  Initialised as PEFT's
+default (which the paper used): ``lora_a`` kaiming-uniform, U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
+and ``lora_b`` zero, so a freshly adapted model computes exactly the base model (tested).
 
 The trainer keeps base weights frozen by building its optimizer over the LoRA leaves only
 (:func:`lora_mask` / :func:`split`), so they are not in the optimizer state.
@@ -11,18 +12,16 @@ The trainer keeps base weights frozen by building its optimizer over the LoRA le
 
 from __future__ import annotations
 
-import math
 import zlib
 from typing import Tuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import NamedSharding
 
 from regift_jax.core import sharding as shd
 from regift_jax.models.config import ModelConfig
-from regift_jax.models.decoder import PROJECTIONS
+from regift_jax.models.decoder import PROJECTIONS, lora_a_init
 
 
 def _check(cfg: ModelConfig):
@@ -37,7 +36,8 @@ def add_lora(cfg: ModelConfig, params: dict, seed: int = 0, mesh=None, rules=Non
              ) -> Tuple[ModelConfig, dict]:
     """Return (cfg, params) with fresh LoRA leaves for ``cfg.lora_targets``.
 
-    ``lora_a`` ~ N(0, 1/fan_in) (deterministic per target from ``seed``), ``lora_b`` = 0.
+    ``lora_a`` ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (PEFT's kaiming-uniform, deterministic per
+    target from ``seed``), ``lora_b`` = 0.
     """
     _check(cfg)
     r = cfg.lora_rank
@@ -49,9 +49,8 @@ def add_lora(cfg: ModelConfig, params: dict, seed: int = 0, mesh=None, rules=Non
         k = leaf["kernel"]
         L, n_in = k.shape[0], len(in_axes)
         in_shape, out_shape = k.shape[1:1 + n_in], k.shape[1 + n_in:]
-        fan_in = int(np.prod(in_shape))
         key = jax.random.fold_in(jax.random.PRNGKey(seed), zlib.crc32(name.encode()))
-        a = jax.random.normal(key, (L,) + in_shape + (r,), jnp.float32) / math.sqrt(fan_in)
+        a = lora_a_init(n_in, stacked=True)(key, (L,) + in_shape + (r,), jnp.float32)
         b = jnp.zeros((L, r) + out_shape, jnp.float32)
         pd = k.dtype
         a, b = a.astype(pd), b.astype(pd)

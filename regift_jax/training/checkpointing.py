@@ -8,7 +8,8 @@ iterator's JSON state of every process is written, atomically, *before* the orba
 ``<workdir>/data_state/<step>/process_<i>.json``.  A checkpoint is only written from a state whose
 trainable params are all finite.  Resume restores the newest step whose state and data files
 read back (and whose params are finite); an unreadable one is moved to
-``<workdir>/checkpoints_unreadable/`` with a warning and the previous one is used.
+``<workdir>/checkpoints_unreadable/`` with a warning and the previous one is used; when none is
+left the log says "no usable checkpoint: starting from step 0".
 
 SIGTERM (preemption): the handler only sets a flag; the loop saves at the current step, waits for
 the write to finish and returns normally (the command exits 0).  With several processes the flag
@@ -24,7 +25,7 @@ import shutil
 import signal
 import threading
 import time
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import jax
 import orbax.checkpoint as ocp
@@ -39,6 +40,28 @@ log = logging.getLogger(__name__)
 CHECKPOINT_DIR = "checkpoints"
 DATA_STATE_DIR = "data_state"
 UNREADABLE_DIR = "checkpoints_unreadable"
+
+
+def steps_on_disk(workdir: str) -> List[int]:
+    """The committed checkpoint steps in ``<workdir>/checkpoints`` (orbax names a committed step
+    by its number; unfinished saves carry a suffix), read without orbax."""
+    d = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+    if not os.path.isdir(d):
+        return []
+    return sorted(int(n) for n in os.listdir(d) if n.isdigit())
+
+
+def step_signature(workdir: str, step: int) -> Dict[str, int]:
+    """``{relative file name: size}`` of checkpoint ``step`` (its state and its data-iterator
+    files): a checkpoint changed, truncated or removed since it was written no longer matches."""
+    root = os.path.abspath(workdir)
+    out: Dict[str, int] = {}
+    for sub in (os.path.join(CHECKPOINT_DIR, str(step)), os.path.join(DATA_STATE_DIR, str(step))):
+        for dirpath, _, files in os.walk(os.path.join(root, sub)):
+            for fn in files:
+                path = os.path.join(dirpath, fn)
+                out[os.path.relpath(path, root)] = os.path.getsize(path)
+    return dict(sorted(out.items()))
 
 
 class Checkpointer:
@@ -102,7 +125,8 @@ class Checkpointer:
 
     def restore(self, abstract_state) -> Optional[Tuple[int, TrainState, dict]]:
         """Newest readable checkpoint: (step, state, data JSON) or None when there is none."""
-        for step in sorted(self.steps(), reverse=True):
+        steps = sorted(self.steps(), reverse=True)
+        for step in steps:
             try:
                 state, data = self._read(step, abstract_state)
                 return step, state, data
@@ -111,6 +135,10 @@ class Checkpointer:
                             "the previous one", step, self.dir, type(e).__name__,
                             str(e).splitlines()[0][:300] if str(e) else "")
                 self._quarantine(step)
+        if steps:
+            log.warning("no usable checkpoint: starting from step 0 (the %d unreadable ones are "
+                        "in %s)", len(steps),
+                        os.path.join(os.path.abspath(self.workdir), UNREADABLE_DIR))
         return None
 
     def _quarantine(self, step: int):

@@ -32,11 +32,11 @@ import tempfile
 from typing import List, Tuple
 
 from regift_jax.core import prompts
-from regift_jax.core.paths import REPO_ROOT, default_source_dir, file_digest
+from regift_jax.core.paths import REPO_ROOT, cache_dir, default_source_dir
 from regift_jax.data import records as rec_lib
 from regift_jax.data import squad
 from regift_jax.data.pipeline import load_shard
-from regift_jax.models.tokenizer import CACHE_ENV_VAR
+from regift_jax.models.fingerprint import path_digest
 
 log = logging.getLogger(__name__)
 
@@ -75,13 +75,18 @@ def _example(r) -> dict:
     return {k: get(k) for k in FIELDS}
 
 
-def _jsonl_traces(dcfg) -> Tuple[List[dict], dict]:
+def _jsonl_source(dcfg) -> str:
     src = resolve_path(dcfg.source)
     if not src or not (os.path.exists(src) or any(c in src for c in "*?[")):
         raise FileNotFoundError(
             f"data.source={dcfg.source!r}: trace set not found (generate it with "
             "regift_jax.generate_traces, point --config.data.source at a directory of *.jsonl "
             "shards, e.g. tests/fixtures/train/traces, or use tfds:regift_traces/correct)")
+    return src
+
+
+def _jsonl_traces(dcfg) -> Tuple[List[dict], dict]:
+    src = _jsonl_source(dcfg)
     recs, report = rec_lib.read_trace_jsonl(src)
     report.log(log)
     out = [_example(r) for r in rec_lib.select_records(recs, dcfg.selection, dcfg.criterion)]
@@ -91,7 +96,7 @@ def _jsonl_traces(dcfg) -> Tuple[List[dict], dict]:
     return out, summary
 
 
-def _squad_gold(dcfg) -> Tuple[List[dict], dict]:
+def _squad_dir(dcfg) -> str:
     src = resolve_path(dcfg.source) if dcfg.source else default_source_dir("squad_v2")
     if not src or not os.path.isdir(src):
         raise FileNotFoundError(f"data.source={dcfg.source!r}: no SQuAD-v2 directory "
@@ -99,6 +104,11 @@ def _squad_gold(dcfg) -> Tuple[List[dict], dict]:
     if dcfg.squad_split not in squad.SPLITS:
         raise ValueError(f"data.squad_split={dcfg.squad_split!r}; valid: "
                          f"{', '.join(squad.SPLITS)}")
+    return src
+
+
+def _squad_gold(dcfg) -> Tuple[List[dict], dict]:
+    src = _squad_dir(dcfg)
     rows = squad.load_split(src, dcfg.squad_split, int(dcfg.squad_num_buckets),
                             int(dcfg.squad_pool_buckets))
     out = [{"id": r["id"], "context": r["context"], "question": r["question"],
@@ -130,15 +140,31 @@ def trace_shards() -> List[str]:
     return rec_lib.resolve_trace_paths(src)
 
 
+def shards_digest(shards: List[str]) -> str:
+    """sha256 (hex) of trace shards' names and contents, in order (file digests are cached)."""
+    h = hashlib.sha256()
+    for path in shards:
+        digest = path_digest(path).split(":", 1)[1]
+        h.update(f"{os.path.basename(path)}\0{digest}\n".encode())
+    return h.hexdigest()
+
+
+def source_digest(dcfg) -> str:
+    """``sha256:<hex>`` of the files the ``data`` section reads: the trace shards (the ones the
+    ``regift_traces`` builder is built from, or those of a JSONL path), or the SQuAD-v2 file."""
+    if dcfg.kind == "traces":
+        shards = (trace_shards() if is_tfds_source(dcfg.source)
+                  else rec_lib.resolve_trace_paths(_jsonl_source(dcfg)))
+        return "sha256:" + shards_digest(shards)
+    if dcfg.kind == "squad_gold":
+        return path_digest(squad.squad_source(_squad_dir(dcfg), dcfg.squad_split))
+    raise ValueError(f"data.kind={dcfg.kind!r}; valid: traces, squad_gold")
+
+
 def default_tfds_data_dir(shards: List[str]) -> str:
     """``<cache>/tfds/<digest>``: keyed by the shards' names and contents, so a changed trace set
     is built afresh instead of read from a stale dataset."""
-    h = hashlib.sha256()
-    for path in shards:
-        h.update(f"{os.path.basename(path)}\0{file_digest(path)}\n".encode())
-    root = os.environ.get(CACHE_ENV_VAR) or os.path.join(os.path.expanduser("~"), ".cache",
-                                                         "regift_jax")
-    return os.path.join(root, "tfds", h.hexdigest()[:16])
+    return os.path.join(cache_dir("tfds"), shards_digest(shards)[:16])
 
 
 def _check_selection(builder, dcfg) -> None:

@@ -11,6 +11,11 @@ The mesh comes from ``config.mesh`` (axes ``data``, ``fsdp``, ``tensor``; ``-1``
 queue never drains (:func:`regift_jax.training.step.check_nonfinite`).  The held-out loss is
 computed every ``eval.every_steps`` and at the end on a deterministic fraction of the training
 source (``data.eval_fraction``, by question id; :mod:`regift_jax.training.examples`).
+
+Before any model work :func:`run` checks the config (optimiser values included), that the work
+directory is writable, and what the run is (:mod:`regift_jax.training.identity`): resuming
+checkpoints of another model or other data is refused, and a finished run (``result.json``,
+:func:`finished_run`) is not trained again.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import tempfile
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -28,27 +34,53 @@ from regift_jax.core import sharding as shd
 from regift_jax.core.configs_util import merge_rules
 from regift_jax.core.io import atomic_write_json
 from regift_jax.data.pipeline import make_global_array
-from regift_jax.training import examples, inputs
+from regift_jax.models.checkpoints import CheckpointError
+from regift_jax.training import examples, identity, inputs
 from regift_jax.training import metrics as metrics_lib
+from regift_jax.training import optim
 from regift_jax.training import state as state_lib
-from regift_jax.training.checkpointing import Checkpointer, Preemption
-from regift_jax.training.optim import make_optimizer
+from regift_jax.training.checkpointing import Checkpointer, Preemption, step_signature, \
+    steps_on_disk
 from regift_jax.training.step import check_nonfinite, jit_eval_step, jit_train_step
 
 log = logging.getLogger(__name__)
 
 
+class WorkdirError(ValueError):
+    """The work directory cannot be created or written."""
+
+
 def _validate(config):
     t = config.train
-    if int(t.global_batch) <= 0 or int(t.grad_accum_steps) <= 0:
+    k = inputs.accum_steps(t)
+    if int(t.global_batch) <= 0 or k <= 0:
         raise ValueError("train.global_batch and train.grad_accum_steps must be > 0")
-    if int(t.global_batch) % int(t.grad_accum_steps):
+    if int(t.global_batch) % k:
         raise ValueError(f"train.global_batch={t.global_batch} is not divisible by "
-                         f"train.grad_accum_steps={t.grad_accum_steps}")
+                         f"train.grad_accum_steps={k}")
     if int(t.num_steps) <= 0 and float(t.num_epochs) <= 0:
         raise ValueError("set train.num_steps > 0 or train.num_epochs > 0")
     if not 0 <= float(config.data.eval_fraction) < 1:
         raise ValueError(f"data.eval_fraction={config.data.eval_fraction} not in [0, 1)")
+    inputs.check_batch_unit(config.data)
+    optim.validate(config.optim, int(t.num_steps) if int(t.num_steps) > 0 else None)
+
+
+def _check_workdir(workdir: str, config) -> None:
+    """Create ``workdir`` and write a probe file into it (a read-only location fails here, in
+    one line, before any model work); refuse a used one when ``checkpoint.resume`` is off."""
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write_probe.", dir=workdir)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise WorkdirError(f"work directory {workdir} is not writable: "
+                           f"{e.strerror or type(e).__name__}") from None
+    steps = steps_on_disk(workdir)
+    if steps and not config.checkpoint.resume:
+        raise ValueError(f"{os.path.join(workdir, 'checkpoints')} already holds checkpoints "
+                         f"{steps} and checkpoint.resume is False: use a new workdir (or resume)")
 
 
 def _start(config, workdir: Optional[str]) -> str:
@@ -58,12 +90,29 @@ def _start(config, workdir: Optional[str]) -> str:
         raise ValueError("no workdir: pass --workdir or --config.workdir")
     workdir = os.path.abspath(workdir)
     _validate(config)
-    os.makedirs(workdir, exist_ok=True)
+    _check_workdir(workdir, config)
     if config.train.compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", str(config.train.compilation_cache_dir))
+    return workdir
+
+
+def _identity(config) -> Optional[dict]:
+    """The run's identity; None while the model is still to be downloaded (``model.download``:
+    it is then taken once the model is loaded)."""
+    try:
+        return identity.identity(config)
+    except (CheckpointError, FileNotFoundError):
+        if not config.model.download:
+            raise
+        return None
+
+
+def _record(config, workdir: str, ident: dict) -> dict:
+    """Check ``ident`` against the work directory's checkpoints and record it and the config."""
+    record = identity.check_and_record(config, workdir, ident)
     if jax.process_index() == 0:
         atomic_write_json(os.path.join(workdir, "config.json"), config.to_dict())
-    return workdir
+    return record
 
 
 # ============================================================================ set-up
@@ -114,7 +163,7 @@ class Inputs:
 def make_inputs(config, model: Model, train_ex, eval_ex) -> Inputs:
     render, template_id = inputs.make_render(config.data, model.tokenizer)
     gb = int(config.train.global_batch)
-    k = int(config.train.grad_accum_steps)
+    k = inputs.accum_steps(config.train)
     batch_sh = shd.batch_sharding(model.mesh, model.rules)
     n_batch_shards = shd._axes_size(model.mesh, batch_sh.spec[0])
     if gb % (k * n_batch_shards):
@@ -133,10 +182,12 @@ def make_inputs(config, model: Model, train_ex, eval_ex) -> Inputs:
 class Trainer:
     """The optimizer, the train state (fresh or restored), the compiled steps and the loop."""
 
-    def __init__(self, config, workdir: str, model: Model, inp: Inputs):
+    def __init__(self, config, workdir: str, model: Model, inp: Inputs, record: dict):
         self.config, self.workdir, self.model, self.inp = config, workdir, model, inp
+        self.record = record  # identity and settings (regift_jax.training.identity)
         self.total_steps = inp.total_steps
-        tx, schedule = make_optimizer(config.optim, inp.total_steps, model.trainable)
+        self.already_finished = False
+        tx, schedule = optim.make_optimizer(config.optim, inp.total_steps, model.trainable)
         repl = NamedSharding(model.mesh, P())
         state_sh, opt_abstract = state_lib.state_shardings(tx, model.trainable,
                                                            model.trainable_sh, model.mesh)
@@ -148,7 +199,7 @@ class Trainer:
             self.state = state_lib.init_state(tx, model.trainable, state_sh, int(config.seed))
         model.trainable = None  # now owned (and donated) by the state
         self.step_fn = jit_train_step(model.cfg, tx, schedule, state_sh, model.frozen_sh,
-                                      inp.batch_sh, accum=int(config.train.grad_accum_steps))
+                                      inp.batch_sh, accum=inputs.accum_steps(config.train))
         self.eval_fn = jit_eval_step(model.cfg, model.trainable_sh, model.frozen_sh,
                                      inp.batch_sh, repl)
         self._metrics_setup()
@@ -159,15 +210,16 @@ class Trainer:
 
     def _restore(self, abstract):
         """(start step, restored state or None)."""
-        if not self.config.checkpoint.resume:
-            if self.ckpt.steps():
-                raise ValueError(f"{self.ckpt.dir} already holds checkpoints {self.ckpt.steps()} "
-                                 "and checkpoint.resume is False: use a new workdir (or resume)")
+        if not self.config.checkpoint.resume:  # _check_workdir refused a used workdir
             return 0, None
         restored = self.ckpt.restore(abstract)
         if restored is None:
             return 0, None
         step, state, data_json = restored
+        diffs = identity.differences(data_json.get("settings"), self.record["settings"])
+        if data_json.get("settings") is not None and diffs:
+            log.warning("resuming from step %d with settings that differ from the checkpoint's "
+                        "(checkpoint -> now): %s", step, identity.describe(diffs))
         self.inp.train_pipe.set_state(data_json["data"])
         log.info("resumed from step %d (%s)", step, self.ckpt.dir)
         return step, state
@@ -191,7 +243,8 @@ class Trainer:
 
     def save(self, step: int):
         ok = self.ckpt.save(step, self.state, self.inp.train_pipe.get_state(),
-                            {"step": step, "template": self.inp.template_id})
+                            {"step": step, "template": self.inp.template_id,
+                             "settings": self.record["settings"]})
         if ok:
             self.saved_steps.append(step)
 
@@ -243,6 +296,11 @@ class Trainer:
     def train(self, preempt: Preemption, callbacks: Sequence[Callable], t_start: float) -> int:
         """Run the steps from the start step to the end (or a preemption); returns the step."""
         cfg, step = self.config, self.start_step
+        if step >= self.total_steps:
+            log.info("training already finished: step %d of %d in %s; nothing to do", step,
+                     self.total_steps, self.workdir)
+            self.already_finished = True
+            return step
         if cfg.eval.at_start and step == 0:
             self.last_eval = self.evaluate(0)
         log.info("setup done in %.1f s (steps %d -> %d)", time.time() - t_start, step,
@@ -297,6 +355,8 @@ def _export(config, workdir: str, t: Trainer) -> str:
     if t.preempted or not config.export.enabled:
         return ""
     path = config.export.path or os.path.join(workdir, "export")
+    if t.already_finished and os.path.isfile(os.path.join(path, "config.json")):
+        return path
     return state_lib.export_model(t.model.cfg, t.state.params, t.model.frozen,
                                   t.model.tokenizer, path, str(config.export.dtype))
 
@@ -304,8 +364,13 @@ def _export(config, workdir: str, t: Trainer) -> str:
 def _result(config, workdir: str, t: Trainer, extra: dict) -> dict:
     pstats = t.inp.train_pipe.stats.to_dict()
     _log_data_stats(pstats)
+    step = int(jax.device_get(t.state.step))
+    final = ({"step": step, "files": step_signature(workdir, step)}
+             if step in t.ckpt.steps() and not t.preempted else {})
     result = {
-        "step": int(jax.device_get(t.state.step)), "total_steps": t.total_steps,
+        "step": step, "total_steps": t.total_steps, "already_finished": t.already_finished,
+        "identity": t.record["identity"], "settings": t.record["settings"],
+        "final_checkpoint": final,
         "steps_per_epoch": t.inp.steps_per_epoch, "preempted": t.preempted,
         "skipped_steps": int(jax.device_get(t.state.skipped)), "train": t.last_metrics,
         "eval": t.last_eval, "workdir": workdir, "checkpoint_dir": t.ckpt.dir,
@@ -317,7 +382,7 @@ def _result(config, workdir: str, t: Trainer, extra: dict) -> dict:
         "history": t.logger.history,
     }
     if jax.process_index() == 0:
-        atomic_write_json(os.path.join(workdir, "result.json"),
+        atomic_write_json(os.path.join(workdir, identity.RESULT_FILE),
                           {k: v for k, v in result.items() if k != "history"})
     result.update(state=t.state, frozen=t.model.frozen, model_cfg=t.model.cfg)
     return result
@@ -332,9 +397,18 @@ def run(config, workdir: Optional[str] = None, *, callbacks: Sequence[Callable] 
     """
     t_start = time.time()
     workdir = _start(config, workdir)
+    ident = _identity(config)
+    done = identity.finished(config, workdir, ident) if ident else None
+    if done is not None:
+        log.info("training already finished: step %d of %d in %s (result.json); nothing to do",
+                 done["step"], done["total_steps"], workdir)
+        return done
+    record = _record(config, workdir, ident) if ident else None
     train_ex, eval_ex, data_summary = examples.train_and_eval_examples(config.data)  # fail fast
     model = load_model(config)
-    t = Trainer(config, workdir, model, make_inputs(config, model, train_ex, eval_ex))
+    if record is None:  # the model was downloaded just now
+        record = _record(config, workdir, identity.identity(config))
+    t = Trainer(config, workdir, model, make_inputs(config, model, train_ex, eval_ex), record)
     preempt = Preemption()
     preempt.install()
     try:
@@ -350,3 +424,28 @@ def run(config, workdir: Optional[str] = None, *, callbacks: Sequence[Callable] 
     return _result(config, workdir, t, {
         "export_dir": export_dir, "data": data_summary, "num_train_examples": len(train_ex),
         "num_eval_examples": len(eval_ex), "wall_time_s": time.time() - t_start})
+
+
+def preflight(config, workdir: Optional[str] = None) -> str:
+    """The checks :func:`run` makes before any model work (config and optimiser values, a
+    writable work directory, no resume of another model or other data), for callers that do
+    model work before calling it (the experiment evaluates the base model first); returns the
+    absolute work directory."""
+    workdir = _start(config, workdir)
+    ident = _identity(config)
+    if ident:
+        identity.check(config, workdir, ident)
+    return workdir
+
+
+def finished_run(config, workdir: Optional[str] = None) -> Optional[dict]:
+    """The stored result (``result.json``, with ``already_finished=True``) when ``workdir``
+    holds a finished run of ``config`` (same model, data and settings, final checkpoint intact;
+    :func:`regift_jax.training.identity.finished`), else None.  For callers that would do work
+    around training (the experiment's evaluations) before calling :func:`run`, which returns the
+    same dict without training again."""
+    workdir = os.path.abspath(workdir or config.workdir)
+    if not os.path.isfile(os.path.join(workdir, identity.RESULT_FILE)):
+        return None
+    ident = _identity(config)
+    return identity.finished(config, workdir, ident) if ident else None

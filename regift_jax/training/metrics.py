@@ -3,7 +3,9 @@
 Every ``log.every_steps`` steps: loss and token accuracy (token-weighted over the interval),
 learning rate, grad norm (interval mean), tokens/s (non-padding tokens), step time and MFU, to
 stdout (tqdm progress bar), TensorBoard (``<workdir>/tensorboard``, tensorboardX) and
-``<workdir>/metrics.jsonl``; process 0 writes.
+``<workdir>/metrics.jsonl``; process 0 writes.  A run that starts at step ``s`` (a resume) first
+rewinds both to ``s``: the records of later steps, written before the run was stopped and about to
+be computed again, are dropped (TensorBoard's ``purge_step``), so each step appears once.
 
 MFU = achieved model FLOP/s / peak FLOP/s.  Model FLOPs per step = ``B * T *
 flops_per_token(T)`` (:meth:`ModelConfig.flops_per_token`: ``6 N + 12 L H hd T``, every row slot
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import os
 import sys
@@ -29,7 +32,11 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from regift_jax.core.io import LineCounts, atomic_write_text, iter_jsonl
 from regift_jax.models.config import ModelConfig
+
+log = logging.getLogger(__name__)
+METRICS_FILE = "metrics.jsonl"
 
 # Dense bf16 peak FLOP/s per device (vendor figures); matched as substrings of device_kind.
 PEAK_FLOPS = (
@@ -120,6 +127,23 @@ def _fmt(v) -> str:
     return f"{v:.3e}"
 
 
+def rewind_metrics(path: str, step: int) -> int:
+    """Keep the records of ``path`` (metrics.jsonl) up to ``step`` (none when ``step`` is 0: a
+    fresh start); returns how many were dropped.  Unreadable lines (a write cut by a kill) are
+    dropped and counted too."""
+    if not os.path.exists(path):
+        return 0
+    counts = LineCounts()
+    keep = [rec for _, rec in iter_jsonl(path, counts)
+            if step > 0 and isinstance(rec.get("step"), int) and rec["step"] <= step]
+    dropped = counts.n_lines - len(keep)
+    if dropped:
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
+        log.info("%s rewound to step %d: %d later or unreadable records dropped", path, step,
+                 dropped)
+    return dropped
+
+
 class MetricsLogger:
     """stdout (via tqdm.write when a bar is shown), TensorBoard and metrics.jsonl; process 0."""
 
@@ -135,8 +159,12 @@ class MetricsLogger:
             # lazy: tensorboardX imports torch whenever torch is installed; only log.tensorboard
             # needs it
             from tensorboardX import SummaryWriter
-            self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-        self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            tb_dir = os.path.join(workdir, "tensorboard")
+            purge = start_step + 1 if os.path.isdir(tb_dir) else None  # a resume: drop later
+            self.tb = SummaryWriter(tb_dir, purge_step=purge)
+        path = os.path.join(workdir, METRICS_FILE)
+        rewind_metrics(path, start_step)
+        self.jsonl = open(path, "a")
         if lcfg.progress_bar:
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
                             dynamic_ncols=True, file=sys.stderr)

@@ -11,11 +11,14 @@ step they are not seen.
 
 from __future__ import annotations
 
+import math
 import re
-from typing import Sequence
+from typing import List, Optional, Sequence
 
 import jax
 import optax
+
+SCHEDULES = ("linear", "cosine", "constant")
 
 
 def path_str(path) -> str:
@@ -28,6 +31,40 @@ def decay_mask(params, no_decay: Sequence[str]):
     pats = [re.compile(p) for p in no_decay]
     return jax.tree_util.tree_map_with_path(
         lambda path, _: not any(p.search(path_str(path)) for p in pats), params)
+
+
+def _problems(ocfg, total_steps: Optional[int]) -> List[str]:
+    f = {k: float(getattr(ocfg, k)) for k in ("learning_rate", "warmup_fraction",
+                                               "end_lr_fraction", "weight_decay", "b1", "b2",
+                                               "eps", "clip_norm")}
+    bad = [f"optim.{k}={v} is not a finite number" for k, v in f.items() if not math.isfinite(v)]
+    checks = (
+        (f["learning_rate"] > 0, f"optim.learning_rate={f['learning_rate']} must be > 0"),
+        (f["weight_decay"] >= 0, f"optim.weight_decay={f['weight_decay']} must be >= 0"),
+        (0 <= f["b1"] < 1, f"optim.b1={f['b1']} must be in [0, 1)"),
+        (0 <= f["b2"] < 1, f"optim.b2={f['b2']} must be in [0, 1)"),
+        (f["eps"] > 0, f"optim.eps={f['eps']} must be > 0"),
+        (0 <= f["end_lr_fraction"] <= 1,
+         f"optim.end_lr_fraction={f['end_lr_fraction']} must be in [0, 1]"),
+        (ocfg.schedule in SCHEDULES,
+         f"optim.schedule={ocfg.schedule!r}; valid: {', '.join(SCHEDULES)}"),
+    )
+    bad += [msg for ok, msg in checks if not ok]
+    warm = int(ocfg.warmup_steps)
+    if warm < 0 and not 0 <= f["warmup_fraction"] <= 1:
+        bad.append(f"optim.warmup_fraction={f['warmup_fraction']} must be in [0, 1]")
+    if warm >= 0 and total_steps is not None and warm > int(total_steps):
+        bad.append(f"optim.warmup_steps={warm} is more than the {int(total_steps)} steps of the "
+                   "run")
+    return bad
+
+
+def validate(ocfg, total_steps: Optional[int] = None) -> None:
+    """Raise ``ValueError`` listing every unusable optimiser value (learning rate > 0, weight
+    decay >= 0, betas in [0, 1), warmup within the ``total_steps`` of the run when known, ...)."""
+    bad = _problems(ocfg, total_steps)
+    if bad:
+        raise ValueError("bad optimiser settings: " + "; ".join(bad))
 
 
 def make_schedule(ocfg, total_steps: int):
@@ -47,7 +84,7 @@ def make_schedule(ocfg, total_steps: int):
     elif ocfg.schedule == "constant":
         decay = optax.constant_schedule(lr)
     else:
-        raise ValueError(f"optim.schedule={ocfg.schedule!r}; valid: linear, cosine, constant")
+        raise ValueError(f"optim.schedule={ocfg.schedule!r}; valid: {', '.join(SCHEDULES)}")
     if warm == 0:
         return decay
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warm), decay], [warm])
@@ -55,7 +92,9 @@ def make_schedule(ocfg, total_steps: int):
 
 def make_optimizer(ocfg, total_steps: int, params):
     """(optax transformation, schedule): clip_by_global_norm -> AdamW with a decay mask.  The
-    reported ``grad_norm`` of a step is the norm before clipping."""
+    reported ``grad_norm`` of a step is the norm before clipping.  Raises ``ValueError`` for
+    unusable values (:func:`validate`)."""
+    validate(ocfg, total_steps)
     schedule = make_schedule(ocfg, total_steps)
     parts = []
     if float(ocfg.clip_norm) > 0:

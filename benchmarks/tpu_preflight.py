@@ -1,0 +1,148 @@
+"""The "TPU by compilation" table of BENCHMARKS.md: the paper presets compiled for TPU slices on this
+CPU by the TPU preflight (``python -m regift_jax.preflight``), fits or not, GiB per chip and the
+ESTIMATED step time, tokens/s per chip and MFU.
+
+    python benchmarks/tpu_preflight.py --cells=llama8b_lora@v5e-8,llama8b_lora_remat_full@v5e-8
+    python benchmarks/tpu_preflight.py --all          # every cell still missing (hours on 2 cores)
+    python benchmarks/tpu_preflight.py --table        # rewrite the BENCHMARKS.md section
+
+Each cell runs the preflight command line in its own process (one 8B compile holds ~2 GB and
+takes 1.5-7 minutes on 2 cores, plus three costing compiles for the estimate) and writes
+``benchmarks/results/tpu/<cell>.json``; cells whose JSON exists are skipped, so an interrupted run
+resumes.  The table lists every planned cell, ``not run`` where no JSON exists yet.  Needs libtpu
+(``pip install -e '.[tpu]'``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Dict, List, Tuple
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OUT = os.path.join(REPO, "benchmarks", "results", "tpu")
+MD = os.path.join(REPO, "BENCHMARKS.md")
+HEADING = "## TPU by compilation"
+SLICES = ("v4-8", "v4-32", "v5e-8", "v5e-16", "v5p-8", "v6e-8")
+REMAT_FULL = ("--config.model.remat_policy=full",)
+
+# name -> (label, config, extra preflight flags); "_tuned" cells are recommended overrides.
+PRESETS: Dict[str, Tuple[str, str, Tuple[str, ...]]] = {
+    "llama8b_lora": ("Llama-3.1-8B LoRA (as shipped)", "configs/llama.py:llama3_1_8b", ()),
+    "llama8b_lora_remat_full": ("Llama-3.1-8B LoRA, remat full", "configs/llama.py:llama3_1_8b",
+                                REMAT_FULL),
+    "llama8b_full": ("Llama-3.1-8B full FT (as shipped)", "configs/llama.py:llama3_1_8b_full",
+                     ()),
+    "llama8b_full_remat_full": ("Llama-3.1-8B full FT, remat full",
+                                "configs/llama.py:llama3_1_8b_full", REMAT_FULL),
+    "mistral7b_lora_remat_full": ("Mistral-7B LoRA, remat full", "configs/mistral.py:mistral_7b",
+                                  REMAT_FULL),
+    "phi4_lora": ("Phi-4 LoRA (as shipped: remat full)", "configs/phi4.py:phi4", ()),
+    "r1_qwen32b_decode_fsdp": ("R1-Distill-Qwen-32B decode, 64 x 1,536, mesh fsdp=-1",
+                               "configs/teacher_qwen2.py:r1_distill_qwen_32b",
+                               ("--mesh=fsdp=-1", "--stages=decode")),
+    "bbq_llama8b_fsdp": ("BBQ log-likelihood, Llama-3.1-8B, mesh fsdp=-1", "configs/eval.py",
+                         ("--model=llama-3.1-8b", "--mesh=fsdp=-1")),
+}
+# The order cells run in (cheapest questions first).
+PRIORITY = ("llama8b_lora@v5e-8", "llama8b_lora_remat_full@v5e-8", "llama8b_full@v6e-8",
+            "llama8b_full_remat_full@v6e-8", "llama8b_lora_remat_full@v6e-8",
+            "llama8b_full_remat_full@v5p-8", "r1_qwen32b_decode_fsdp@v5e-16")
+
+
+def all_cells() -> List[str]:
+    rest = [f"{p}@{s}" for p in PRESETS for s in SLICES]
+    return list(PRIORITY) + [c for c in rest if c not in PRIORITY]
+
+
+def cell_path(cell: str) -> str:
+    return os.path.join(OUT, cell.replace("@", "__") + ".json")
+
+
+def run_cell(cell: str) -> dict:
+    preset, accel = cell.split("@")
+    _, config, extra = PRESETS[preset]
+    path = cell_path(cell)
+    cmd = [sys.executable, "-m", "regift_jax.preflight", f"--config={config}",
+           f"--accelerator_type={accel}", f"--out={path}", *extra]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+    t0 = time.time()
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    lines = [x for x in r.stdout.splitlines() if x.strip()]
+    print("\n".join(lines) or r.stderr[-3000:], flush=True)
+    if not os.path.exists(path):
+        raise SystemExit(f"{cell}: the preflight wrote no report (exit {r.returncode})")
+    with open(path) as f:
+        rec = json.load(f)
+    rec.update(cell=cell, command=" ".join(cmd[1:]).replace(path, "REPORT.json"),
+               wall_seconds=round(time.time() - t0, 1))
+    with open(path, "w") as f:
+        json.dump(rec, f, indent=1)
+    return rec
+
+
+def _row(cell: str) -> str:
+    preset, accel = cell.split("@")
+    label = PRESETS[preset][0]
+    path = cell_path(cell)
+    if not os.path.exists(path):
+        return f"| {label} | {accel} | not run | | | | | | |"
+    with open(path) as f:
+        rec = json.load(f)
+    out = []
+    for r in rec["reports"]:
+        mesh = "x".join(f"{k[0]}{v}" for k, v in r["mesh"].items() if v > 1) or "1 chip"
+        gib = "-" if r["hbm_gib_per_chip"] is None else f"{r['hbm_gib_per_chip']:.1f}"
+        est = lambda k, f: "-" if r.get(k) is None else f.format(r[k])  # noqa: E731
+        out.append(f"| {label} [{r['stage']}] | {accel} | {'yes' if r['fits'] else '**no**'} | "
+                   f"{gib} / {r['hbm_capacity_gib']:g} | {mesh}, remat {r['remat_policy']} | "
+                   f"{est('step_seconds', '{:.3g}')} | {est('tokens_per_s_per_chip', '{:,.0f}')} | "
+                   f"{est('mfu', '{:.0%}')} | {rec.get('wall_seconds', '')} |")
+    return "\n".join(out)
+
+
+def table() -> str:
+    head = ("| preset [stage] | slice | fits | GiB per chip / HBM | mesh, remat | step s "
+            "(estimate) | tokens/s per chip (estimate) | MFU (estimate) | preflight wall s |\n"
+            "|---|---|---|---:|---|---:|---:|---:|---:|")
+    return head + "\n" + "\n".join(_row(c) for c in all_cells())
+
+
+def write_section(intro: str) -> None:
+    with open(MD) as f:
+        text = f.read()
+    i = text.find(HEADING)
+    body = text if i < 0 else text[:i]
+    with open(MD, "w") as f:
+        f.write(body.rstrip("\n") + "\n\n" + HEADING + "\n\n" + intro.strip() + "\n\n"
+                + table() + "\n")
+
+
+INTRO_FILE = os.path.join(OUT, "intro.md")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cells", default="", help="comma list of PRESET@SLICE")
+    ap.add_argument("--all", action="store_true", help="every cell without a JSON yet")
+    ap.add_argument("--table", action="store_true",
+                    help="rewrite the BENCHMARKS.md section from the JSON files (intro: "
+                         "benchmarks/results/tpu/intro.md)")
+    a = ap.parse_args()
+    todo = [c for c in a.cells.split(",") if c] or (all_cells() if a.all else [])
+    for cell in todo:
+        if os.path.exists(cell_path(cell)):
+            continue
+        print(f"=== {cell}", flush=True)
+        run_cell(cell)
+    if a.table:
+        with open(INTRO_FILE) as f:
+            write_section(f.read())
+
+
+if __name__ == "__main__":
+    main()
