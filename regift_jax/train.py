@@ -57,7 +57,10 @@ def run_training(config, workdir: str = "", **kw) -> dict:
     ``eval`` (held-out loss/accuracy), ``preempted``, ``skipped_steps``, ``checkpoint_dir``,
     ``checkpoint_steps``, ``tensorboard_dir``, ``metrics_file``, ``export_dir`` (HF directory,
     LoRA merged; "" when export is off or the run was preempted), ``wall_time_s``, ``history``
-    (every logged record) and the final ``state`` / ``frozen`` params / ``model_cfg``.
+    (every logged record), ``identity`` / ``settings`` (:mod:`regift_jax.training.identity`)
+    and the final ``state`` / ``frozen`` params / ``model_cfg``.  A work directory that holds
+    this finished run already gives its stored ``result.json`` with ``already_finished=True``
+    (no state, nothing trained).
     Keyword arguments go to :func:`regift_jax.training.loop.run` (``callbacks``).
     """
     return loop.run(config, workdir or config.workdir, **kw)

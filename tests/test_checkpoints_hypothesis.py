@@ -14,6 +14,7 @@ NaN, deep nesting), or a whole file replaced by a hostile blob.  The properties:
 Examples are bounded and derandomized (the same examples on every run); no torch needed.
 """
 
+import atexit
 import json
 import os
 import shutil
@@ -22,7 +23,6 @@ import tempfile
 
 import jax
 import numpy as np
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -36,6 +36,7 @@ SETTINGS = settings(max_examples=60, deadline=None, derandomize=True, database=N
 CFG = ModelConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_layers=2, num_heads=2,
                   num_kv_heads=1, head_dim=4, bos_token_id=1, eos_token_id=2)
 TMP = tempfile.mkdtemp(prefix="regift_ckpt_")
+atexit.register(shutil.rmtree, TMP, True)  # also when this module is collected but not run
 SINGLE, SHARDED = os.path.join(TMP, "single"), os.path.join(TMP, "sharded")
 PARAMS = init_params(CFG)
 ck.export_hf(SINGLE, CFG, PARAMS)
@@ -190,8 +191,3 @@ def test_whole_file_replaced(choice, blob):
         f.write(blob)
     assert _load(d) is None
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _cleanup():
-    yield
-    shutil.rmtree(TMP, ignore_errors=True)

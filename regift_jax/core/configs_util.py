@@ -263,11 +263,12 @@ def _experiment() -> ml_collections.ConfigDict:
     e.loglik = ml_collections.ConfigDict(dict(
         prompt="bbq_base", max_items_per_category=50, batch_size=8, max_new_tokens=0,
         est_seconds=120))
-    # 4 items of each of the 6 vendored categories; 160 new tokens: the longest training target
-    # of the shipped traces, <think> R </think>\n<answer> A </answer> + EOS, is 91 tokens.
+    # 4 items of each of the 6 vendored categories (24) in 2 batches; 128 new tokens: the longest
+    # training target of the shipped traces, <think> R </think>\n<answer> A </answer> + EOS, is 91
+    # tokens, so a student that writes what it was trained on finishes.
     e.generate = ml_collections.ConfigDict(dict(
-        prompt="bbq_reasoning", max_items_per_category=4, batch_size=12, max_new_tokens=160,
-        est_seconds=240))
+        prompt="bbq_reasoning", max_items_per_category=4, batch_size=12, max_new_tokens=128,
+        est_seconds=150))
     return e
 
 

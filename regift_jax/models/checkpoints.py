@@ -69,24 +69,28 @@ _MAX_NDIM = 32
 
 
 def _read_header(path: str) -> Tuple[int, bytes]:
-    """``(file size, header bytes)``, the header length checked against the file and the cap."""
+    """``(file size, header bytes)``, the header length checked against the file and the cap
+    before the header is read."""
+    n, raw = None, b""
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
-            raw = f.read(8)
-            if len(raw) != 8:
-                raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, "
-                                      "no 8-byte header length)")
-            (n,) = struct.unpack("<Q", raw)
-            if n > size - 8:
-                raise CheckpointError(f"{path}: safetensors header length {n} exceeds the "
-                                      f"{size - 8} bytes after it (truncated or not safetensors)")
-            if n > MAX_HEADER_BYTES:
-                raise CheckpointError(f"{path}: safetensors header length {n} exceeds the "
-                                      f"{MAX_HEADER_BYTES}-byte cap (not a safetensors file?)")
-            return size, f.read(n)
+            if size >= 8:
+                (n,) = struct.unpack("<Q", f.read(8))
+            if n is not None and n <= min(size - 8, MAX_HEADER_BYTES):
+                raw = f.read(n)
     except (OSError, ValueError) as e:  # ValueError: a path with a NUL byte
         raise CheckpointError(f"{path}: cannot read safetensors file: {e}") from None
+    if n is None:
+        raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no 8-byte "
+                              "header length)")
+    if n > size - 8:
+        raise CheckpointError(f"{path}: safetensors header length {n} exceeds the {size - 8} "
+                              "bytes after it (truncated or not safetensors)")
+    if n > MAX_HEADER_BYTES:
+        raise CheckpointError(f"{path}: safetensors header length {n} exceeds the "
+                              f"{MAX_HEADER_BYTES}-byte cap (not a safetensors file?)")
+    return size, raw
 
 
 def _decode_header(path: str, raw: bytes) -> dict:

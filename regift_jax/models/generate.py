@@ -14,6 +14,7 @@ import sys
 import time
 
 from regift_jax import models
+from regift_jax.models.tokenizer import TokenizerError
 
 
 def main(argv=None):
@@ -35,7 +36,7 @@ def main(argv=None):
     t0 = time.time()
     try:
         m = models.load(args.model, dtype=args.dtype)
-    except (models.CheckpointError, models.UnsupportedArchitectureError) as e:
+    except (models.CheckpointError, models.UnsupportedArchitectureError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     t1 = time.time()

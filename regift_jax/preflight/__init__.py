@@ -70,13 +70,16 @@ def stages(config, sl: Slice, *, mesh: Optional[str] = None, model: str = "",
 
 def run(config, slice_name: str, *, config_name: str = "", mesh: Optional[str] = None,
         model: str = "", prompt_len: int = 1024, estimate: bool = True,
-        only: Sequence[str] = ()) -> List[StageReport]:
+        explain_oom: bool = True, only: Sequence[str] = ()) -> List[StageReport]:
     """Preflight every stage of ``config`` (or those named in ``only``) on the slice
-    ``slice_name`` (``"v5e-8"``, ``"v5e:2x4"``); one :class:`StageReport` per stage."""
+    ``slice_name`` (``"v5e-8"``, ``"v5e:2x4"``); one :class:`StageReport` per stage.
+    ``estimate``: estimate step times (three more compiles per stage); ``explain_oom``: compile
+    a program that does not fit once more to name its largest buffers."""
     sl = parse_slice(slice_name)
     todo = stages(config, sl, mesh=mesh, model=model, prompt_len=prompt_len)
     unknown = set(only) - {s.name for s in todo}
     if unknown:
         raise PreflightError(f"--stages: {', '.join(sorted(unknown))} not among this config's "
                              f"stages ({', '.join(s.name for s in todo)})")
-    return [run_stage(s, sl, config_name, estimate) for s in todo if not only or s.name in only]
+    return [run_stage(s, sl, config_name, estimate, explain_oom) for s in todo
+            if not only or s.name in only]

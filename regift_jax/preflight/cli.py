@@ -47,6 +47,8 @@ flags.DEFINE_string("mesh", "", "teacher / eval configs: the mesh, e.g. fsdp=-1 
 flags.DEFINE_string("model", "", "eval configs: the model (preset name or HF directory)")
 flags.DEFINE_integer("prompt_len", 1024, "sampler stages: prompt tokens per row")
 flags.DEFINE_bool("estimate", True, "estimate the step time (three more compiles per stage)")
+flags.DEFINE_bool("explain_oom", True, "when a program does not fit, compile it once more to "
+                  "read its memory and name its largest buffers")
 flags.DEFINE_list("stages", [], "only these stages (train, prefill, decode, score)")
 FLAGS = flags.FLAGS
 
@@ -95,7 +97,7 @@ def _run() -> List[StageReport]:
     reports = preflight.run(_CONFIG.value, _slice_name(), config_name=spec,
                             mesh=FLAGS.mesh or None, model=FLAGS.model,
                             prompt_len=FLAGS.prompt_len, estimate=FLAGS.estimate,
-                            only=FLAGS.stages)
+                            explain_oom=FLAGS.explain_oom, only=FLAGS.stages)
     for r in reports:
         print("\n".join(describe(r)), flush=True)
     if FLAGS.out:

@@ -185,6 +185,37 @@ def out_of_memory(err: BaseException) -> Tuple[Optional[float], Optional[float],
     return need, have, largest_allocations(s)
 
 
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%(\S+)\s*=\s*([a-z0-9]+)\[([0-9,]*)\]\S*\s+([a-z-]+)\(")
+_NOT_BUFFERS = ("bitcast", "get-tuple-element", "tuple", "constant", "copy-done",
+                "collective-permute-done", "all-gather-done", "all-reduce-done")
+
+
+def largest_buffers(hlo_text: str, limit: int = 5) -> List[str]:
+    """The largest arrays of a compiled (per-device) HLO module, one line each: size, shape and
+    the JAX operation that made it; the entry's parameters are the program's arguments.  Fused
+    computations' insides are not buffers and are skipped."""
+    found, comp_name, entry = {}, "", False
+    for line in hlo_text.splitlines():
+        head = re.match(r"^(ENTRY\s+)?%(\S+)\s*\(.*\{\s*$", line)
+        if head:
+            comp_name, entry = head.group(2), bool(head.group(1))
+            continue
+        m = _INSTR.match(line)
+        if not m or "fused" in comp_name or m.group(4) in _NOT_BUFFERS:
+            continue
+        if m.group(4) == "parameter" and not entry:
+            continue
+        size = _array_bytes(f"{m.group(2)}[{m.group(3)}]")
+        op = re.search(r'op_name="([^"]+)"', line)
+        what = "argument" if m.group(4) == "parameter" else (
+            "/".join(op.group(1).split("/")[-3:]) if op else m.group(4))
+        key = (m.group(2), m.group(3), what)
+        if size and key not in found:
+            found[key] = size[0]
+    top = sorted(found.items(), key=lambda kv: -kv[1])[:limit]
+    return [f"{b / 2**30:.2f} GiB {t}[{d}] ({w})" for (t, d, w), b in top]
+
+
 def largest_allocations(message: str, limit: int = 5) -> List[str]:
     """The compiler's "Largest program allocations" as one line each: size, shape, operation."""
     out = []

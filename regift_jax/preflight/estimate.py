@@ -6,12 +6,16 @@ chunks; a decode chunk loops over steps).  So the step is costed from shallow va
 same program, compiled for the same topology and mesh (:class:`regift_jax.preflight.programs.
 Stage.build`), whose loops each run the body once:
 
-* ``c0``: no layer (embedding, final norm, LM head and loss, the optimizer update of what sits
-  outside the layers);
-* ``c2`` and (train) ``c3``: two and three layers.  The layer loop's body is counted once in
-  both, the optimizer update of the stacked layer weights (outside the loop) two and three
-  times, so ``c3 - c2`` is one layer's optimizer update and ``c2 - c0 - 2 (c3 - c2)`` one
-  layer's forward and backward (with the remat policy's recomputation);
+* train: ``c0``, no layer (embedding, final norm, LM head and loss, the optimizer update of what
+  sits outside the layers), ``c2`` and ``c3``, two and three layers.  The layer loop's body is
+  counted once in both, the optimizer update of the stacked layer weights (outside the loop)
+  two and three times, so ``c3 - c2`` is one layer's optimizer update and
+  ``c2 - c0 - 2 (c3 - c2)`` one layer's forward and backward (with the remat policy's
+  recomputation; at one layer XLA removes the loop and merges the recomputation with the
+  forward pass, hence no depth 1).  With LoRA the no-layer variant trains the final norm's
+  scale, so that the LM head's input gradient, which every real step needs, is computed;
+* inference (prefill, decode, scoring): ``c1`` and ``c2``, one layer and two (a KV cache cannot
+  have none); ``c2 - c1`` is one layer;
 * the step = ends + L x layer, with ``grad_accum_steps`` x the micro-batch part for the train
   step; costing variants run one micro-batch and one LM-head chunk holding every slot (the
   loss on every slot: an upper bound), so no other loop hides trips.
@@ -85,21 +89,30 @@ def _costed(stage: Stage, num_layers: int):
 
 def pieces(stage: Stage) -> tuple:
     """``({"ends", "layer", "layer_update"}: Cost, warnings)`` of one micro-batch."""
+    if not stage.per_layer_outside_loops:
+        return _inference_pieces(stage)
     warnings = []
     c0, w0 = _costed(stage, 0)
     c2, w2 = _costed(stage, 2)
-    update = comp.Cost()
-    if stage.per_layer_outside_loops:
-        c3, w3 = _costed(stage, 3)
-        update = c3.minus(c2)
-        if w3 != w2:
-            warnings.append("the three-layer costing program has a different loop structure "
-                            "than the two-layer one; the per-layer figures are unreliable")
-    if w2 <= w0:
-        warnings.append("the layer loop did not survive compilation at two layers; the "
-                        "per-layer figures are unreliable")
+    c3, w3 = _costed(stage, 3)
+    update = c3.minus(c2)
+    if w3 != w2 or w2 <= w0:
+        warnings.append("the costing programs' loops are not as expected (a layer loop unrolled "
+                        "or split); the per-layer figures are unreliable")
     layer = c2.minus(c0).minus(update.scaled(2.0))
     return {"ends": c0, "layer": layer, "layer_update": update}, warnings
+
+
+def _inference_pieces(stage: Stage) -> tuple:
+    """Inference holds no per-layer work outside the layer loop.  One layer (the loop removed)
+    and two (the body counted once) give the layer as their difference; a KV cache of no layers
+    cannot be traced, hence no depth 0."""
+    c1, _ = _costed(stage, 1)
+    c2, w2 = _costed(stage, 2)
+    layer = c2.minus(c1)
+    warnings = [] if w2 else ["the two-layer costing program has no loop; the per-layer "
+                              "figures are unreliable"]
+    return {"ends": c1.minus(layer), "layer": layer, "layer_update": comp.Cost()}, warnings
 
 
 def _seconds(cost: comp.Cost, sl: Slice) -> tuple:

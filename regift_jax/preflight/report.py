@@ -37,6 +37,7 @@ class StageReport:
     opt_state_gib: float
     cache_gib: float
     temporaries_gib: Optional[float]
+    arguments_gib: Optional[float] = None  # the compiler's argument buffers (state + batch)
     step_seconds: Optional[float] = None
     step_seconds_bound: Optional[float] = None
     tokens_per_s_per_chip: Optional[float] = None
@@ -57,7 +58,7 @@ class StageReport:
 
 
 def _gib(x) -> Optional[float]:
-    return None if x is None else round(float(x) / GIB, 3)
+    return None if x is None else round(float(x) / GIB, 6)
 
 
 def _base(stage: Stage, sl: Slice, config_name: str, v) -> dict:
@@ -91,9 +92,35 @@ def _add_estimate(rep: StageReport, stage: Stage, sl: Slice, est: Estimate) -> N
     rep.notes.extend(est.warnings)
 
 
-def run_stage(stage: Stage, sl: Slice, config_name: str = "",
-              with_estimate: bool = True) -> StageReport:
-    """Compile ``stage``'s real program for ``sl`` and report (see :class:`StageReport`)."""
+#: Compile options that let an out-of-memory program compile, so that its memory can be read.
+EXPLAIN_OPTIONS = {"xla_tpu_no_crash_on_oom": True}
+
+
+def _not_fitting(stage: Stage, sl: Slice, base: dict, v, err: BaseException, explain: bool,
+                 t0: float) -> StageReport:
+    """The report of a program the compiler refused for memory; with ``explain`` it is compiled
+    again with :data:`EXPLAIN_OPTIONS` for its real memory and largest buffers."""
+    need, _, largest = comp.out_of_memory(err)
+    temps = args = None
+    if explain:
+        exe = v.lowered.compile(compiler_options=EXPLAIN_OPTIONS)
+        mem = comp.memory(exe)
+        need, temps, args = float(mem.total), mem.temporaries, mem.arguments
+        largest = comp.largest_buffers(exe.as_text())
+    rep = StageReport(**base, fits=False, hbm_gib_per_chip=_gib(need),
+                      headroom_gib=None if need is None else _gib(sl.chip.hbm_bytes - need),
+                      temporaries_gib=_gib(temps), arguments_gib=_gib(args),
+                      largest_buffers=largest,
+                      compiler_message=str(err)[:4000])
+    rep.message = advice(rep, stage, sl, need)
+    rep.compile_seconds = time.time() - t0
+    return rep
+
+
+def run_stage(stage: Stage, sl: Slice, config_name: str = "", with_estimate: bool = True,
+              explain_oom: bool = True) -> StageReport:
+    """Compile ``stage``'s real program for ``sl`` and report (see :class:`StageReport`);
+    ``explain_oom``: when it does not fit, compile it once more to name its largest buffers."""
     t0 = time.time()
     v = stage.build(stage.cfg.num_layers, False)
     base = _base(stage, sl, config_name, v)
@@ -102,20 +129,15 @@ def run_stage(stage: Stage, sl: Slice, config_name: str = "",
     except Exception as e:  # noqa: BLE001  (the compiler's own errors carry the facts)
         if not comp.is_out_of_memory(e):
             raise
-        need, have, largest = comp.out_of_memory(e)
-        rep = StageReport(**base, fits=False, hbm_gib_per_chip=_gib(need),
-                          headroom_gib=None if need is None else _gib(sl.chip.hbm_bytes - need),
-                          temporaries_gib=None, largest_buffers=largest,
-                          compiler_message=str(e)[:4000], compile_seconds=time.time() - t0)
-        rep.message = advice(rep, stage, sl, need)
-        return rep
+        return _not_fitting(stage, sl, base, v, e, explain_oom, t0)
     mem = comp.memory(exe)
     fits = mem.total <= sl.chip.hbm_bytes
     rep = StageReport(**base, fits=fits, hbm_gib_per_chip=_gib(mem.total),
                       headroom_gib=_gib(sl.chip.hbm_bytes - mem.total),
-                      temporaries_gib=_gib(mem.temporaries),
+                      temporaries_gib=_gib(mem.temporaries), arguments_gib=_gib(mem.arguments),
                       collectives=_collective_table(exe, stage.mesh.size))
     if not fits:
+        rep.largest_buffers = comp.largest_buffers(exe.as_text())
         rep.message = advice(rep, stage, sl, mem.total)
     if with_estimate:
         _add_estimate(rep, stage, sl, estimate(stage, sl))
@@ -147,7 +169,9 @@ def advice(rep: StageReport, stage: Stage, sl: Slice, need: Optional[float]) -> 
     lines = [head, f"  parameters {rep.params_gib:.2f} GiB, optimizer state "
              f"{rep.opt_state_gib:.2f} GiB, KV cache {rep.cache_gib:.2f} GiB per chip"]
     if rep.largest_buffers:
-        lines.append("  largest buffers: " + "; ".join(rep.largest_buffers[:3]))
+        lines.append("  largest buffers per chip: " + "; ".join(rep.largest_buffers[:4]))
+    elif rep.compiler_message:
+        lines.append("  compiler: " + rep.compiler_message.splitlines()[0][:300])
     tips = suggestions(stage, sl, state, rep.opt_state_gib * GIB, need, cap)
     lines.extend("  try: " + s for s in tips)
     return "\n".join(lines)
