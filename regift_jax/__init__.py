@@ -18,6 +18,8 @@ import os as _os
 # The product uses transformers for tokenizers only; its "PyTorch was not found" advice would tell
 # every user that something is missing when nothing is.
 _os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+# TensorFlow serves only the TFDS input pipeline; its C++ INFO lines (oneDNN notices) are noise.
+_os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 # absl puts the root logger at INFO; matplotlib's font-cache notice is not progress.
 _logging.getLogger("matplotlib").setLevel(_logging.WARNING)
 
