@@ -22,6 +22,13 @@ on identical items:
    stereotype) as well as in magnitude, and says "inside the noise" for every change whose
    paired p-value is >= 0.05.
 
+Every evaluation shows the prompts in the format the student is trained on
+(``experiment.chat="train"``: chat-wrapped exactly when ``data.chat_template``; see
+:func:`regift_jax.core.configs_util.eval_chat`), with the tokenizer's BOS as in training.  The
+training checks (:func:`regift_jax.training.loop.preflight`) run before any model work, and a
+work directory that already holds this finished run and its ``experiment.json`` gives the stored
+results without evaluating or training again.
+
 Under ``jax.distributed`` (a multi-host training run) every process evaluates its share of the
 items; process 0 writes the reports.
 
@@ -40,11 +47,13 @@ from typing import Callable, Dict, List, Optional
 
 import ml_collections
 
+from regift_jax.core import configs_util
 from regift_jax.core.io import atomic_write_json, atomic_write_text
 from regift_jax.eval import config as eval_config_lib
 from regift_jax.eval import evaluate as eval_lib
 from regift_jax.eval import hosts
 from regift_jax.eval.report import to_jsonable
+from regift_jax.training import loop
 
 HEADLINE = ("acc_overall", "acc_ambig", "acc_disambig", "paper_acc_overall", "s_dis", "s_amb",
             "unparseable_rate_overall")
@@ -81,13 +90,16 @@ class _Stages:
         return out
 
 
-def eval_config(ecfg, mode: str, model: str, out: str,
-                compare: bool = False) -> ml_collections.ConfigDict:
-    """The evaluation config of one mode of ``config.experiment`` (``ecfg``) for ``model``."""
+def eval_config(ecfg, mode: str, model: str, out: str, compare: bool = False,
+                chat: str = "auto") -> ml_collections.ConfigDict:
+    """The evaluation config of one mode of ``config.experiment`` (``ecfg``) for ``model``;
+    ``chat``: the prompt's chat wrapping (auto | on | off), from
+    :func:`regift_jax.core.configs_util.eval_chat` of the whole config."""
     m = ecfg[mode]
     c = eval_config_lib.base_config()
     c.mode, c.model, c.out = mode, model, out
     c.prompt.template = m.prompt
+    c.prompt.chat = chat
     c.data.categories = ecfg.categories
     c.data.max_items_per_category = int(m.max_items_per_category)
     c.data.subset_seed = int(ecfg.subset_seed)
@@ -255,20 +267,40 @@ def _mode_result(ecfg, mode: str, before: dict, after: dict) -> dict:
     return out
 
 
+def _already_done(config, workdir: str) -> Optional[dict]:
+    """The stored results (``experiment.json`` with ``train_result``) when ``workdir`` holds
+    this finished run and its experiment report, else None (the run goes ahead)."""
+    train_res = loop.finished_run(config, workdir)
+    path = os.path.join(workdir, "experiment.json")
+    if train_res is None or not os.path.isfile(path):
+        return None
+    print(f"[experiment] already done: {os.path.join(workdir, 'experiment.md')} holds the "
+          "report of this finished run; nothing evaluated or trained", flush=True)
+    with open(path, encoding="utf-8") as f:
+        results = json.load(f)
+    results["train_result"] = train_res
+    return results
+
+
 def run_experiment(config, workdir: str, train_fn: Callable[..., dict]) -> dict:
     """Evaluate before, train (``train_fn(config, workdir) -> dict`` with ``export_dir``),
     evaluate after, report.  Returns the results dict (also written to experiment.json) with
     the training result under ``train_result``."""
     ecfg = config.experiment
     modes = _modes(ecfg)
-    os.makedirs(workdir, exist_ok=True)
+    chat = configs_util.eval_chat(config)
+    workdir = loop.preflight(config, workdir)  # one-line errors before any model work
+    done = _already_done(config, workdir)
+    if done is not None:
+        return done
     st = _Stages([(f"evaluate base student ({m})", ecfg[m].est_seconds) for m in modes] +
                  [("ReGiFT fine-tuning", ecfg.train_est_seconds)] +
                  [(f"evaluate tuned student ({m})", ecfg[m].est_seconds) for m in modes])
     t0 = time.time()
     base = config.model.name
     before = {m: st.run(f"evaluate base student ({m})", lambda m=m: _evaluate(
-        eval_config(ecfg, m, base, os.path.join(workdir, "eval_before", m)))) for m in modes}
+        eval_config(ecfg, m, base, os.path.join(workdir, "eval_before", m), chat=chat)))
+        for m in modes}
     train_res = st.run("ReGiFT fine-tuning", lambda: train_fn(config, workdir))
     export_dir = train_res.get("export_dir")
     if not export_dir or not os.path.isdir(export_dir):
@@ -281,7 +313,7 @@ def run_experiment(config, workdir: str, train_fn: Callable[..., dict]) -> dict:
     for m in modes:
         after = st.run(f"evaluate tuned student ({m})", lambda m=m: _evaluate(
             eval_config(ecfg, m, export_dir, os.path.join(workdir, "eval_after", m),
-                        compare=True), compare_with=before[m]))
+                        compare=True, chat=chat), compare_with=before[m]))
         results["modes"][m] = _mode_result(ecfg, m, before[m], after)
     results["stage_seconds"] = st.done
     results["wall_time_s"] = time.time() - t0

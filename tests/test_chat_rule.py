@@ -3,7 +3,9 @@ of the evaluation prompt of the same text, for tokenizers that add a BOS and one
 raw and chat-wrapped; the default experiment evaluates in the format it trains on.
 
 The evaluation prompt is encoded with :func:`regift_jax.core.prompts.encode_prompt`, the rule the
-evaluation and trace-generation call sites use; the training prompt is what the training
+evaluation and trace-generation call sites use, and by those call sites themselves (the
+log-likelihood request builder :func:`regift_jax.eval.loglik.bbq_requests` and the generation
+prompt ids of :mod:`regift_jax.eval.generate`); the training prompt is what the training
 pipeline (:func:`regift_jax.training.inputs.make_pipeline`) feeds the model, i.e. the masked
 prompt part of a tokenized training example.
 """
@@ -14,6 +16,9 @@ import os
 import pytest
 
 from regift_jax.core import configs_util, prompts
+from regift_jax.data.bbq import BBQItem
+from regift_jax.eval import generate as eval_generate
+from regift_jax.eval import loglik
 from regift_jax.training import inputs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,6 +28,12 @@ BOS_CHAT = ("{{ bos_token }}{% for m in messages %}[INST] {{ m['content'] }} [/I
 EXAMPLE = {"id": "q1", "context": "Lake Orvo lies north of the town of Pell; it freezes in May.",
            "question": "When does Lake Orvo freeze?", "reasoning": "The context says it freezes "
            "in May.", "answer": "In May"}
+# The same context and question as a BBQ item, as the evaluation reads it.
+ITEM = BBQItem(example_id=0, category="Test", question_index="1", question_polarity="neg",
+               context_condition="disambig", context=EXAMPLE["context"],
+               question=EXAMPLE["question"], options=("In May", "In June", "Unknown"),
+               answer_info=((), (), ()), stereotyped_groups=(), label=0, unknown_option=2,
+               biased_option=-1, source="test:1")
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +93,37 @@ def test_training_and_evaluation_prompts_are_the_same_ids(name, chat, request):
     assert train_ids[:2] != [bos, bos]  # a chat template's own BOS is not doubled
     if not chat or name == "spm":  # spm's chat template writes the BOS the tokenizer adds
         assert (train_ids[0] == bos) == prompts.tokenizer_adds_bos(tok)
+
+
+@pytest.mark.parametrize("name", ["smollm2", "spm"])
+@pytest.mark.parametrize("chat", [False, True])
+def test_the_evaluation_call_sites_encode_the_training_prompt(name, chat, request):
+    """The ids the evaluation actually builds: loglik's requests (prefill excluded) are the
+    training prompt; generation's prompt is the training prompt followed by the prefill."""
+    tok = request.getfixturevalue(name)
+    train_ids = training_prompt_ids(tok, chat)
+    wrap = "on" if chat else "off"
+    (req,), (text,), (conts,) = loglik.bbq_requests([ITEM], "bbq_reasoning", tok, chat=wrap)
+    assert list(req.context) == train_ids
+    # the option continuations carry no special tokens
+    for ids, option, cont in zip(req.continuations, ITEM.options, conts):
+        assert cont == loglik.option_continuation(text, option)
+        assert list(ids) == tok(cont, add_special_tokens=False)["input_ids"]
+    t = prompts.get_template("bbq_reasoning")
+    for share in (False, True):
+        _, prefix, (own,) = eval_generate._prompt_ids(tok, [ITEM], t, chat, None, share, 1)
+        ids = list(prefix or []) + list(own)
+        assert ids == eval_prompt_ids(tok, chat, prefill=True)
+        assert ids[:len(train_ids)] == train_ids
+    _, _, (own,) = eval_generate._prompt_ids(tok, [ITEM], t.with_prefill(""), chat, None,
+                                            False, 1)
+    assert list(own) == train_ids
+
+
+def test_smollm2_ids_are_unchanged_by_the_rule(smollm2):
+    """SmolLM2 adds no BOS: the rule leaves its evaluation ids as plain tokenisation."""
+    (req,), (text,), _ = loglik.bbq_requests([ITEM], "bbq_base", smollm2, chat="auto")
+    assert list(req.context) == smollm2(text, add_special_tokens=False)["input_ids"]
 
 
 def test_the_bos_follows_the_tokenizer(smollm2, spm):

@@ -123,10 +123,14 @@ def test_in_process_evaluation_equals_the_command_line(run, tmp_path):
     """The experiment's config per mode is what the equivalent command line builds."""
     res, wd, _, _ = run
     export_dir = res["train_result"]["export_dir"]
-    ecfg = _config("unused").experiment
-    cfg = experiment.eval_config(ecfg, "loglik", export_dir, str(tmp_path / "x"), compare=True)
+    config = _config("unused")
+    chat = configs_util.eval_chat(config)
+    assert chat == "off"  # the student trains on the raw format (data.chat_template off)
+    cfg = experiment.eval_config(config.experiment, "loglik", export_dir, str(tmp_path / "x"),
+                                 compare=True, chat=chat)
     out = tmp_path / "cli"
     argv = [f"--model={export_dir}", "--mode=loglik", f"--out={out}", "--prompt=bbq_base",
+            f"--chat={chat}",
             "--max_items_per_category=6", "--batch_size=8", "--subset_seed=0",
             "--bootstrap_resamples=20", f"--categories={CATEGORIES}",
             f"--compare={os.path.join(wd, 'eval_before', 'loglik', 'report.json')}",
@@ -143,6 +147,25 @@ def test_in_process_evaluation_equals_the_command_line(run, tmp_path):
         r["option_logprob_sum"] for r in ours["items"]]
     assert (out / "comparison.md").read_text() == open(
         os.path.join(wd, "eval_after", "loglik", "comparison.md")).read()
+
+
+def test_a_finished_experiment_is_not_run_again(run, capsys):
+    res, wd, model_dir, _ = run
+
+    def train_fn(config, workdir):
+        raise AssertionError("trained again")
+    again = experiment.run_experiment(_config(model_dir), wd, train_fn)
+    assert "already done" in capsys.readouterr().out
+    assert again["modes"] == _report(os.path.join(wd, "experiment.json"))["modes"]
+    assert again["train_result"]["already_finished"] and again["train_result"]["step"] == 2
+
+
+def test_the_evaluations_use_the_training_format(run):
+    _, wd, _, _ = run
+    for side in ("eval_before", "eval_after"):
+        for mode in ("loglik", "generate"):
+            settings = _report(os.path.join(wd, side, mode, "report.json"))["settings"]
+            assert settings["chat"] is False, (side, mode)
 
 
 def test_unknown_mode_is_an_error(tmp_path):

@@ -2,7 +2,8 @@
 
 :func:`generate_records` renders every item with a template (:mod:`regift_jax.core.prompts`:
 ``bbq_base`` zero-shot, ``bbq_reasoning`` think/answer tags, ``bbq_cot`` chain of thought,
-``bbq_authors_released``), optionally inside the tokenizer's chat template, and runs the one
+``bbq_authors_released``), inside the tokenizer's chat template when asked (``chat``), with the
+tokenizer's BOS as in training (:func:`regift_jax.core.prompts.encode_prompt`), and runs the one
 :class:`regift_jax.models.sampling.Sampler` over all of them (greedy by default; batched and, with
 ``handle.mesh``, sharded over the data axes).  The returned text is the model's *whole* answer:
 the template's prefill (e.g. ``"<think> Let's think step by step. \\n"``) followed by what was
@@ -138,10 +139,13 @@ def _cut_to_budget(g, budget: int, tok):
 
 def _prompt_ids(tok, items, t, wrap: bool, system, share_prefix: bool,
                 min_shared_prefix: int):
-    """``(texts, prefix ids or None, own ids per item)``: the common token prefix split off."""
+    """``(texts, prefix ids or None, own ids per item)``: the common token prefix split off.
+    Ids follow the one BOS/chat rule (:func:`regift_jax.core.prompts.encode_prompt`)."""
     texts = [bbq_prompt(it, t, tok, chat=wrap, system=system, include_prefill=True)
              for it in items]
-    ids = [list(tok(p, add_special_tokens=False)["input_ids"]) for p in texts]
+    bos = prompts_lib.bos_id(tok)
+    ids = [prompts_lib.with_bos(tok(p, add_special_tokens=False)["input_ids"], bos)
+           for p in texts]
     n_pre = shared_prefix_length(ids) if share_prefix and len(ids) > 1 else 0
     if n_pre < min_shared_prefix:
         return texts, None, ids

@@ -48,7 +48,9 @@ mesh (``handle.mesh``) every batch is placed with
 by the data-parallel size) and ``jit`` propagates the sharding.
 
 Tokenisation: ``encode(context) + encode(continuation)``, each without special tokens (a chat
-template already writes them).  For the BBQ option texts after a chat header ending in a newline,
+template already writes them); a BBQ prompt then gets the tokenizer's BOS in front when the
+tokenizer adds one (the one rule of :func:`regift_jax.core.prompts.encode_prompt`, shared with
+training and trace generation).  For the BBQ option texts after a chat header ending in a newline,
 or after ``"Answer:"`` with the continuation ``" " + option``, this equals tokenising the joined
 string; the tokens scored are exactly the continuation's own tokens.
 
@@ -760,18 +762,21 @@ def bbq_requests(items, template, tokenizer, *, chat="auto", system=None,
     """Requests (prompt ids, three option ids) for BBQ items, with the texts they came from.
 
     The prompt excludes the template's prefill by default (a ``<think>`` scaffold is not where
-    an option would follow); pass ``include_prefill=True`` to keep it.
+    an option would follow); pass ``include_prefill=True`` to keep it.  Prompt ids follow the
+    one BOS/chat rule of :func:`regift_jax.core.prompts.encode_prompt` (the tokenizer's BOS in
+    front when it adds one, as in training); the option continuations carry no special tokens.
     """
     if tokenizer is None:
         raise ValueError("BBQ log-likelihood scoring needs a tokenizer")
     enc = lambda s: tuple(tokenizer(s, add_special_tokens=False)["input_ids"])  # noqa: E731
+    bos = prompts.bos_id(tokenizer)
     reqs, texts, conts = [], [], []
     for it in items:
         p = bbq_prompt(it, template, tokenizer, chat=chat, system=system,
                        include_prefill=include_prefill)
         cs = tuple(option_continuation(p, o, answer_format) for o in it.options)
-        reqs.append(Request(enc(p), tuple(enc(c) for c in cs), it.source or
-                            f"{it.category} example_id {it.example_id}"))
+        reqs.append(Request(tuple(prompts.with_bos(enc(p), bos)), tuple(enc(c) for c in cs),
+                            it.source or f"{it.category} example_id {it.example_id}"))
         texts.append(p)
         conts.append(cs)  # type: ignore[arg-type]
     return reqs, texts, conts

@@ -31,6 +31,11 @@ identity differs is refused with one line per difference (``key: old -> new``), 
 size, length bucket and cache length are recorded (``runtime``) but not compared: rows are
 independent and each unit has its own seed.
 
+The teacher prompt (``teacher_extraction`` with its prefill, chat-wrapped only with
+``teacher.chat``) gets the tokenizer's BOS when the tokenizer adds one, by the one rule shared with
+training and evaluation (:func:`regift_jax.core.prompts.encode_prompt`; the authors' script
+tokenised the prompt with the tokenizer's defaults, which for R1-Distill-Qwen adds its BOS).
+
 Decoding (``decode.mode``):
 
 * ``single`` (the paper): one generation from the prompt + teacher prefill, stopping at
@@ -424,6 +429,18 @@ def _shared_prefix(full: List[str], question: str) -> Optional[str]:
     return prefix if all(f.startswith(prefix) for f in full) else None
 
 
+def _teacher_inputs(tok, full: List[str], question: str):
+    """``(prompts, prefix)`` for the sampler: the shared prefix split off as text, and the
+    tokenizer's BOS in front of the sequence by the one rule of
+    :func:`regift_jax.core.prompts.encode_prompt` (on the prefix when there is one)."""
+    bos = prompts.bos_id(tok)
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    prefix = _shared_prefix(full, question)
+    if prefix:
+        return [f[len(prefix):] for f in full], prompts.with_bos(enc(prefix), bos)
+    return [prompts.with_bos(enc(f), bos) for f in full], None
+
+
 def _bridge(texts: List[str]) -> List[str]:
     """Close the reasoning scaffold after phase 1, whichever way phase 1 ended."""
     out = []
@@ -437,8 +454,8 @@ def _bridge(texts: List[str]) -> List[str]:
     return out
 
 
-def _sample(sampler, plan: Plan, ptexts: List[str], seeds: List[int],
-            prefix: Optional[str]) -> List[Tuple[str, int, int]]:
+def _sample(sampler, plan: Plan, ptexts: list, seeds: List[int],
+            prefix: Optional[List[int]]) -> List[Tuple[str, int, int]]:
     """``(text, generated tokens, prompt tokens)`` per row."""
     if not plan.two_phase:
         gens = sampler.generate(ptexts, plan.sampling, row_seeds=seeds, prefix=prefix)
@@ -483,8 +500,7 @@ def _generate_units(cfg, plan: Plan, handle, teacher: str, questions: List[dict]
         full = [prompts.render_for_model(plan.template, tok, chat=cfg.teacher.chat,
                                          context=q["context"], question=q["question"])
                 for q in qs]
-        prefix = _shared_prefix(full, qs[0]["question"])
-        ptexts = [f[len(prefix):] for f in full] if prefix else full
+        ptexts, prefix = _teacher_inputs(tok, full, qs[0]["question"])
         seeds = [unit_seed(q["id"], s) for q, (_, s) in zip(qs, chunk)]
         gens = _sample(sampler, plan, ptexts, seeds, prefix)
         recs = [make_record(q, s, g, plan, teacher, tok)
