@@ -320,6 +320,17 @@ def flat_keys(cfg, prefix: str = "") -> List[str]:
     return out
 
 
+def flatten(d: dict, prefix: str = "") -> dict:
+    """``{"a.b": v}`` for a nested plain dict (run identities and manifests are compared flat)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
 class ConfigKeyError(KeyError):
     def __str__(self):
         return str(self.args[0]) if self.args else ""

@@ -344,21 +344,12 @@ def make_manifest(cfg, plan: Plan, teacher: ModelIdentity, data: dict, units: in
     }
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
-
-
 def manifest_differences(old: dict, new: dict) -> Dict[str, tuple]:
     """``{key: (old, new)}`` over :data:`IDENTITY_KEYS` (a key an older manifest lacks is
     ``(not recorded)``)."""
-    o = _flat({k: old[k] for k in IDENTITY_KEYS if k in old})
-    n = _flat(json.loads(json.dumps({k: new[k] for k in IDENTITY_KEYS if k in new})))
+    o = configs_util.flatten({k: old[k] for k in IDENTITY_KEYS if k in old})
+    n = configs_util.flatten(
+        json.loads(json.dumps({k: new[k] for k in IDENTITY_KEYS if k in new})))
     keys = list(n) + [k for k in o if k not in n]
     return {k: (o.get(k, _NOT_RECORDED), n.get(k, _NOT_RECORDED)) for k in keys
             if o.get(k, _NOT_RECORDED) != n.get(k, _NOT_RECORDED)}

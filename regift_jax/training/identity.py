@@ -32,6 +32,7 @@ from typing import Any, Dict, Optional, Tuple
 import jax
 from jax.experimental import multihost_utils
 
+from regift_jax.core import configs_util
 from regift_jax.core.io import atomic_write_json
 from regift_jax.models.fingerprint import model_fingerprint
 from regift_jax.training import examples
@@ -102,19 +103,9 @@ def identity(config, fingerprint: Optional[str] = None) -> Dict[str, Any]:
     }
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
-
-
 def differences(old: Optional[dict], new: dict) -> Dict[str, Tuple[Any, Any]]:
     """``{key: (old, new)}`` of the flattened dicts (a key one side lacks is ``None``)."""
-    o, n = _flat(old or {}), _flat(new)
+    o, n = configs_util.flatten(old or {}), configs_util.flatten(new)
     return {k: (o.get(k), n.get(k)) for k in list(n) + [k for k in o if k not in n]
             if o.get(k) != n.get(k)}
 
