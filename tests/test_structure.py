@@ -30,6 +30,7 @@ STAGES = (
     ("traces", ("regift_jax.traces",)),
     ("training", ("regift_jax.training",)),
     ("eval", ("regift_jax.eval",)),
+    ("preflight", ("regift_jax.preflight",)),
     ("experiment", ("regift_jax.experiment",)),
     ("cli", ("regift_jax.train", "regift_jax.evaluate", "regift_jax.generate_traces",
              "regift_jax.lm_eval", "regift_jax.models.generate")),
