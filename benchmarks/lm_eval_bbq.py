@@ -45,6 +45,7 @@ import lm_eval  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 
 from regift_jax import models  # noqa: E402
+from regift_jax.core.io import atomic_write_json  # noqa: E402
 from regift_jax.eval import harness  # noqa: E402
 
 METRICS = ("acc", "accuracy_amb", "accuracy_disamb", "amb_bias_score", "disamb_bias_score")
@@ -95,8 +96,17 @@ class Timed:
         lm.loglikelihood = timed
 
 
-def run(name: str, lm, tm, idx: list) -> dict:
+def run(name: str, make_lm, tm, idx: list, cache: str = "") -> dict:
+    """One backend on the items; with ``cache`` a finished run is kept in (and read back from)
+    that JSON file, so an interrupted benchmark redoes only the backend it lost."""
+    if cache and os.path.isfile(cache):
+        with open(cache) as f:
+            got = json.load(f)
+        if got["doc_ids"] == idx:
+            log(f"--- {name}: read from {cache} (timings of the run that wrote it)")
+            return dict(got, lls=np.array(got["lls"]))
     log(f"--- {name}: {len(idx)} items ({load_avg()})")
+    lm = make_lm()
     timer = Timed(lm)
     w, c = time.perf_counter(), time.process_time()
     res = lm_eval.simple_evaluate(model=lm, tasks=["bbq"], task_manager=tm,
@@ -106,8 +116,12 @@ def run(name: str, lm, tm, idx: list) -> dict:
     lls = np.array([[float(r[0]) for r in s["filtered_resps"]] for s in samples])
     log(f"{name}: model {timer.wall:.1f} s wall / {timer.cpu:.1f} s CPU; simple_evaluate "
         f"{wall:.1f} s wall / {cpu:.1f} s CPU ({load_avg()})")
-    return {"lls": lls, "doc_ids": [s["doc_id"] for s in samples], "results": res["results"],
-            "model_wall": timer.wall, "model_cpu": timer.cpu, "wall": wall, "cpu": cpu}
+    out = {"lls": lls, "doc_ids": [s["doc_id"] for s in samples],
+           "results": {k: float(res["results"]["bbq"][f"{k},none"]) for k in METRICS},
+           "model_wall": timer.wall, "model_cpu": timer.cpu, "wall": wall, "cpu": cpu}
+    if cache:
+        atomic_write_json(cache, dict(out, lls=lls.tolist()))
+    return out
 
 
 def metrics(task, docs, lls: np.ndarray) -> dict:
@@ -154,6 +168,9 @@ def parse_args(argv=None):
     p.add_argument("--tie", type=float, default=1e-3,
                    help="near-tie threshold on HF's top-2 gap (default: %(default)s)")
     p.add_argument("--json", default=None, help="write the figures and per-item scores here")
+    p.add_argument("--cache_dir", default=None,
+                   help="keep each backend's finished run here and reuse it on a rerun with the "
+                        "same items (default: none)")
     return p.parse_args(argv)
 
 
@@ -169,7 +186,7 @@ def report(args, task, docs, hf, ours, cmp) -> None:
         for i, h, o, g in cmp["disagree"]))
     m_hf, m_ours = metrics(task, docs, hf["lls"]), metrics(task, docs, ours["lls"])
     for name, run_, m in (("hf", hf, m_hf), ("regift_jax", ours, m_ours)):
-        got = {k: float(run_["results"]["bbq"][f"{k},none"]) for k in METRICS}
+        got = run_["results"]
         if not np.allclose([got[k] for k in METRICS], [m[k] for k in METRICS], equal_nan=True):
             raise SystemExit(f"{name}: recomputed metrics {m} differ from lm-eval's {got}")
     tied = ours["lls"].copy()
@@ -195,8 +212,7 @@ def report(args, task, docs, hf, ours, cmp) -> None:
                    lls_regift_jax=ours["lls"].tolist(),
                    speed={n: {k: r[k] for k in ("model_wall", "model_cpu", "wall", "cpu")}
                           for n, r in (("hf", hf), ("regift_jax", ours))})
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+        atomic_write_json(args.json, out)
 
 
 def main(argv=None) -> int:
@@ -207,14 +223,18 @@ def main(argv=None) -> int:
     idx = draw_items(all_docs, args.items, args.seed)
     docs = [all_docs[i] for i in idx]
     handle = models.load(args.model)
+    key = f"{os.path.basename(args.model)}_n{args.items}_s{args.seed}_b{args.batch_size}"
+    cache = {n: os.path.join(args.cache_dir, f"{n}_{key}.json") if args.cache_dir else ""
+             for n in ("hf", "regift_jax")}
+    if args.cache_dir:
+        os.makedirs(args.cache_dir, exist_ok=True)
     with tempfile.TemporaryDirectory() as export_dir:
         handle.export(export_dir)
-        hf_lm = HFLM(pretrained=export_dir, device="cpu", dtype="float32",
-                     batch_size=args.batch_size)
-        hf = run("hf", hf_lm, tm, idx)
-    del hf_lm
-    ours_lm = harness.RegiftLM(model=args.model, handle=handle, batch_size=args.batch_size)
-    ours = run("regift_jax", ours_lm, tm, idx)
+        hf = run("hf", lambda: HFLM(pretrained=export_dir, device="cpu", dtype="float32",
+                                    batch_size=args.batch_size), tm, idx, cache["hf"])
+    ours = run("regift_jax", lambda: harness.RegiftLM(model=args.model, handle=handle,
+                                                      batch_size=args.batch_size),
+               tm, idx, cache["regift_jax"])
     cmp = compare(hf, ours, args.tie)
     report(args, task, docs, hf, ours, cmp)
     log(f"per-item agreement: {100 * cmp['agree']:.2f}%")

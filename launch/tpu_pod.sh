@@ -3,8 +3,14 @@
 #
 # Runs a regift_jax entry point on every worker of a Cloud TPU VM slice at once.
 #
-# Steps, each one gcloud (or git) command; --dry-run prints them, shell-quoted, one per line, and
-# runs nothing (it only reads the local git checkout to resolve --ref):
+# Steps, each one command; --dry-run prints them, shell-quoted, one per line, and runs nothing (it
+# only reads the local git checkout to resolve --ref):
+#   0. the preflight, on this machine (default; --no-preflight skips it): the run's programs
+#      compiled for --accelerator-type by `python3 -m regift_jax.preflight --config=CONFIG
+#      --accelerator_type=TYPE` plus the --config.* / --model= arguments after --, in the
+#      checkout; a config that does not fit stops here (exit 3), before any slice is created.
+#      Needs the TPU compiler here (pip install -e '.[tpu]'); applies to regift_jax.train,
+#      regift_jax.generate_traces and regift_jax.evaluate with --config, not to --cmd;
 #   1. create the slice (`gcloud compute tpus tpu-vm create`), or with --reuse check it exists;
 #   2. put the code at --ref on every worker: --source=scp (default) copies `git archive REF` with
 #      `tpu-vm scp --worker=all` (works for private repos and unpushed commits); --source=git runs
@@ -46,6 +52,9 @@
 #   --env KEY=VALUE            environment variable for the run (repeatable), e.g. LIBTPU_INIT_ARGS
 #   --detach                   start the run under nohup (log: REMOTE_DIR/run.log) and return
 #   --gcloud BIN               gcloud executable (default gcloud)
+#   --preflight                check the config against the slice first (the default)
+#   --no-preflight             skip the preflight
+#   --preflight-python PYTHON  interpreter of the preflight on this machine (default python3)
 #   --dry-run                  print the commands, run nothing
 #   -- EXTRA_ARGS...           passed to the entry point unchanged, e.g. --config.train.num_epochs=3
 
@@ -58,7 +67,7 @@ USAGE_ARGS='--name=NAME --zone=ZONE --workdir=gs://BUCKET/RUN --config=CONFIG [f
 NAME="" ZONE="" PROJECT="" ACCEL="v5litepod-16" RUNTIME="" SPOT=0 SERVICE_ACCOUNT=""
 REUSE=0 DELETE=0 SOURCE="scp" REPO="" REF="" REMOTE_DIR="regift_jax" PYTHON="python3"
 PIP_EXTRA="tpu" SKIP_SETUP=0 MODULE="regift_jax.train" CMD="" CONFIG="" WORKDIR=""
-WORKDIR_FLAG="--config.workdir" DETACH=0 GCLOUD="gcloud"
+WORKDIR_FLAG="--config.workdir" DETACH=0 GCLOUD="gcloud" PREFLIGHT=1 PREFLIGHT_PYTHON="python3"
 SETUP_CMDS=() ENVS=()
 
 on_switch() {
@@ -68,6 +77,8 @@ on_switch() {
     --spot) SPOT=1 ;;
     --skip-setup) SKIP_SETUP=1 ;;
     --detach) DETACH=1 ;;
+    --preflight) PREFLIGHT=1 ;;
+    --no-preflight) PREFLIGHT=0 ;;
     *) return 1 ;;
   esac
 }
@@ -94,6 +105,7 @@ on_value() {
     --workdir-flag) WORKDIR_FLAG=$2 ;;
     --env) ENVS+=("$2") ;;
     --gcloud) GCLOUD=$2 ;;
+    --preflight-python) PREFLIGHT_PYTHON=$2 ;;
     *) die "unknown flag $1" ;;
   esac
 }
@@ -176,6 +188,39 @@ if ((DETACH)); then
   RUN_REMOTE="$PREFIX && nohup bash -c $(shquote "$JOB") > run.log 2>&1 < /dev/null &"
 else
   RUN_REMOTE="$PREFIX && $JOB"
+fi
+
+# 0. preflight: the programs compiled for the slice on this machine, before the slice exists.
+preflight() {
+  local argv=("$PREFLIGHT_PYTHON" -m regift_jax.preflight --config="$CONFIG" --accelerator_type="$ACCEL")
+  local a rc=0
+  for a in ${EXTRA[@]+"${EXTRA[@]}"}; do
+    case $a in
+      --config.*=* | --noconfig.* | --model=*) argv+=("$a") ;;
+    esac
+  done
+  if ((DRY_RUN)); then
+    run "${argv[@]}"
+    return 0
+  fi
+  (cd "$REPO_ROOT" && run "${argv[@]}") || rc=$?
+  case $rc in
+    0) ;;
+    3)
+      printf '%s: error: %s does not fit %s (the preflight above says what would); change the config or pass --no-preflight\n' "$PROG" "$CONFIG" "$ACCEL" >&2
+      exit 3
+      ;;
+    *)
+      printf '%s: error: the preflight did not run (exit %s, see above): install the TPU compiler here (pip install -e ".[tpu]") or pass --no-preflight\n' "$PROG" "$rc" >&2
+      exit 2
+      ;;
+  esac
+}
+
+if ((PREFLIGHT)) && [[ -z $CMD && -n $CONFIG ]]; then
+  case $MODULE in
+    regift_jax.train | regift_jax.generate_traces | regift_jax.evaluate) preflight ;;
+  esac
 fi
 
 # 1. slice

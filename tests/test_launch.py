@@ -14,6 +14,10 @@ Nothing here touches a cloud or a cluster.  Three kinds of checks:
   processes started by a generated script must meet through ``jax.distributed.initialize()``;
 * shellcheck on both scripts, the sourced helpers, the generated sbatch script and its per-task
   prologue; the helpers live only in launch/common.sh.
+
+The TPU preflight (compiling the config for the slice, ``regift_jax.preflight``) is replaced by a
+recording stand-in (``--preflight-python``) or switched off (``--no-preflight``) here;
+``tests/test_preflight.py`` tests the preflight itself.
 """
 
 import json
@@ -185,6 +189,9 @@ def test_tpu_dry_run_exact_commands():
     g = "gcloud compute tpus tpu-vm"
     loc = "--zone=us-west4-a --project=my-proj"
     expected = [
+        "python3 -m regift_jax.preflight --config=configs/llama.py:llama3_1_8b"
+        " --accelerator_type=v5litepod-16 --config.mesh.fsdp=-1"
+        " --config.note='it'\\''s a \"b\" $HOME'",
         f"{g} create regift-v5e {loc} --accelerator-type=v5litepod-16 --version=v2-alpha-tpuv5-lite",
         f"{g} ssh regift-v5e {loc} --worker=all --command='rm -rf regift_jax && git clone --quiet"
         " https://github.com/me/regift_jax.git regift_jax && git -C regift_jax checkout --quiet v0.1.0'",
@@ -200,7 +207,7 @@ def test_tpu_dry_run_exact_commands():
     # Deterministic: the same flags print the same bytes.
     assert sh(TPU, "--dry-run", *args).stdout == r.stdout
     # The train command survives two rounds of shell parsing (local shell, then the worker's).
-    run_line = shlex.split(r.stdout.splitlines()[3])
+    run_line = shlex.split(r.stdout.splitlines()[4])
     assert "--worker=all" in run_line
     remote = [a for a in run_line if a.startswith("--command=")][0][len("--command="):]
     first, job = remote.split(" && ", 1)
@@ -208,6 +215,10 @@ def test_tpu_dry_run_exact_commands():
     assert shlex.split(job) == ["python3", "-m", "regift_jax.train",
                                 "--config=configs/llama.py:llama3_1_8b",
                                 "--config.workdir=gs://my-bucket/regift/llama3_1_8b", *TRICKY]
+    # The preflight gets the config overrides (not the other arguments of the entry point).
+    assert shlex.split(r.stdout.splitlines()[0]) == [
+        "python3", "-m", "regift_jax.preflight", "--config=configs/llama.py:llama3_1_8b",
+        "--accelerator_type=v5litepod-16", *TRICKY[:2]]
 
 
 def test_tpu_dry_run_scp_reuse_and_options():
@@ -216,7 +227,9 @@ def test_tpu_dry_run_scp_reuse_and_options():
            "--setup=python3 -m pip install gcsfs", "--module=regift_jax.generate_traces",
            "--workdir-flag=--config.out_dir")
     assert r.returncode == 0, r.stderr
-    lines = [shlex.split(x) for x in r.stdout.splitlines()]
+    preflight, *lines = [shlex.split(x) for x in r.stdout.splitlines()]
+    assert preflight == ["python3", "-m", "regift_jax.preflight",
+                         "--config=configs/llama.py:llama3_1_8b", "--accelerator_type=v5litepod-16"]
     assert lines[0][:5] == ["gcloud", "compute", "tpus", "tpu-vm", "describe"]
     assert "--format=value(state)" in lines[0]
     tarball = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"regift_jax-{commit}.tar.gz")
@@ -239,16 +252,18 @@ def test_tpu_runtime_default(accel, version):
     r = sh(TPU, "--dry-run", *TPU_ARGS, f"--accelerator-type={accel}", "--spot",
            "--service-account=sa@p.iam.gserviceaccount.com", "--source=git", "--repo=r", "--ref=x")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.splitlines()[0].endswith(
+    preflight, create = r.stdout.splitlines()[:2]
+    assert preflight.endswith(f"--accelerator_type={accel}")
+    assert create.endswith(
         f"--accelerator-type={accel} --version={version} --spot"
         " --service-account=sa@p.iam.gserviceaccount.com")
 
 
 def test_tpu_detach_dry_run():
-    r = sh(TPU, "--dry-run", *TPU_ARGS, "--reuse", "--skip-setup", "--detach")
+    r = sh(TPU, "--dry-run", *TPU_ARGS, "--reuse", "--skip-setup", "--detach", "--no-preflight")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert len(lines) == 2  # describe, run
+    assert len(lines) == 2  # describe, run (no preflight)
     remote = shlex.split(lines[1])[-1][len("--command="):]
     assert remote == ("cd regift_jax && nohup bash -c 'python3 -m regift_jax.train"
                       " --config=configs/llama.py:llama3_1_8b"
@@ -262,8 +277,8 @@ def tpu_workers_env(fakes, n):
 
 def test_tpu_execution_matches_dry_run(git_checkout, fakes, tmp_path):
     """Without --dry-run the same commands run; on fake workers the code lands and the job starts."""
-    args = [*TPU_ARGS, f"--python={fakes['python']}", "--setup=echo \"$FAKE_WORKER\" > setup_ran",
-            "--delete", "--", *TRICKY]
+    args = [*TPU_ARGS, f"--python={fakes['python']}", f"--preflight-python={fakes['python']}",
+            "--setup=echo \"$FAKE_WORKER\" > setup_ran", "--delete", "--", *TRICKY]
     env = tpu_workers_env(fakes, 2)
     dry = sh(TPU, "--dry-run", *args, env=env)
     assert dry.returncode == 0, dry.stderr
@@ -272,14 +287,17 @@ def test_tpu_execution_matches_dry_run(git_checkout, fakes, tmp_path):
     planned = [shlex.split(x) for x in dry.stdout.splitlines()]
     gcloud_planned = [c[1:] for c in planned if c[0] == "gcloud"]
     assert read_jsonl(fakes["log"] / "gcloud.jsonl") == gcloud_planned
-    assert [c[0] for c in planned] == ["gcloud", "git"] + ["gcloud"] * 5
+    assert [c[0] for c in planned] == [fakes["python"], "gcloud", "git"] + ["gcloud"] * 5
     calls = read_jsonl(fakes["log"] / "python.jsonl")
+    # The preflight ran first, on this machine, in the checkout (no worker).
+    assert "FAKE_WORKER" not in calls[0]["env"] and calls[0]["cwd"] == REPO
+    assert calls[0]["argv"] == planned[0][1:]
     for w in range(2):
         root = tmp_path / "log" / f"worker{w}"
         assert (root / "regift_jax" / "setup.py").is_file()
         assert not (root / "regift_jax.tar.gz").exists()
         assert (root / "regift_jax" / "setup_ran").read_text() == f"{w}\n"
-        mine = [c for c in calls if c["env"]["FAKE_WORKER"] == str(w)]
+        mine = [c for c in calls if c["env"].get("FAKE_WORKER") == str(w)]
         assert [c["argv"] for c in mine] == [
             ["-m", "pip", "install", "--quiet", "--upgrade", "pip"],
             ["-m", "pip", "install", "--quiet", "-e", ".[tpu]"],
@@ -295,7 +313,7 @@ def test_tpu_git_source_execution(fakes, tmp_path):
     commit = head_commit()
     env = tpu_workers_env(fakes, 1)
     r = sh(TPU, *TPU_ARGS, f"--python={fakes['python']}", "--source=git", f"--repo={REPO}",
-           f"--ref={commit}", "--remote-dir=code", env=env)
+           f"--ref={commit}", "--remote-dir=code", "--no-preflight", env=env)
     assert r.returncode == 0, r.stderr
     code = tmp_path / "log" / "worker0" / "code"
     head = subprocess.run(["git", "-C", str(code), "rev-parse", "HEAD"], capture_output=True,
@@ -306,7 +324,7 @@ def test_tpu_git_source_execution(fakes, tmp_path):
 
 def test_tpu_failed_run_still_deletes(git_checkout, fakes):
     env = dict(tpu_workers_env(fakes, 2), FAKE_FAIL_MODULE="regift_jax.train")
-    r = sh(TPU, *TPU_ARGS, f"--python={fakes['python']}", "--delete", env=env)
+    r = sh(TPU, *TPU_ARGS, f"--python={fakes['python']}", "--no-preflight", "--delete", env=env)
     assert r.returncode == 3
     verbs = [c[3] for c in read_jsonl(fakes["log"] / "gcloud.jsonl")]
     assert verbs == ["create", "scp", "ssh", "ssh", "ssh", "delete"]
@@ -314,7 +332,7 @@ def test_tpu_failed_run_still_deletes(git_checkout, fakes):
 
 def test_tpu_failed_install_stops_before_run(git_checkout, fakes):
     env = dict(tpu_workers_env(fakes, 1), FAKE_FAIL_MODULE="pip")
-    r = sh(TPU, *TPU_ARGS, f"--python={fakes['python']}", env=env)
+    r = sh(TPU, *TPU_ARGS, f"--python={fakes['python']}", "--no-preflight", env=env)
     assert r.returncode == 3
     calls = read_jsonl(fakes["log"] / "python.jsonl")
     assert [c["argv"][:2] for c in calls] == [["-m", "pip"]]  # neither 2nd pip nor train ran
@@ -322,10 +340,50 @@ def test_tpu_failed_install_stops_before_run(git_checkout, fakes):
 
 def test_tpu_reuse_refuses_a_slice_that_is_not_ready(git_checkout, fakes):
     env = dict(tpu_workers_env(fakes, 1), FAKE_TPU_STATE="CREATING")
-    r = sh(TPU, *TPU_ARGS, "--reuse", env=env)
+    r = sh(TPU, *TPU_ARGS, "--reuse", "--no-preflight", env=env)
     assert r.returncode == 2
     assert "state 'CREATING', not READY" in r.stderr
     assert [c[3] for c in read_jsonl(fakes["log"] / "gcloud.jsonl")] == ["describe"]
+
+
+FAKE_PREFLIGHT = """#!/usr/bin/env bash
+printf '%s\\n' "$*" >> "$FAKE_LOG_DIR/preflight.log"
+echo "[preflight] train: DOES NOT FIT"
+exit "${FAKE_PREFLIGHT_EXIT:-0}"
+"""
+
+
+@pytest.mark.parametrize("code,status,message", [
+    (3, 3, "does not fit v5litepod-16"),
+    (2, 2, "the preflight did not run (exit 2"),
+    (1, 2, "the preflight did not run (exit 1"),
+])
+def test_tpu_preflight_refuses_before_any_slice(fakes, code, status, message):
+    """A config the preflight refuses (or a preflight that cannot run) stops the launch before
+    gcloud is called."""
+    fake = write_exe(fakes["bin"] / "fake-preflight", FAKE_PREFLIGHT)
+    env = dict(tpu_workers_env(fakes, 1), FAKE_PREFLIGHT_EXIT=str(code))
+    r = sh(TPU, *TPU_ARGS, f"--preflight-python={fake}", "--", "--config.mesh.data=2", env=env)
+    assert r.returncode == status
+    assert message in r.stderr and "--no-preflight" in r.stderr
+    assert read_jsonl(fakes["log"] / "gcloud.jsonl") == []
+    logged = (fakes["log"] / "preflight.log").read_text().split()
+    assert logged == ["-m", "regift_jax.preflight", "--config=configs/llama.py:llama3_1_8b",
+                      "--accelerator_type=v5litepod-16", "--config.mesh.data=2"]
+
+
+def test_tpu_preflight_applies_to_config_runs_only():
+    base = ["--dry-run", "--name=t", "--zone=z", "--reuse", "--skip-setup"]
+    r = sh(TPU, *base, "--module=regift_jax.generate_traces", "--accelerator-type=v5e-16",
+           "--config=configs/teacher_qwen2.py")
+    assert r.stdout.splitlines()[0] == ("python3 -m regift_jax.preflight"
+                                        " --config=configs/teacher_qwen2.py"
+                                        " --accelerator_type=v5e-16")
+    for extra in (["--cmd=ls"], ["--module=regift_jax.evaluate", "--", "--out=gs://b/e"],
+                  ["--no-preflight", "--config=configs/llama.py", "--workdir=gs://b/w"]):
+        r = sh(TPU, *base, *extra)
+        assert r.returncode == 0, r.stderr
+        assert "regift_jax.preflight" not in r.stdout
 
 
 @pytest.mark.parametrize("drop,extra,message", [

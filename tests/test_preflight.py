@@ -1,11 +1,12 @@
 """The TPU preflight (regift_jax.preflight): programs compiled for TPU topologies on this CPU.
 
-A reduced Llama (two layers, width 512) is compiled for two small slices, v5e:2x2 and v4:2x2x1:
+A reduced Llama (two layers, width 768) is compiled for two small slices, v5e:2x2 and v4:2x2x1:
 the train step (full fine-tuning and the paper's LoRA recipe) and the teacher's decode step.
 Memory per chip is checked against parameters x bytes (and Adam's two moments), the KV cache
 against its shape, FLOPs against the analytic count: 6 x N x tokens (+ attention) for a full
 step without remat or chunking, and the executed count (remat, LoRA, causal chunks) otherwise,
-within 5% (XLA also counts element-wise work).  A config that cannot fit is refused by the
+within 5% (XLA also counts element-wise work; 15% for the 8-token decode step of this small
+model, whose element-wise work is relatively large).  A config that cannot fit is refused by the
 command line with the message.  Skipped without libtpu (``pip install -e '.[tpu]'``).
 """
 
@@ -26,9 +27,12 @@ pytestmark = pytest.mark.skipif(not hardware.libtpu_available(),
 
 GIB = 1024 ** 3
 TOL = 0.05  # analytic vs compiled FLOPs and bytes
+# A decode step of this small model (8 tokens): the greedy argmax over the vocabulary, masks and
+# cache updates add 5-15% to its matmul FLOPs (under 1% at paper scale, where matmuls dominate).
+DECODE_TOL = 0.15
 TINY = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 2048,
-        "hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 2,
-        "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 64,
+        "hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 2,
+        "num_attention_heads": 12, "num_key_value_heads": 4, "head_dim": 64,
         "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 1024,
         "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2}
 # Too large for one 16 GiB v5e chip: two 262144 x 8192 float32 matrices (17 GB).
@@ -117,11 +121,12 @@ def test_full_step_memory_and_flops_match_the_analytic_count(full_step):
     assert rep.arguments_gib >= rep.params_gib + rep.opt_state_gib
     assert rep.hbm_gib_per_chip <= rep.hbm_capacity_gib and rep.headroom_gib > 0
     # 6 N per token plus attention (12 L H hd T): the trainer's MFU numerator.
-    L, H, hd, T, tokens = 2, 8, 64, 128, 8 * 128
-    model_flops = tokens * (6 * (n - 2048 * 512) + 12 * L * H * hd * T)
+    L, H, hd, T, tokens = 2, 12, 64, 128, 8 * 128
+    model_flops = tokens * (6 * (n - 2048 * 768) + 12 * L * H * hd * T)
     assert rep.flop_check["ok"], rep.flop_check
     assert rep.flop_check["xla_flops"] == pytest.approx(model_flops, rel=TOL)
     assert rep.step_seconds > 0 and 0 < rep.mfu <= 1
+    assert not [n for n in rep.notes if "XLA gave no time" in n]  # XLA timed every piece
     assert rep.tokens_per_s_per_chip * rep.step_seconds * rep.chips == pytest.approx(tokens)
     assert rep.collectives  # FSDP gathers weights and reduce-scatters gradients
 
@@ -146,7 +151,7 @@ def test_decode_step_memory_and_flops(tiny, topology):
     assert rep.params_gib * GIB == pytest.approx(n * 4 / 4, rel=0.01)  # float32 weights
     cache = 2 * 2 * 8 * 4 * 64 * 128 * 2  # k and v: layers x batch x kv heads x hd x slots, bf16
     assert rep.cache_gib * GIB >= cache / 4 * (1 - TOL)
-    assert rep.flop_check["ok"], rep.flop_check
+    assert abs(rep.flop_check["ratio"] - 1) <= DECODE_TOL, rep.flop_check
     assert rep.tokens_per_s_per_chip > 0
 
 
@@ -157,7 +162,7 @@ def test_a_config_that_cannot_fit_is_refused(tmp_path):
                         f"--model={huge}", "--topology=v5e:2x2", f"--out={out}",
                         "--noexplain_oom"], cwd=REPO, capture_output=True, text=True,
                        env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=600)
-    assert r.returncode == 1, r.stderr[-2000:]
+    assert r.returncode == 3, r.stderr[-2000:]
     assert "DOES NOT FIT" in r.stdout and "chips have 16 GiB" in r.stdout
     assert re.search(r"parameters 16\.\d\d GiB", r.stdout)
     assert "try: shard the weights" in r.stdout

@@ -15,7 +15,7 @@ eval (``configs/eval.py``) config with ``--config.KEY=VALUE`` overrides; the sli
 ``fits``, ``hbm_gib_per_chip``, ``step_seconds``, ``tokens_per_s_per_chip``, ``mfu`` and the rest
 of :class:`regift_jax.preflight.report.StageReport`.
 
-Exit status: 0 when every stage fits, 1 when one does not (the message names the largest buffers
+Exit status: 0 when every stage fits, 3 when one does not (the message names the largest buffers
 and what would fit), 2 for a bad config, slice or flag, or without libtpu.
 """
 
@@ -51,6 +51,7 @@ flags.DEFINE_bool("explain_oom", True, "when a program does not fit, compile it 
                   "read its memory and name its largest buffers")
 flags.DEFINE_list("stages", [], "only these stages (train, prefill, decode, score)")
 FLAGS = flags.FLAGS
+NO_FIT = 3  # exit status when a stage does not fit (1 is Python's for a crash)
 
 
 def _g(x) -> str:
@@ -119,7 +120,7 @@ def main(argv) -> None:
     bad = [r.stage for r in reports if not r.fits]
     if bad:
         print(f"[preflight] does not fit: {', '.join(bad)}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(NO_FIT)
 
 
 def run_cli() -> None:

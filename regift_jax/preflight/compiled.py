@@ -48,8 +48,7 @@ class Collective:
 class Cost:
     """XLA's cost figures of one program per chip, and its collectives by kind.
 
-    ``xla_seconds`` is the cost model's ``optimal_seconds`` (NaN when it gave none or a negative
-    one)."""
+    ``xla_seconds`` is the cost model's time (:func:`xla_seconds`; NaN when it gave none)."""
     flops: float = 0.0
     bytes: float = 0.0
     xla_seconds: float = 0.0
@@ -136,14 +135,23 @@ def collectives(hlo_text: str, num_devices: int) -> Dict[str, Collective]:
     return out
 
 
+def xla_seconds(optimal: float) -> float:
+    """The time in XLA's ``optimal_seconds``.  The TPU cost model adds -1 for an operation it
+    cannot time (a straight-line train step has one: -0.9997 s where its other operations take
+    0.3 ms), so a value in (-1, 0) is that time less one; anything below (several such
+    operations, loops) is no time at all (NaN)."""
+    if optimal >= 0:
+        return optimal
+    return optimal + 1.0 if optimal > -1.0 else float("nan")
+
+
 def cost(compiled, num_devices: int) -> Cost:
     """The executable's :class:`Cost` (XLA's cost analysis and its HLO's collectives)."""
     ca = compiled.cost_analysis()
     if isinstance(ca, (list, tuple)):  # older jax: one dict per computation
         ca = ca[0] if ca else {}
-    sec = float(ca.get("optimal_seconds", float("nan")))
     return Cost(flops=float(ca.get("flops", 0.0)), bytes=float(ca.get("bytes accessed", 0.0)),
-                xla_seconds=sec if sec >= 0 else float("nan"),
+                xla_seconds=xla_seconds(float(ca.get("optimal_seconds", float("nan")))),
                 collectives=collectives(compiled.as_text(), num_devices))
 
 

@@ -1,33 +1,42 @@
 """An ESTIMATED step time for a stage, from XLA's TPU cost model, seeing the whole step.
 
-XLA's ``cost_analysis()`` counts a loop body once, and the decoder runs its layers in a
-``lax.scan`` (the train step also loops over micro-batches and, in the loss, over LM-head
-chunks; a decode chunk loops over steps).  So the step is costed from shallow variants of the
-same program, compiled for the same topology and mesh (:class:`regift_jax.preflight.programs.
-Stage.build`), whose loops each run the body once:
+XLA's ``cost_analysis()`` counts a loop body once, whatever its trip count, and gives no time
+(a negative ``optimal_seconds``) for programs with loops; the decoder runs its layers in a
+``lax.scan``.  So the step is costed from shallow variants of the same program, compiled for
+the same topology and mesh (:meth:`regift_jax.preflight.programs.Stage.build`):
 
-* train: ``c0``, no layer (embedding, final norm, LM head and loss, the optimizer update of what
-  sits outside the layers), ``c2`` and ``c3``, two and three layers.  The layer loop's body is
-  counted once in both, the optimizer update of the stacked layer weights (outside the loop)
-  two and three times, so ``c3 - c2`` is one layer's optimizer update and
-  ``c2 - c0 - 2 (c3 - c2)`` one layer's forward and backward (with the remat policy's
-  recomputation; at one layer XLA removes the loop and merges the recomputation with the
-  forward pass, hence no depth 1).  With LoRA the no-layer variant trains the final norm's
-  scale, so that the LM head's input gradient, which every real step needs, is computed;
-* inference (prefill, decode, scoring): ``c1`` and ``c2``, one layer and two (a KV cache cannot
-  have none); ``c2 - c1`` is one layer;
-* the step = ends + L x layer, with ``grad_accum_steps`` x the micro-batch part for the train
-  step; costing variants run one micro-batch and one LM-head chunk holding every slot (the
-  loss on every slot: an upper bound), so no other loop hides trips.
+* ``c0`` (no layer: embedding, final norm, LM head and loss, the optimizer update of what sits
+  outside the layers) and ``c1`` (one layer; XLA removes a loop of one trip, so the program is
+  straight-line and XLA times it);
+* train only, ``c2`` (two layers): the layer loop survives and its body, counted once, keeps
+  the remat policy's recomputation, which XLA merges with the forward pass at one layer.  One
+  layer's FLOPs, bytes and collectives are ``c2 - c0`` less two optimizer updates of a layer's
+  weights (AdamW in float32, counted analytically: ``UPDATE_FLOPS`` and ``UPDATE_BYTES`` per
+  parameter; the updates run outside the loop); its time is XLA's time of ``c1 - c0`` scaled by
+  the FLOP ratio of the two (the recomputation at the layer's own rate).  With LoRA the
+  no-layer variant trains the final norm's scale, so that the LM head's input gradient, which
+  every real step needs, is computed;
+* inference: one layer is ``c1 - c0``;
+* loops of data-dependent length are avoided: the costing variants of the train step compute
+  the LM head and loss on full logits (``model.loss_chunk=0``: the FLOPs of the chunked loss
+  loop with a loss on every slot, an upper bound, and more HBM traffic), the decode step is
+  costed as the sampler's ``extend`` of one token per row into a full cache, prefill as
+  ``extend`` of the prompts into an empty one (a KV cache of no layers cannot be traced, so
+  the variants carry one layer of cache at least).  Without a layer loop XLA keeps the
+  prefill's LM head on every prompt position, where the real prefill computes it for the last
+  one only (a few percent of a prefill, counted in full);
+* the step = ends + L x layer (+ L optimizer updates), with ``grad_accum_steps`` x the
+  micro-batch part for the train step (costing variants run one micro-batch).
 
 Costing compiles switch off XLA's windowed einsum (collective matmul), which turns a sharded
 matmul into a loop of its own; the collectives then appear as such.  Times per chip:
 
-* ``step_seconds``: the sum of XLA's own ``optimal_seconds`` over the pieces (its TPU model,
-  collectives included as it models them);
+* ``step_seconds``: XLA's own ``optimal_seconds`` of the pieces (its TPU model, collectives
+  included as it models them), where it gives one, else the bound below;
 * ``bound_seconds``: max(FLOPs / bf16 peak, bytes / HBM bandwidth) plus every collective's bytes
-  over half the chip's bidirectional ICI bandwidth (a ring on one torus axis), with no overlap;
-  used as the step time when XLA gives no figure.
+  over half the chip's bidirectional ICI bandwidth (a ring on one torus axis), with no overlap.
+  XLA's "bytes accessed" counts operands as if every operation read them from HBM, so this is
+  pessimistic.
 
 The FLOPs of the whole step (per chip x chips) are checked against the analytic count of what
 the program executes (:func:`regift_jax.preflight.programs.train_executed_flops` and friends);
@@ -40,7 +49,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 from regift_jax.preflight import compiled as comp
 from regift_jax.preflight.hardware import Slice
@@ -51,12 +60,27 @@ COSTING_OPTIONS = {"xla_tpu_enable_windowed_einsum_for_all_gather": False,
                    "xla_tpu_enable_windowed_einsum_for_reduce_scatter": False}
 #: The FLOP check's tolerance (XLA's count over the analytic one).
 FLOP_TOLERANCE = 0.05
+#: AdamW on a float32 parameter after global-norm clipping, per parameter: FLOPs, and HBM bytes
+#: (read parameter, gradient and both moments, write parameter and moments; the norm, the clip
+#: and the non-finite guard read the gradient and both states once more).
+UPDATE_FLOPS = 20.0
+UPDATE_BYTES = 48.0
 
-METHOD = ("ESTIMATE: XLA's TPU cost model (optimal_seconds) of the step's pieces compiled "
-          "straight-line for this topology and mesh (no layer, two and three layers), loops "
-          "multiplied out: ends + L x layer (+ optimizer), x grad_accum_steps; the loss on every "
-          "slot; not seen: host input, real ICI contention, compute/communication overlap, "
-          "kernels opaque to the cost model")
+KERNEL_NOTE = ("custom TPU kernels (Pallas) are opaque to XLA's cost model: their FLOPs and "
+               "time are missing from the estimate")
+METHOD = ("ESTIMATE: XLA's TPU cost model (optimal_seconds) of the step's pieces compiled for "
+          "this topology and mesh at shallow depths (0 and 1 layers, and 2 for the train "
+          "step's remat recomputation), multiplied out: ends + L x layer + optimizer updates "
+          "(analytic), x grad_accum_steps; train: LM head on full logits (a loss on every "
+          "slot); decode: one extend step; not seen: host input, real ICI contention, "
+          "compute/communication overlap, kernels opaque to the cost model")
+
+
+@dataclasses.dataclass
+class Piece:
+    """One piece of a step: its cost per chip and its estimated time."""
+    cost: comp.Cost
+    seconds: float
 
 
 @dataclasses.dataclass
@@ -65,11 +89,9 @@ class Estimate:
     cost: comp.Cost
     step_seconds: float
     bound_seconds: float
-    compute_seconds: float
-    collective_seconds: float
     xla_flops_total: float  # per chip x chips
     analytic_flops: float
-    pieces: Dict[str, comp.Cost]
+    pieces: Dict[str, Piece]
     warnings: List[str]
 
     @property
@@ -81,59 +103,66 @@ class Estimate:
         return abs(self.flop_ratio - 1.0) <= FLOP_TOLERANCE
 
 
-def _costed(stage: Stage, num_layers: int):
-    lowered = stage.build(num_layers, True).lowered
-    exe = lowered.compile(compiler_options=COSTING_OPTIONS)
-    return comp.cost(exe, stage.mesh.size), exe.as_text().count(" while(")
+def _costed(stage: Stage, num_layers: int) -> comp.Cost:
+    """The cost of a costing variant; a Pallas kernel (opaque to the cost model) is noted."""
+    exe = stage.build(num_layers, True).lowered.compile(compiler_options=COSTING_OPTIONS)
+    kernels = exe.as_text().count('custom_call_target="tpu_custom_call"')
+    if kernels and not any(KERNEL_NOTE in n for n in stage.notes):
+        stage.notes.append(f"{KERNEL_NOTE}: {kernels} in the {num_layers}-layer variant")
+    return comp.cost(exe, stage.mesh.size)
 
 
-def pieces(stage: Stage) -> tuple:
-    """``({"ends", "layer", "layer_update"}: Cost, warnings)`` of one micro-batch."""
-    if not stage.per_layer_outside_loops:
-        return _inference_pieces(stage)
-    warnings = []
-    c0, w0 = _costed(stage, 0)
-    c2, w2 = _costed(stage, 2)
-    c3, w3 = _costed(stage, 3)
-    update = c3.minus(c2)
-    if w3 != w2 or w2 <= w0:
-        warnings.append("the costing programs' loops are not as expected (a layer loop unrolled "
-                        "or split); the per-layer figures are unreliable")
-    layer = c2.minus(c0).minus(update.scaled(2.0))
-    return {"ends": c0, "layer": layer, "layer_update": update}, warnings
-
-
-def _inference_pieces(stage: Stage) -> tuple:
-    """Inference holds no per-layer work outside the layer loop.  One layer (the loop removed)
-    and two (the body counted once) give the layer as their difference; a KV cache of no layers
-    cannot be traced, hence no depth 0."""
-    c1, _ = _costed(stage, 1)
-    c2, w2 = _costed(stage, 2)
-    layer = c2.minus(c1)
-    warnings = [] if w2 else ["the two-layer costing program has no loop; the per-layer "
-                              "figures are unreliable"]
-    return {"ends": c1.minus(layer), "layer": layer, "layer_update": comp.Cost()}, warnings
-
-
-def _seconds(cost: comp.Cost, sl: Slice) -> tuple:
+def bound_seconds(cost: comp.Cost, sl: Slice) -> float:
+    """Roofline (FLOPs at peak, bytes at HBM bandwidth) plus collectives at ICI bandwidth."""
     compute = max(cost.flops / sl.chip.peak_flops, cost.bytes / sl.chip.hbm_bytes_per_s)
-    collective = cost.moved_bytes / (sl.chip.ici_bytes_per_s / 2.0)
-    return compute, collective
+    return compute + cost.moved_bytes / (sl.chip.ici_bytes_per_s / 2.0)
+
+
+def _timed(cost: comp.Cost, sl: Slice, xla: float, warnings: List[str], what: str) -> Piece:
+    if math.isfinite(xla) and xla > 0:
+        return Piece(cost, xla)
+    warnings.append(f"XLA gave no time for the {what}; its bound (roofline + collectives at "
+                    f"ICI bandwidth) is used")
+    return Piece(cost, bound_seconds(cost, sl))
+
+
+def _update(stage: Stage, sl: Slice, params: float) -> Piece:
+    """The optimizer update of ``params`` trainable parameters (all chips), per chip."""
+    p = params / stage.mesh.size
+    cost = comp.Cost(flops=UPDATE_FLOPS * p, bytes=UPDATE_BYTES * p)
+    cost.xla_seconds = bound_seconds(cost, sl)  # memory-bound: its roofline is its time
+    return Piece(cost, cost.xla_seconds)
+
+
+def pieces(stage: Stage, sl: Slice) -> Tuple[Dict[str, Piece], List[str]]:
+    """``{"ends", "layer", "update", "end_update"}`` of one micro-batch (the updates once per
+    step) and warnings."""
+    warnings: List[str] = []
+    c0, c1 = _costed(stage, 0), _costed(stage, 1)
+    one = c1.minus(c0)
+    out = {"ends": _timed(c0, sl, c0.xla_seconds, warnings, "program without layers"),
+           "update": Piece(comp.Cost(), 0.0), "end_update": Piece(comp.Cost(), 0.0)}
+    if stage.name != "train":
+        out["layer"] = _timed(one, sl, one.xla_seconds, warnings, "layer")
+        return out, warnings
+    upd = _update(stage, sl, stage.layer_params)
+    one = one.minus(upd.cost)
+    layer = _costed(stage, 2).minus(c0).minus(upd.cost.scaled(2.0))
+    xla = one.xla_seconds * layer.flops / one.flops if one.flops > 0 else math.nan
+    out["layer"] = _timed(layer, sl, xla, warnings, "layer")
+    out["update"] = upd
+    out["end_update"] = _update(stage, sl, stage.end_params)
+    return out, warnings
 
 
 def estimate(stage: Stage, sl: Slice) -> Estimate:
     """The step of ``stage`` on ``sl``, estimated (see the module docstring)."""
-    parts, warnings = pieces(stage)
+    parts, warnings = pieces(stage, sl)
     L, k = stage.cfg.num_layers, stage.accum
-    end_update = parts["layer_update"].scaled(stage.end_param_ratio)
-    micro = parts["ends"].minus(end_update).plus(parts["layer"].scaled(L))
-    total = end_update.plus(parts["layer_update"].scaled(L)).plus(micro.scaled(k))
-    compute, collective = _seconds(total, sl)
-    bound = compute + collective
-    xla = total.xla_seconds
-    step = xla if math.isfinite(xla) and xla > 0 else bound
-    if not (math.isfinite(xla) and xla > 0):
-        warnings.append("XLA gave no step time for a piece; the bound (roofline + collectives "
-                        "at ICI bandwidth) is used")
-    return Estimate(total, step, bound, compute, collective, total.flops * stage.mesh.size,
+    end_upd, upd, ends, layer = (parts[n] for n in ("end_update", "update", "ends", "layer"))
+    micro_cost = ends.cost.minus(end_upd.cost).plus(layer.cost.scaled(L))
+    micro_s = ends.seconds - end_upd.seconds + L * layer.seconds
+    total = end_upd.cost.plus(upd.cost.scaled(L)).plus(micro_cost.scaled(k))
+    step = end_upd.seconds + L * upd.seconds + k * micro_s
+    return Estimate(total, step, bound_seconds(total, sl), total.flops * stage.mesh.size,
                     stage.executed_flops(L) * k, parts, warnings)

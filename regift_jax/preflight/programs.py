@@ -13,8 +13,11 @@ functions for any layer count.
 
 A :class:`Stage` builds its program at any depth (``build(num_layers, costing)``): the real depth
 is compiled for memory; shallow "costing" variants let :mod:`regift_jax.preflight.estimate` count
-what XLA's cost analysis counts only once (loop bodies).  Costing variants of the train step use
-one micro-batch and put every loss slot in one LM-head chunk, so that no loop hides a trip.
+what XLA's cost analysis counts only once (loop bodies) and cannot time (loops of data-dependent
+length): costing variants of the train step run one micro-batch and the LM head on full logits
+(``model.loss_chunk=0``: the same FLOPs as the chunked loss with a loss on every slot); the
+decode step is costed as the sampler's ``extend`` of one token per row into a full cache, and
+prefill as ``extend`` of the prompts into an empty one.
 """
 
 from __future__ import annotations
@@ -66,15 +69,15 @@ class Stage:
     name: str  # train | prefill | decode | score
     cfg: ModelConfig  # the real model config (full depth)
     mesh: Any
-    build: Callable[[int, bool], Variant]
+    build: Callable[..., Variant]  # (num_layers, costing) -> Variant
     tokens: int  # tokens one call processes (global)
     model_flops: float  # model FLOPs of one call (global; the MFU numerator)
     executed_flops: Callable[[int], float]  # analytic FLOPs the costing program runs at a depth
-    per_layer_outside_loops: bool = False  # work that scales with depth outside the layer loop
     accum: int = 1  # train: micro-batches per step
     rows: int = 0  # train: rows of the global batch
     batch_shards: int = 1  # train: shards of the batch (mesh axes of the batch rule)
-    end_param_ratio: float = 0.0  # train: trainable params outside the layers / per layer
+    layer_params: int = 0  # train: trainable parameters of one layer
+    end_params: int = 0  # train: trainable parameters outside the layers
     notes: List[str] = dataclasses.field(default_factory=list)
 
 
@@ -206,8 +209,8 @@ def train_stage(config, devices) -> Stage:
     def build(num_layers: int, costing: bool) -> Variant:
         m = cfg.replace(num_layers=num_layers)
         b, acc = (B // k, 1) if costing else (B, k)
-        if costing and m.loss_chunk > 0:
-            m = m.replace(loss_chunk=b * T)  # one chunk: the head loop runs exactly once
+        if costing:  # the LM head on full logits: no loop of data-dependent length
+            m = m.replace(loss_chunk=0)
         params = abstract_params(m, mesh, rules)
         split = state_lib.split_trainable(m, params, mesh, rules)
         if costing and num_layers == 0 and m.lora_rank > 0:
@@ -223,15 +226,14 @@ def train_stage(config, devices) -> Stage:
 
     dense, lora = _matmul_params(cfg)
     n_lora = cfg.num_layers * lora
-    ends = 0 if cfg.lora_rank > 0 else (cfg.num_params()
-                                        - cfg.num_layers * (dense + 2 * cfg.hidden_size))
-    per_layer = lora if cfg.lora_rank > 0 else dense + 2 * cfg.hidden_size
+    full_layer = (cfg.num_params() - cfg.replace(num_layers=0).num_params()) // cfg.num_layers
+    ends = 0 if cfg.lora_rank > 0 else cfg.replace(num_layers=0).num_params()
+    per_layer = lora if cfg.lora_rank > 0 else full_layer
     return Stage("train", cfg, mesh, build, tokens=B * T,
                  model_flops=B * T * train_flops_per_token(cfg, T, n_lora),
                  executed_flops=lambda L: train_executed_flops(cfg.replace(num_layers=L),
                                                                (B // k) * T, T),
-                 per_layer_outside_loops=True, accum=k, rows=B, batch_shards=n,
-                 end_param_ratio=ends / per_layer)
+                 accum=k, rows=B, batch_shards=n, layer_params=per_layer, end_params=ends)
 
 
 # ============================================================================ the sampler
@@ -267,12 +269,25 @@ def sampler_stages(cfg: ModelConfig, mesh, rules, B: int, T: int, S: int, decode
         m = cfg.replace(num_layers=num_layers)
         params = abstract_params(m, mesh, rules)
         ids = _sds((B, T), jnp.int32, batch(2))
-        return Variant(sampling.prefill.lower(params, ids, ids, cfg=m, cache_len=S), params)
+        if not costing:
+            return Variant(sampling.prefill.lower(params, ids, ids, cfg=m, cache_len=S), params)
+        # prefill builds its own cache (of no layers at depth 0, which cannot be traced):
+        # costed as extend, the same forward into a given empty cache
+        cache = _abstract_cache(m.replace(num_layers=max(1, num_layers)), B, S, cache_sh)
+        lowered = sampling.extend.lower(params, cache, ids, ids, _sds((B,), jnp.int32, batch(1)),
+                                        _sds((B, m.vocab_size), jnp.float32, batch(2)), cfg=m)
+        return Variant(lowered, params, cache=cache)
 
     def decode_step(num_layers: int, costing: bool) -> Variant:
         m = cfg.replace(num_layers=num_layers)
         params = abstract_params(m, mesh, rules)
-        cache = _abstract_cache(m, B, S, cache_sh)
+        cache = _abstract_cache(m.replace(num_layers=max(1, num_layers)), B, S, cache_sh)
+        if costing:  # one step without the decode loop, whose length XLA cannot time
+            one = _sds((B, 1), jnp.int32, batch(2))
+            lowered = sampling.extend.lower(
+                params, cache, one, one, _sds((B,), jnp.int32, batch(1)),
+                _sds((B, m.vocab_size), jnp.float32, batch(2)), cfg=m)
+            return Variant(lowered, params, cache=cache)
         args = (params, cache, _sds((B, m.vocab_size), jnp.float32, batch(2)),
                 _sds((B,), jnp.int32, batch(1)), _sds((B,), jnp.bool_, batch(1)),
                 _sds((B, decode["max_new"]), jnp.int32, batch(2)), _sds((), jnp.int32, repl),

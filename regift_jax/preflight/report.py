@@ -45,6 +45,7 @@ class StageReport:
     flops_per_step_per_chip: Optional[float] = None
     bytes_per_step_per_chip: Optional[float] = None
     flop_check: Optional[dict] = None
+    pieces: Dict[str, dict] = dataclasses.field(default_factory=dict)  # the estimate's parts
     collectives: Dict[str, dict] = dataclasses.field(default_factory=dict)
     estimate_method: str = ""
     message: str = ""
@@ -80,6 +81,9 @@ def _collective_table(exe, n: int) -> Dict[str, dict]:
 
 def _add_estimate(rep: StageReport, stage: Stage, sl: Slice, est: Estimate) -> None:
     rep.step_seconds = est.step_seconds
+    rep.pieces = {name: {"flops": p.cost.flops, "bytes": p.cost.bytes, "seconds": p.seconds,
+                         "collective_bytes": p.cost.moved_bytes}
+                  for name, p in est.pieces.items()}
     rep.step_seconds_bound = est.bound_seconds
     rep.tokens_per_s_per_chip = stage.tokens / est.step_seconds / stage.mesh.size
     rep.mfu = stage.model_flops / (est.step_seconds * stage.mesh.size * sl.chip.peak_flops)
