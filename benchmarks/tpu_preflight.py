@@ -1,6 +1,6 @@
-"""The "TPU by compilation" table of BENCHMARKS.md: the paper presets compiled for TPU slices on this
-CPU by the TPU preflight (``python -m regift_jax.preflight``), fits or not, GiB per chip and the
-ESTIMATED step time, tokens/s per chip and MFU.
+"""The "TPU by compilation" table of BENCHMARKS.md: the paper presets compiled for TPU slices on
+this CPU by the TPU preflight (``python -m regift_jax.preflight``): fits or not, GiB per chip,
+the ESTIMATED step time, tokens/s per chip and MFU.
 
     python benchmarks/tpu_preflight.py --cells=llama8b_lora@v5e-8,llama8b_lora_remat_full@v5e-8
     python benchmarks/tpu_preflight.py --all          # every cell still missing (hours on 2 cores)
@@ -42,16 +42,22 @@ PRESETS: Dict[str, Tuple[str, str, Tuple[str, ...]]] = {
     "mistral7b_lora_remat_full": ("Mistral-7B LoRA, remat full", "configs/mistral.py:mistral_7b",
                                   REMAT_FULL),
     "phi4_lora": ("Phi-4 LoRA (as shipped: remat full)", "configs/phi4.py:phi4", ()),
+    "r1_qwen32b_decode": ("R1-Distill-Qwen-32B decode, 64 x 1,536 (as shipped: one chip)",
+                          "configs/teacher_qwen2.py:r1_distill_qwen_32b", ("--stages=decode",)),
     "r1_qwen32b_decode_fsdp": ("R1-Distill-Qwen-32B decode, 64 x 1,536, mesh fsdp=-1",
                                "configs/teacher_qwen2.py:r1_distill_qwen_32b",
                                ("--mesh=fsdp=-1", "--stages=decode")),
+    "r1_qwen32b_decode_tp": ("R1-Distill-Qwen-32B decode, 64 x 1,536, mesh fsdp=2,tensor=8",
+                             "configs/teacher_qwen2.py:r1_distill_qwen_32b",
+                             ("--mesh=fsdp=2,tensor=8", "--stages=decode")),
     "bbq_llama8b_fsdp": ("BBQ log-likelihood, Llama-3.1-8B, mesh fsdp=-1", "configs/eval.py",
                          ("--model=llama-3.1-8b", "--mesh=fsdp=-1")),
 }
 # The order cells run in (cheapest questions first).
 PRIORITY = ("llama8b_lora@v5e-8", "llama8b_lora_remat_full@v5e-8", "llama8b_full@v6e-8",
             "llama8b_full_remat_full@v6e-8", "llama8b_lora_remat_full@v6e-8",
-            "llama8b_full_remat_full@v5p-8", "r1_qwen32b_decode_fsdp@v5e-16")
+            "llama8b_full_remat_full@v5p-8", "r1_qwen32b_decode@v5e-16",
+            "r1_qwen32b_decode_fsdp@v5e-16", "r1_qwen32b_decode_tp@v5e-16")
 
 
 def all_cells() -> List[str]:

@@ -126,7 +126,7 @@ def test_full_step_memory_and_flops_match_the_analytic_count(full_step):
     assert rep.flop_check["ok"], rep.flop_check
     assert rep.flop_check["xla_flops"] == pytest.approx(model_flops, rel=TOL)
     assert rep.step_seconds > 0 and 0 < rep.mfu <= 1
-    assert not [n for n in rep.notes if "XLA gave no time" in n]  # XLA timed every piece
+    assert not [n for n in rep.notes if "XLA gave no" in n]  # XLA timed every piece
     assert rep.tokens_per_s_per_chip * rep.step_seconds * rep.chips == pytest.approx(tokens)
     assert rep.collectives  # FSDP gathers weights and reduce-scatters gradients
 

@@ -28,12 +28,17 @@ SQUAD_TRAIN = os.path.join(HERE, "fixtures", "squad_train")
 R1_OUTPUTS = os.path.join(HERE, "fixtures", "r1", "outputs.jsonl")
 
 
-class WordTokenizer:
-    """Counts words; the stub teacher needs no vocabulary."""
+class CharTokenizer:
+    """One id per character (its code point): the stub teacher needs no vocabulary, and the
+    shared prompt prefix the pipeline encodes reads back exactly."""
     chat_template = None
 
     def __call__(self, text, add_special_tokens=True):
-        return {"input_ids": text.split()}
+        return {"input_ids": [ord(c) for c in text]}
+
+    @staticmethod
+    def decode(ids):
+        return "".join(map(chr, ids))
 
 
 class StubSampler:
@@ -47,7 +52,7 @@ class StubSampler:
         assert then is None and sampling.temperature == 0.0 and sampling.max_new_tokens == 512
         out = []
         for text in texts:
-            prompt = (prefix or "") + text
+            prompt = CharTokenizer.decode(prefix or []) + text
             assert prompt.startswith("### Instruction:\n") and prompt.endswith(
                 "### Response:\n<think> Let's think step by step to answer the question.\n")
             question = re.search(r"\nQuestion:\n(.*)\n", prompt).group(1)
@@ -61,7 +66,7 @@ class StubSampler:
 
 class StubTeacher:
     def __init__(self, outputs, calls):
-        self.tokenizer = WordTokenizer()
+        self.tokenizer = CharTokenizer()
         self._sampler = StubSampler(outputs, calls)
 
     def sampler(self, **kwargs):

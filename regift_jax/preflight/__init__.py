@@ -73,8 +73,9 @@ def run(config, slice_name: str, *, config_name: str = "", mesh: Optional[str] =
         explain_oom: bool = True, only: Sequence[str] = ()) -> List[StageReport]:
     """Preflight every stage of ``config`` (or those named in ``only``) on the slice
     ``slice_name`` (``"v5e-8"``, ``"v5e:2x4"``); one :class:`StageReport` per stage.
-    ``estimate``: estimate step times (three more compiles per stage); ``explain_oom``: compile
-    a program that does not fit once more to name its largest buffers."""
+    ``estimate``: estimate step times (two to four shallower compiles per stage);
+    ``explain_oom``: compile a program that does not fit once more to name its largest
+    buffers."""
     sl = parse_slice(slice_name)
     todo = stages(config, sl, mesh=mesh, model=model, prompt_len=prompt_len)
     unknown = set(only) - {s.name for s in todo}

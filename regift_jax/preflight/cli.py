@@ -46,7 +46,8 @@ flags.DEFINE_string("mesh", "", "teacher / eval configs: the mesh, e.g. fsdp=-1 
                     "for eval)")
 flags.DEFINE_string("model", "", "eval configs: the model (preset name or HF directory)")
 flags.DEFINE_integer("prompt_len", 1024, "sampler stages: prompt tokens per row")
-flags.DEFINE_bool("estimate", True, "estimate the step time (three more compiles per stage)")
+flags.DEFINE_bool("estimate", True, "estimate the step time (two to four shallower compiles "
+                  "per stage)")
 flags.DEFINE_bool("explain_oom", True, "when a program does not fit, compile it once more to "
                   "read its memory and name its largest buffers")
 flags.DEFINE_list("stages", [], "only these stages (train, prefill, decode, score)")

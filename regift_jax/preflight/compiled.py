@@ -136,13 +136,14 @@ def collectives(hlo_text: str, num_devices: int) -> Dict[str, Collective]:
 
 
 def xla_seconds(optimal: float) -> float:
-    """The time in XLA's ``optimal_seconds``.  The TPU cost model adds -1 for an operation it
-    cannot time (a straight-line train step has one: -0.9997 s where its other operations take
-    0.3 ms), so a value in (-1, 0) is that time less one; anything below (several such
-    operations, loops) is no time at all (NaN)."""
-    if optimal >= 0:
-        return optimal
-    return optimal + 1.0 if optimal > -1.0 else float("nan")
+    """The time in XLA's ``optimal_seconds``.  The TPU cost model adds -1 s for each operation it
+    cannot time (a straight-line LoRA step has one: -0.9997 s where its other operations take
+    0.3 ms; full fine-tuning two), so a negative value is read as its fractional part: right for
+    a program that runs in under a second, as the preflight's costing pieces do (the estimate
+    checks the result against the FLOP roofline)."""
+    if not math.isfinite(optimal):
+        return float("nan")
+    return optimal - math.floor(optimal) if optimal < 0 else optimal
 
 
 def cost(compiled, num_devices: int) -> Cost:

@@ -1,28 +1,31 @@
 """An ESTIMATED step time for a stage, from XLA's TPU cost model, seeing the whole step.
 
 XLA's ``cost_analysis()`` counts a loop body once, whatever its trip count, and gives no time
-(a negative ``optimal_seconds``) for programs with loops; the decoder runs its layers in a
-``lax.scan``.  So the step is costed from shallow variants of the same program, compiled for
+(a negative ``optimal_seconds``) for the train step's layer loops; the decoder runs its layers
+in a ``lax.scan``.  So the step is costed from shallow variants of the same program, compiled for
 the same topology and mesh (:meth:`regift_jax.preflight.programs.Stage.build`):
 
 * ``c0`` (no layer: embedding, final norm, LM head and loss, the optimizer update of what sits
   outside the layers) and ``c1`` (one layer; XLA removes a loop of one trip, so the program is
   straight-line and XLA times it);
-* train only, ``c2`` (two layers): the layer loop survives and its body, counted once, keeps
-  the remat policy's recomputation, which XLA merges with the forward pass at one layer.  One
-  layer's FLOPs, bytes and collectives are ``c2 - c0`` less two optimizer updates of a layer's
-  weights (AdamW in float32, counted analytically: ``UPDATE_FLOPS`` and ``UPDATE_BYTES`` per
-  parameter; the updates run outside the loop); its time is XLA's time of ``c1 - c0`` scaled by
-  the FLOP ratio of the two (the recomputation at the layer's own rate).  With LoRA the
-  no-layer variant trains the final norm's scale, so that the LM head's input gradient, which
-  every real step needs, is computed;
-* inference: one layer is ``c1 - c0``;
-* loops of data-dependent length are avoided: the costing variants of the train step compute
-  the LM head and loss on full logits (``model.loss_chunk=0``: the FLOPs of the chunked loss
-  loop with a loss on every slot, an upper bound, and more HBM traffic), the decode step is
+* the train step and the scorer also compile ``c2`` (two layers): the layer loop survives and
+  its body, counted once, is a layer as every layer runs it (at one layer XLA merges the remat
+  policy's recomputation with the forward pass, and prunes the last layer's work that the
+  scorer's few scored positions do not need).  One layer's FLOPs, bytes and collectives are
+  ``c2 - c0`` less, for training, two optimizer updates of a layer's weights (AdamW in float32,
+  counted analytically: ``UPDATE_FLOPS`` and ``UPDATE_BYTES`` per parameter; the updates run
+  outside the loop); its time is XLA's time of ``c1 - c0`` scaled by the FLOP ratio of the two
+  (the recomputation at the layer's own rate).  With LoRA the no-layer variant trains the final
+  norm's scale, so that the LM head's input gradient, which every real step needs, is
+  computed.  Prefill and decode take one layer as ``c1 - c0``;
+* the train step's LM head and loss run in a loop over chunks of ``model.loss_chunk``
+  positions, as many as hold a loss: the no-layer variant is compiled once more with the chunk
+  doubled, the difference is one chunk, and the ends get ``chunks - 1`` more, counting a loss on
+  every slot (an upper bound);
+* the sampler's decode loop (its length depends on the data) is avoided: the decode step is
   costed as the sampler's ``extend`` of one token per row into a full cache, prefill as
-  ``extend`` of the prompts into an empty one (a KV cache of no layers cannot be traced, so
-  the variants carry one layer of cache at least).  Without a layer loop XLA keeps the
+  ``extend`` of the prompts into an empty one (a KV cache of no layers cannot be traced, so the
+  variants carry one layer of cache at least).  Without a layer loop XLA keeps the
   prefill's LM head on every prompt position, where the real prefill computes it for the last
   one only (a few percent of a prefill, counted in full);
 * the step = ends + L x layer (+ L optimizer updates), with ``grad_accum_steps`` x the
@@ -71,7 +74,7 @@ KERNEL_NOTE = ("custom TPU kernels (Pallas) are opaque to XLA's cost model: thei
 METHOD = ("ESTIMATE: XLA's TPU cost model (optimal_seconds) of the step's pieces compiled for "
           "this topology and mesh at shallow depths (0 and 1 layers, and 2 for the train "
           "step's remat recomputation), multiplied out: ends + L x layer + optimizer updates "
-          "(analytic), x grad_accum_steps; train: LM head on full logits (a loss on every "
+          "(analytic), x grad_accum_steps, LM-head loss chunks x their count (a loss on every "
           "slot); decode: one extend step; not seen: host input, real ICI contention, "
           "compute/communication overlap, kernels opaque to the cost model")
 
@@ -103,9 +106,9 @@ class Estimate:
         return abs(self.flop_ratio - 1.0) <= FLOP_TOLERANCE
 
 
-def _costed(stage: Stage, num_layers: int) -> comp.Cost:
+def _costed(stage: Stage, num_layers: int, **kw) -> comp.Cost:
     """The cost of a costing variant; a Pallas kernel (opaque to the cost model) is noted."""
-    exe = stage.build(num_layers, True).lowered.compile(compiler_options=COSTING_OPTIONS)
+    exe = stage.build(num_layers, True, **kw).lowered.compile(compiler_options=COSTING_OPTIONS)
     kernels = exe.as_text().count('custom_call_target="tpu_custom_call"')
     if kernels and not any(KERNEL_NOTE in n for n in stage.notes):
         stage.notes.append(f"{KERNEL_NOTE}: {kernels} in the {num_layers}-layer variant")
@@ -119,10 +122,12 @@ def bound_seconds(cost: comp.Cost, sl: Slice) -> float:
 
 
 def _timed(cost: comp.Cost, sl: Slice, xla: float, warnings: List[str], what: str) -> Piece:
-    if math.isfinite(xla) and xla > 0:
+    """XLA's time of a piece, unless it has none or one faster than the chip's peak FLOP rate
+    allows (then the bound, with a warning)."""
+    if math.isfinite(xla) and xla >= 0.95 * cost.flops / sl.chip.peak_flops and xla > 0:
         return Piece(cost, xla)
-    warnings.append(f"XLA gave no time for the {what}; its bound (roofline + collectives at "
-                    f"ICI bandwidth) is used")
+    warnings.append(f"XLA gave no usable time for the {what}; its bound (roofline + "
+                    f"collectives at ICI bandwidth) is used")
     return Piece(cost, bound_seconds(cost, sl))
 
 
@@ -139,20 +144,19 @@ def pieces(stage: Stage, sl: Slice) -> Tuple[Dict[str, Piece], List[str]]:
     step) and warnings."""
     warnings: List[str] = []
     c0, c1 = _costed(stage, 0), _costed(stage, 1)
-    one = c1.minus(c0)
-    out = {"ends": _timed(c0, sl, c0.xla_seconds, warnings, "program without layers"),
-           "update": Piece(comp.Cost(), 0.0), "end_update": Piece(comp.Cost(), 0.0)}
-    if stage.name != "train":
-        out["layer"] = _timed(one, sl, one.xla_seconds, warnings, "layer")
-        return out, warnings
+    ends = c0
+    if stage.head_chunks > 1:  # the LM-head loss loop runs head_chunks times, counted once
+        chunk = _costed(stage, 0, chunk_scale=2).minus(c0)
+        ends = c0.plus(chunk.scaled(stage.head_chunks - 1))
     upd = _update(stage, sl, stage.layer_params)
-    one = one.minus(upd.cost)
-    layer = _costed(stage, 2).minus(c0).minus(upd.cost.scaled(2.0))
+    one = c1.minus(c0).minus(upd.cost)
+    layer = one
+    if stage.layer_depth == 2:
+        layer = _costed(stage, 2).minus(c0).minus(upd.cost.scaled(2.0))
     xla = one.xla_seconds * layer.flops / one.flops if one.flops > 0 else math.nan
-    out["layer"] = _timed(layer, sl, xla, warnings, "layer")
-    out["update"] = upd
-    out["end_update"] = _update(stage, sl, stage.end_params)
-    return out, warnings
+    return {"ends": _timed(ends, sl, ends.xla_seconds, warnings, "program without layers"),
+            "layer": _timed(layer, sl, xla, warnings, "layer"), "update": upd,
+            "end_update": _update(stage, sl, stage.end_params)}, warnings
 
 
 def estimate(stage: Stage, sl: Slice) -> Estimate:

@@ -13,11 +13,11 @@ functions for any layer count.
 
 A :class:`Stage` builds its program at any depth (``build(num_layers, costing)``): the real depth
 is compiled for memory; shallow "costing" variants let :mod:`regift_jax.preflight.estimate` count
-what XLA's cost analysis counts only once (loop bodies) and cannot time (loops of data-dependent
-length): costing variants of the train step run one micro-batch and the LM head on full logits
-(``model.loss_chunk=0``: the same FLOPs as the chunked loss with a loss on every slot); the
-decode step is costed as the sampler's ``extend`` of one token per row into a full cache, and
-prefill as ``extend`` of the prompts into an empty one.
+what XLA's cost analysis counts only once (loop bodies): costing variants of the train step run
+one micro-batch (``build(0, True, chunk_scale=2)`` doubles the LM-head loss chunk, so that one
+chunk's cost can be told from the rest); the decode step is costed as the sampler's ``extend``
+of one token per row into a full cache, and prefill as ``extend`` of the prompts into an empty
+one.
 """
 
 from __future__ import annotations
@@ -77,6 +77,8 @@ class Stage:
     rows: int = 0  # train: rows of the global batch
     batch_shards: int = 1  # train: shards of the batch (mesh axes of the batch rule)
     layer_params: int = 0  # train: trainable parameters of one layer
+    head_chunks: int = 0  # train: trips of the LM-head loss loop, a loss on every slot (0: none)
+    layer_depth: int = 1  # costing depth whose layer is a layer as every layer runs it (1 or 2)
     end_params: int = 0  # train: trainable parameters outside the layers
     notes: List[str] = dataclasses.field(default_factory=list)
 
@@ -139,15 +141,22 @@ def _attention_keys(cfg: ModelConfig, T: int) -> float:
     return float(T)
 
 
+#: The projections that end a residual branch: nothing in the backward pass needs their output,
+#: so a rematerialised layer does not recompute them.
+BRANCH_ENDS = ("o_proj", "down_proj")
+
+
 def _matmul_params(cfg: ModelConfig) -> tuple:
-    """(projection weights of one layer, LoRA adapter weights of one layer)."""
-    dense = lora = 0
+    """(projection weights of one layer, LoRA adapter weights of one layer, weights of the
+    :data:`BRANCH_ENDS`)."""
+    dense = lora = ends = 0
     for name in PROJECTIONS:
         n_in, n_out = (int(np.prod(s)) for s in proj_shapes(cfg, name))
         dense += n_in * n_out
+        ends += n_in * n_out if name in BRANCH_ENDS else 0
         if cfg.lora_rank > 0 and name in cfg.lora_targets:
             lora += cfg.lora_rank * (n_in + n_out)
-    return dense, lora
+    return dense, lora, ends
 
 
 def _batch_shards(mesh, sharding: NamedSharding) -> int:
@@ -172,14 +181,16 @@ def _train_model_config(config) -> ModelConfig:
 def train_executed_flops(cfg: ModelConfig, tokens: int, T: int) -> float:
     """FLOPs the train step's matmuls execute for ``tokens`` slots of rows of ``T`` with the loss
     on every slot: forward, backward (input gradients; weight gradients of what trains) and the
-    recomputation of the remat policy, attention as computed (causal chunks skip keys)."""
+    recomputation of the remat policy (all but the :data:`BRANCH_ENDS` for ``full``, attention's
+    batched dots for ``dots_with_no_batch_dims``), attention as computed (causal chunks skip
+    keys)."""
     full = cfg.lora_rank <= 0
-    dense, lora = _matmul_params(cfg)
+    dense, lora, branch_ends = _matmul_params(cfg)
     rec_mm = cfg.remat_policy in ("full", "nothing_saveable")
     rec_att = rec_mm or cfg.remat_policy == "dots_with_no_batch_dims"
     att = 4.0 * cfg.num_heads * cfg.head_dim * _attention_keys(cfg, T)
-    per_layer = (2.0 * dense * (2 + full + rec_mm) + att * (3 + rec_att)
-                 + 2.0 * lora * (3 + rec_mm))
+    per_layer = (2.0 * dense * (2 + full) + 2.0 * (dense - branch_ends) * rec_mm
+                 + att * (3 + rec_att) + 2.0 * lora * (3 + rec_mm))
     head = 2.0 * cfg.hidden_size * cfg.vocab_size * (2 + full)
     return float(tokens) * (cfg.num_layers * per_layer + head)
 
@@ -206,11 +217,9 @@ def train_stage(config, devices) -> Stage:
         raise PreflightError(f"train.global_batch={B} must be divisible by grad_accum_steps ({k})"
                              f" x batch shards ({n}: mesh {dict(mesh.shape)})")
 
-    def build(num_layers: int, costing: bool) -> Variant:
-        m = cfg.replace(num_layers=num_layers)
+    def build(num_layers: int, costing: bool, chunk_scale: int = 1) -> Variant:
+        m = cfg.replace(num_layers=num_layers, loss_chunk=cfg.loss_chunk * chunk_scale)
         b, acc = (B // k, 1) if costing else (B, k)
-        if costing:  # the LM head on full logits: no loop of data-dependent length
-            m = m.replace(loss_chunk=0)
         params = abstract_params(m, mesh, rules)
         split = state_lib.split_trainable(m, params, mesh, rules)
         if costing and num_layers == 0 and m.lora_rank > 0:
@@ -224,7 +233,7 @@ def train_stage(config, devices) -> Stage:
         return Variant(step.lower(state, frozen, batch), params=params,
                        opt_state=state.opt_state)
 
-    dense, lora = _matmul_params(cfg)
+    dense, lora, _ = _matmul_params(cfg)
     n_lora = cfg.num_layers * lora
     full_layer = (cfg.num_params() - cfg.replace(num_layers=0).num_params()) // cfg.num_layers
     ends = 0 if cfg.lora_rank > 0 else cfg.replace(num_layers=0).num_params()
@@ -233,7 +242,9 @@ def train_stage(config, devices) -> Stage:
                  model_flops=B * T * train_flops_per_token(cfg, T, n_lora),
                  executed_flops=lambda L: train_executed_flops(cfg.replace(num_layers=L),
                                                                (B // k) * T, T),
-                 accum=k, rows=B, batch_shards=n, layer_params=per_layer, end_params=ends)
+                 accum=k, rows=B, batch_shards=n, layer_params=per_layer, end_params=ends,
+                 layer_depth=2,
+                 head_chunks=-(-(B // k * T) // cfg.loss_chunk) if cfg.loss_chunk > 0 else 0)
 
 
 # ============================================================================ the sampler
@@ -251,7 +262,7 @@ def _abstract_cache(cfg: ModelConfig, B: int, S: int, shardings):
 
 
 def _inference_flops(cfg: ModelConfig, tokens: int, keys: float, head_rows: int) -> float:
-    dense, _ = _matmul_params(cfg)
+    dense = _matmul_params(cfg)[0]
     att = 4.0 * cfg.num_heads * cfg.head_dim * keys
     return (float(tokens) * cfg.num_layers * (2.0 * dense + att)
             + 2.0 * head_rows * cfg.hidden_size * cfg.vocab_size)
@@ -370,7 +381,7 @@ def score_stage(cfg: ModelConfig, mesh, rules, rows: int, T: int) -> Stage:
     flops = lambda L: _inference_flops(  # noqa: E731
         cfg.replace(num_layers=L), rows * T, _attention_keys(cfg, T), rows * M)
     return Stage("score", cfg, mesh, build, tokens=rows * T, model_flops=flops(cfg.num_layers),
-                 executed_flops=flops,
+                 executed_flops=flops, layer_depth=2,
                  notes=[f"{rows} packed rows of {T} tokens, {M} scored positions per row "
                         f"(assumed)"])
 

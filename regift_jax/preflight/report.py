@@ -106,11 +106,17 @@ def _not_fitting(stage: Stage, sl: Slice, base: dict, v, err: BaseException, exp
     again with :data:`EXPLAIN_OPTIONS` for its real memory and largest buffers."""
     need, _, largest = comp.out_of_memory(err)
     temps = args = None
+    notes = []
     if explain:
-        exe = v.lowered.compile(compiler_options=EXPLAIN_OPTIONS)
-        mem = comp.memory(exe)
-        need, temps, args = float(mem.total), mem.temporaries, mem.arguments
-        largest = comp.largest_buffers(exe.as_text())
+        try:
+            exe = v.lowered.compile(compiler_options=EXPLAIN_OPTIONS)
+        except Exception as e:  # noqa: BLE001  (the compiler may refuse such a program)
+            notes.append(f"the compile for the memory breakdown failed too: {str(e)[:200]}")
+        else:
+            mem = comp.memory(exe)
+            need, temps, args = float(mem.total), mem.temporaries, mem.arguments
+            largest = comp.largest_buffers(exe.as_text())
+    base = dict(base, notes=base["notes"] + notes)
     rep = StageReport(**base, fits=False, hbm_gib_per_chip=_gib(need),
                       headroom_gib=None if need is None else _gib(sl.chip.hbm_bytes - need),
                       temporaries_gib=_gib(temps), arguments_gib=_gib(args),
