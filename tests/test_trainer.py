@@ -543,3 +543,34 @@ def test_no_resume_refuses_a_used_workdir(ref, tiny_dir, cache_dir, tmp_path):
     cfg = make_config(tiny_dir, cache_dir, checkpoint__resume=False)
     with pytest.raises(ValueError, match="already holds checkpoints"):
         train.run_training(cfg, wd)
+
+
+# ============================================================================ memory check
+def test_memory_check_refuses_a_step_that_does_not_fit(ref, tiny_dir, cache_dir, tmp_path,
+                                                        monkeypatch):
+    """On a device that reports its memory the step is compiled ahead of time and checked
+    (regift_jax.training.memory); the CPU reports none, so its limit is patched in.  With room,
+    the checked executable trains exactly as the jitted step; without, the run stops before its
+    first step and names the micro-batch that fits by the compiler's figures."""
+    from regift_jax.core import memory as core_memory
+    from regift_jax.training import memory as train_memory
+    seen, real_check = [], train_memory.check
+
+    def spy(mem, limit, **kw):
+        seen.append((mem, kw))
+        return real_check(mem, limit, **kw)
+
+    monkeypatch.setattr(train_memory, "check", spy)
+    monkeypatch.setattr(core_memory, "device_limit", lambda device: 64 * 1024 ** 3)
+    res = train.run_training(make_config(tiny_dir, cache_dir), str(tmp_path / "room"))
+    assert losses(res["history"]) == losses(ref["history"])
+    mem, kw = seen[0]
+    assert kw["rows"] == kw["global_batch"] == 8 and kw["accum_bytes"] > 0
+    fixed = mem.total - mem.temporaries + kw["accum_bytes"]
+    limit = int((fixed + 0.55 * mem.temporaries) / train_memory.PLAN_FRACTION)
+    assert mem.total > limit  # half the activations fit, all of them do not
+    monkeypatch.setattr(core_memory, "device_limit", lambda device: limit)
+    with pytest.raises(train_memory.StepMemoryError,
+                       match=r"does not fit.*micro_batch=4 \(2 micro-batches"):
+        train.run_training(make_config(tiny_dir, cache_dir), str(tmp_path / "tight"))
+    assert not os.path.isdir(os.path.join(tmp_path, "tight", "checkpoints", "1"))

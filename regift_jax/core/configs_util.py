@@ -187,6 +187,9 @@ def _train() -> ml_collections.ConfigDict:
     # A work directory remembers the model and data it trains on (run.json); resuming it with
     # another model or data is refused unless this is True (the override is then recorded).
     t.resume_override = False
+    # On a device that reports its memory (TPU, GPU): compile the step before the first one and
+    # refuse one that does not fit, saying what would (regift_jax.training.memory).
+    t.memory_check = True
     return t
 
 

@@ -73,27 +73,6 @@ class Cost:
         return sum(c.moved_bytes for c in self.collectives.values())
 
 
-@dataclasses.dataclass
-class Memory:
-    """``memory_analysis()`` of an executable, bytes per chip."""
-    arguments: int
-    outputs: int
-    aliased: int  # outputs that reuse donated argument buffers
-    temporaries: int
-    code: int
-
-    @property
-    def total(self) -> int:
-        return self.arguments + self.outputs - self.aliased + self.temporaries + self.code
-
-
-def memory(compiled) -> Memory:
-    m = compiled.memory_analysis()
-    return Memory(int(m.argument_size_in_bytes), int(m.output_size_in_bytes),
-                  int(m.alias_size_in_bytes), int(m.temp_size_in_bytes),
-                  int(m.generated_code_size_in_bytes))
-
-
 def _array_bytes(text: str) -> List[float]:
     out = []
     for dtype, dims in _ARRAY.findall(text):

@@ -8,6 +8,7 @@ import math
 import time
 from typing import Dict, List, Optional
 
+from regift_jax.core.memory import memory
 from regift_jax.preflight import compiled as comp
 from regift_jax.preflight.estimate import FLOP_TOLERANCE, METHOD, Estimate, estimate
 from regift_jax.preflight.hardware import GIB, Slice
@@ -113,7 +114,7 @@ def _not_fitting(stage: Stage, sl: Slice, base: dict, v, err: BaseException, exp
         except Exception as e:  # noqa: BLE001  (the compiler may refuse such a program)
             notes.append(f"the compile for the memory breakdown failed too: {str(e)[:200]}")
         else:
-            mem = comp.memory(exe)
+            mem = memory(exe)
             need, temps, args = float(mem.total), mem.temporaries, mem.arguments
             largest = comp.largest_buffers(exe.as_text())
     base = dict(base, notes=base["notes"] + notes)
@@ -140,7 +141,7 @@ def run_stage(stage: Stage, sl: Slice, config_name: str = "", with_estimate: boo
         if not comp.is_out_of_memory(e):
             raise
         return _not_fitting(stage, sl, base, v, e, explain_oom, t0)
-    mem = comp.memory(exe)
+    mem = memory(exe)
     fits = mem.total <= sl.chip.hbm_bytes
     rep = StageReport(**base, fits=fits, hbm_gib_per_chip=_gib(mem.total),
                       headroom_gib=_gib(sl.chip.hbm_bytes - mem.total),

@@ -30,12 +30,13 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from regift_jax.core import memory as core_memory
 from regift_jax.core import sharding as shd
 from regift_jax.core.configs_util import merge_rules
 from regift_jax.core.io import atomic_write_json
 from regift_jax.data.pipeline import make_global_array
 from regift_jax.models.checkpoints import CheckpointError
-from regift_jax.training import examples, identity, inputs
+from regift_jax.training import examples, identity, inputs, memory
 from regift_jax.training import metrics as metrics_lib
 from regift_jax.training import optim
 from regift_jax.training import state as state_lib
@@ -208,6 +209,25 @@ class Trainer:
         self.last_eval: Dict[str, float] = {}
         self.preempted = False
 
+    def _checked_step(self, batch):
+        """On a device that reports its memory: the step compiled ahead of time (the compile its
+        first call would do) and checked to fit (:mod:`regift_jax.training.memory`); elsewhere,
+        or with ``train.memory_check`` off, the jitted step."""
+        limit = core_memory.device_limit(jax.local_devices()[0])
+        if limit is None or not self.config.train.memory_check:
+            return self.step_fn
+        exe = self.step_fn.lower(self.state, self.model.frozen, batch).compile()
+        k = inputs.accum_steps(self.config.train)
+        params = jax.tree.leaves(self.state.params)
+        log.info(memory.check(
+            core_memory.memory(exe), limit, rows=int(self.config.train.global_batch) // k,
+            global_batch=int(self.config.train.global_batch),
+            batch_shards=shd._axes_size(self.model.mesh, self.inp.data_axes),
+            accum_bytes=0 if k > 1 else sum(4 * x.addressable_shards[0].data.size
+                                            for x in params),
+            remat_policy=self.model.cfg.remat_policy))
+        return exe
+
     def _restore(self, abstract):
         """(start step, restored state or None)."""
         if not self.config.checkpoint.resume:  # _check_workdir refused a used workdir
@@ -312,6 +332,8 @@ class Trainer:
         log_every = max(int(cfg.log.every_steps), 1)
         while step < self.total_steps:
             batch = self._batch(next(self.inp.train_pipe))
+            if step == self.start_step:
+                self.step_fn = self._checked_step(batch)
             self.state, metrics = self.step_fn(self.state, self.model.frozen, batch)
             step += 1
             if step == self.start_step + 1:
