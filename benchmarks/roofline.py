@@ -197,7 +197,8 @@ def main(argv=None):
 
     # ------------------------------------------------------------------ BBQ
     if os.path.isdir(a.bbq_dir):
-        from regift_jax.eval import bbq, loglik
+        from regift_jax.data import bbq
+        from regift_jax.eval import loglik
         from regift_jax.models.tokenizer import load_tokenizer
         cats = [c for c in bbq.CATEGORIES if os.path.exists(bbq.bbq_path(a.bbq_dir, c))]
         items = bbq.load_bbq(a.bbq_dir, cats)

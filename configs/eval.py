@@ -20,13 +20,15 @@ budget cut off.
   released generations): the released prompt (``bbq_authors_released``), raw (no chat
   template), greedy, up to 2,048 tokens of prompt + generation per item, no stop string (EOS
   ends), and only the generated text judged (the authors sliced the prompt off the output);
+* ``lm_eval``: log-likelihood BBQ scored exactly as lm-eval's ``bbq`` task (its prompt, its 12
+  choices with HELM's unknown phrasings, raw), with lm-eval's metrics beside the project's;
 * ``stereoset``: StereoSet LM / SS / ICAT from per-token mean sentence log-likelihoods.
 """
 
 from regift_jax.core import configs_util
 from regift_jax.eval import config as eval_config
 
-PRESETS = ("loglik", "generate", "cot", "paper_eval", "stereoset")
+PRESETS = ("loglik", "generate", "cot", "paper_eval", "lm_eval", "stereoset")
 #: New tokens of the generate and cot presets: the teacher's budget for a trace (512).
 GENERATE_MAX_NEW_TOKENS = 512
 #: The authors' generation length: prompt + generated tokens per item.
@@ -52,6 +54,10 @@ def get_config(arg=None):
         c.generate.max_total_tokens = PAPER_MAX_TOTAL_TOKENS
         c.generate.stop = ()
         c.generate.score_prefill = False
+    elif a.preset == "lm_eval":
+        c.mode = "loglik"
+        c.loglik.format = "lm_eval"
+        c.prompt.chat = "off"
     elif a.preset == "stereoset":
         c.mode = "stereoset"
     else:

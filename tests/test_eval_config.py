@@ -178,3 +178,10 @@ def test_malformed_flags_are_one_line_errors(argv, msg, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and "usage:" not in err
     assert re.search(msg, err), err
+
+
+def test_lm_eval_preset_scores_lm_evals_requests_raw():
+    c = configs_util.load_config_file("configs/eval.py:lm_eval")
+    assert (c.mode, c.loglik.format, c.prompt.chat) == ("loglik", "lm_eval", "off")
+    cfg = ec.from_argv(["--config=configs/eval.py:lm_eval", "--model=m", "--out=o"])
+    assert cfg.loglik.format == "lm_eval"

@@ -5,6 +5,10 @@ BPE tokenizer, 512 tokens) for each request type and is checked number by number
 lm-eval's own Hugging Face backend (``HFLM``, torch) on the same weights: ``loglikelihood`` (the
 offline ``bbq`` task, via the command line), ``loglikelihood_rolling`` (windows shorter than the
 texts) and ``generate_until`` (``bbq_generate``, prompts left-truncated, stop strings that fire).
+The project's own loglik mode with ``loglik.format=lm_eval`` is checked against an lm-eval run of
+the offline ``bbq`` task with that backend: same request strings and token ids, same per-item
+choices, lm-eval's metrics; and the project's statement of lm-eval's BBQ rules
+(:func:`regift_jax.data.bbq.lm_eval_doc`) against lm-eval's own functions on every row.
 """
 
 import glob
@@ -30,7 +34,9 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 
 from regift_jax import lm_eval as cli  # noqa: E402
 from regift_jax.core.paths import default_source_dir  # noqa: E402
-from regift_jax.eval import harness  # noqa: E402
+from regift_jax.data import bbq as bbq_data  # noqa: E402
+from regift_jax.eval import config as eval_config  # noqa: E402
+from regift_jax.eval import harness, loglik, scorer, tasks  # noqa: E402
 from regift_jax.data.bbq import BBQFormatError  # noqa: E402
 from regift_jax.models.tokenizer import load_tokenizer  # noqa: E402
 
@@ -221,6 +227,159 @@ def test_generate_until_matches_hf_backend(tiny_dir, tm):
     assert len(ours.tok_encode(prompt)) > 64 - gen["max_gen_toks"]  # truncated
     assert (r_ours["results"]["bbq_generate"]["acc,none"]
             == r_hf["results"]["bbq_generate"]["acc,none"])
+
+
+# --------------------------------------------------------------------------------------------
+# The project's own loglik mode with lm-eval's requests (loglik.format=lm_eval)
+# --------------------------------------------------------------------------------------------
+
+# Two items of each vendored category (offline task order: Age, Disability_status, Nationality,
+# Physical_appearance, Religion, Sexual_orientation), ambiguous and disambiguated.
+LM_EVAL_ITEMS = [0, 2, 3700, 3703, 5240, 5243, 8320, 8323, 9893, 9894, 11100, 11103]
+
+
+def _task_items():
+    """The offline bbq task's documents as BBQ items, in the task's order."""
+    utils = _load_task_utils()
+    return [it for p in utils.bbq_files() for it in bbq_data.read_bbq_file(p)]
+
+
+def _intersectional_rows(rows):
+    """Rows with the tags of the categories that are not vendored (Race_x_gender, Race_x_SES,
+    SES, Gender_identity; tags as in the official files), on a vendored row's texts, so
+    lm-eval's group rules are exercised beyond the vendored tags."""
+    base = next(r for r in rows if r["answer_info"]["ans2"][1] == "unknown")
+    out = []
+    for a, b, groups, cat in [
+            (["Black woman", "F-Black"], ["White man", "M-White"], ["F-Black"], "Race_x_gender"),
+            (["Latino man", "M-Latino"], ["Asian girl", "F-Asian"], ["Latino", "M"],
+             "Race_x_gender"),
+            (["poor Black", "lowSES-Black"], ["rich White", "highSES-White"], ["low SES", "Black"],
+             "Race_x_SES"),
+            (["poor man", "lowSES-M-Arab"], ["rich woman", "highSES-F-White"], ["Arab"],
+             "Race_x_SES"),
+            (["cashier", "lowSES"], ["lawyer", "highSES"], ["low SES"], "SES"),
+            (["trans woman", "trans_F"], ["cis man", "nonTrans_M"], ["trans", "transgender women"],
+             "Gender_identity"),
+            (["boy", "M"], ["girl", "F"], ["F"], "Gender_identity"),
+            (["", ""], ["Latina lady", ""], ["Latino"], "Race_ethnicity")]:
+        for pol in ("neg", "nonneg"):
+            r = json.loads(json.dumps(base))
+            r.update(category=cat, question_polarity=pol, ans0=a[0] or "The Latina one")
+            r["answer_info"]["ans0"], r["answer_info"]["ans1"] = a, b
+            if not any(a):
+                r["answer_info"]["ans0"] = ["", ""]
+                r["ans0"] = "The Latina one"
+            r["ans1"] = b[0]
+            r["additional_metadata"]["stereotyped_groups"] = groups
+            out.append(r)
+    return out
+
+
+def test_lm_eval_rules_are_lm_evals_on_every_row():
+    """regift_jax.data.bbq.lm_eval_doc (the project's statement of lm-eval's bbq rules) gives
+    lm-eval's own choices, targets and biased answers on every vendored row and on rows with
+    the intersectional tags of the other categories."""
+    assert bbq_data.LM_EVAL_UNKNOWN_RESPONSES == tuple(upstream.UNKNOWN_RESPONSES)
+    utils = _load_task_utils()
+    items = _task_items()
+    rows = [utils.hub_row(it) for it in items]
+    extra = _intersectional_rows(rows)
+    items += [bbq_data.parse_item(r, f"synthetic {i}", None) for i, r in enumerate(extra)]
+    docs = upstream.process_docs(datasets.Dataset.from_list(rows + extra))
+    n_biased = set()
+    for it, doc in zip(items, docs):
+        d = bbq_data.lm_eval_doc(it)
+        assert list(d.choices) == upstream.doc_to_choice(doc), it.source
+        assert list(d.targets) == upstream.doc_to_targets(doc), it.source
+        assert list(d.biased) == upstream.doc_to_biased_answer(doc), it.source
+        assert [d.choices[j] for j in range(2)] == [it.options[k] for k in
+                                                    d.option_of_choice[:2]]
+        n_biased.add(len(d.biased))
+    assert n_biased == {0, 1, 2}  # the synthetic rows reach lm-eval's other cases
+    bad = json.loads(json.dumps(extra[0]))
+    bad["answer_info"]["ans1"] = ["", ""]
+    with pytest.raises(BBQFormatError, match="empty answer_info"):
+        bbq_data.lm_eval_biased_answers(bbq_data.parse_item(bad, "x", None))
+
+
+def test_lm_eval_metrics_are_lm_evals_aggregations():
+    """scorer.lm_eval_metrics equals lm-eval's aggregation functions, edge cases included (no
+    biased answer, no ambiguous items, a category without items)."""
+    rng = np.random.default_rng(0)
+    cats = ["Age", "Religion", "SES"]
+    for trial in range(40):
+        n = int(rng.integers(1, 12))
+        acc = rng.integers(0, 2, n).astype(float)
+        non_unk = rng.integers(0, 2, n).astype(float)
+        biased = non_unk * rng.integers(0, 2, n) * (trial % 3 != 0)
+        dis = rng.integers(0, 2, n).astype(bool) if trial % 5 else np.ones(n, bool)
+        cat = rng.choice(cats[:2], n)
+        ours = scorer.lm_eval_metrics(acc, biased, non_unk, dis, cat, cats)
+        arr = list(zip(acc, biased, non_unk, dis))
+        want = {"acc": float(np.mean(acc)), "amb_bias_score": upstream.agg_amb_bias_scores(arr),
+                "disamb_bias_score": upstream.agg_disamb_bias_scores(arr)}
+        if (~dis).any():
+            want["accuracy_amb"] = upstream.agg_accuracy_amb(list(zip(acc, dis)))
+        if dis.any():
+            want["accuracy_disamb"] = upstream.agg_accuracy_disamb(list(zip(acc, dis)))
+        for c in cats:
+            sub = [a if k == c else (a[0], np.nan, np.nan, np.nan) for a, k in zip(arr, cat)]
+            want[f"amb_bias_score_{c}"] = upstream.agg_amb_bias_scores(sub)
+            want[f"disamb_bias_score_{c}"] = upstream.agg_disamb_bias_scores(sub)
+        for k, v in want.items():
+            assert ours[k] == pytest.approx(float(v), abs=0, nan_ok=True), (trial, k)
+
+
+def _arguments(sample):
+    """The (context, continuation) pairs of one logged lm-eval sample, in choice order."""
+    args = sample["arguments"]
+    if isinstance(args, dict):
+        args = [args[k] for k in sorted(args, key=lambda k: int(k.rsplit("_", 1)[-1]))]
+        return [(a["arg_0"], a["arg_1"]) for a in args]
+    return [tuple(a) for a in args]
+
+
+def test_lm_eval_format_scores_lm_evals_requests(tiny_dir, tm):
+    """The project's loglik mode with loglik.format=lm_eval on the items an lm-eval run of the
+    offline bbq task (regift_jax backend, same loaded model) scores: the same request strings,
+    the same token ids, the same per-item choices and lm-eval's metrics to 1e-9."""
+    lm = harness.RegiftLM(model=tiny_dir, batch_size=4)
+    res = harness.evaluate(lm, ["bbq"], samples={"bbq": LM_EVAL_ITEMS}, log_samples=True)
+    samples = _samples(res, "bbq")
+    assert [s["doc_id"] for s in samples] == LM_EVAL_ITEMS
+    every = _task_items()
+    items = [every[i] for i in LM_EVAL_ITEMS]
+    reqs, prompts, conts = loglik.lm_eval_requests(items, lm.tokenizer)
+    for s, r, p, cs in zip(samples, reqs, prompts, conts):
+        assert _arguments(s) == [(p, c) for c in cs]  # 12 choices, lm-eval's strings
+        for c, ids in zip(cs, r.continuations):
+            assert lm._encode_pair(p, c) == (list(r.context), list(ids))
+    cfg = eval_config.base_config()
+    cfg.loglik.format, cfg.runtime.batch_size = "lm_eval", 4
+    cfg.report.bootstrap_resamples, cfg.runtime.progress = 0, False
+    by_cat = {}
+    for it in items:
+        by_cat.setdefault(it.category, []).append(it)
+    rep = tasks.evaluate_model(lm.handle, by_cat, cfg)
+    theirs = np.array([[float(x[0]) for x in s["filtered_resps"]] for s in samples])
+    ours = np.array([r["option_logprob_sum"] for r in rep["items"]])
+    assert ours.shape == (len(items), 12)
+    np.testing.assert_allclose(ours, theirs, atol=ATOL, rtol=0)
+    assert np.min(np.abs(np.diff(np.sort(theirs, 1)[:, -2:], axis=1))) > 10 * ATOL
+    choices = [r["lm_eval_choice"] for r in rep["items"]]
+    assert choices == [int(np.argmax(t)) for t in theirs]
+    assert len(set(choices)) > 1  # not one choice everywhere
+    assert [r["lm_eval_acc"] for r in rep["items"]] == [bool(s["acc"]) for s in samples]
+    assert [r["correct"] for r in rep["items"]] == [r["lm_eval_acc"] for r in rep["items"]]
+    assert rep["settings"]["template"] == "lm_eval:bbq" and not rep["settings"]["chat"]
+    mine = rep["lm_eval"]["metrics"]
+    theirs_m = {k[:-len(",none")]: v for k, v in res["results"]["bbq"].items()
+                if k.endswith(",none") and "_stderr" not in k}
+    assert set(mine) == set(theirs_m)
+    for k, v in theirs_m.items():
+        assert mine[k] == pytest.approx(float(v), abs=1e-9, nan_ok=True), k
+    assert np.isfinite(mine["amb_bias_score"]) and np.isfinite(mine["disamb_bias_score"])
 
 
 # --------------------------------------------------------------------------------------------

@@ -367,6 +367,31 @@ def test_request_errors_name_the_request():
         loglik.score_requests(cfg_params, [Request((1,), ((2,),))], method="fast")
 
 
+def test_lm_eval_format_requests_and_errors():
+    """loglik.format=lm_eval: lm-eval's prompt and 12 choices (delimiter " "), tokenised by
+    splitting encode(prompt + choice) after the prompt's tokens; bad formats and chat-wrapping
+    are refused (tests/test_lm_eval.py checks the requests against lm-eval's)."""
+    from regift_jax.models.tokenizer import load_tokenizer
+    tok = load_tokenizer(os.path.join(REPO, "tests", "fixtures", "train", "tokenizer"))
+    it = bbq_data.read_bbq_file(os.path.join(bbq_dir(), "Religion.jsonl"))[0]
+    reqs, prompts, conts = loglik.lm_eval_requests([it], tok)
+    assert prompts == [f"{it.context}\n\nQ: {it.question}\nA:"]
+    assert len(conts[0]) == 12 and conts[0][2:] == tuple(
+        " " + u for u in bbq_data.LM_EVAL_UNKNOWN_RESPONSES)
+    for c, ids in zip(conts[0], reqs[0].continuations):
+        whole = tok(prompts[0] + c)["input_ids"]
+        assert list(reqs[0].context) + list(ids) == whole and ids
+    handle = type("H", (), {"tokenizer": tok})()
+    with pytest.raises(ValueError, match="request_format must be one of"):
+        loglik.option_scores(handle, [it], request_format="harness")
+    with pytest.raises(ValueError, match="not chat-wrapped"):
+        loglik.option_scores(handle, [it], request_format="lm_eval", chat="on")
+    cfg = config.from_argv(["--config.loglik.format=lm_eval"])
+    assert cfg.loglik.format == "lm_eval"
+    with pytest.raises(config.InputError, match="loglik.format='x'; valid: template, lm_eval"):
+        config.from_argv(["--config.loglik.format=x"])
+
+
 def test_option_continuation_spacing():
     assert loglik.option_continuation("...\nAnswer:", "The Muslim one") == " The Muslim one"
     assert loglik.option_continuation("assistant\n", "The Muslim one") == "The Muslim one"

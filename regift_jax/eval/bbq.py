@@ -94,10 +94,7 @@ import dataclasses
 import re
 from typing import Dict, List, Optional, Sequence, Tuple
 
-# CATEGORIES, BBQFormatError and parse_item are also read from here by
-# lm_eval_tasks/bbq/utils.py.
-from regift_jax.data.bbq import (CATEGORIES, BBQFormatError, BBQItem,  # noqa: F401
-                                 parse_item)
+from regift_jax.data.bbq import BBQItem, lm_eval_doc
 
 UNPARSEABLE = -1
 
@@ -398,24 +395,45 @@ def judge_items(pairs: Sequence[Tuple[BBQItem, str]], *, tie_break: str = "first
     return out
 
 
+def _lm_eval_fields(it: BBQItem, scores, n: int) -> Dict[str, object]:
+    """lm-eval's reading of the chosen one of the 12 choices: the choice, the BBQ option it
+    stands for, and the per-item quantities of lm-eval's metrics
+    (:func:`regift_jax.eval.scorer.lm_eval_metrics`)."""
+    doc = lm_eval_doc(it)
+    j = int(scores.prediction[n])
+    correct, biased, non_unknown = doc.judge(j)
+    return {"option_index": doc.option_of_choice[j], "answer_text": doc.choices[j],
+            "prediction_norm": doc.option_of_choice[int(scores.prediction_norm[n])],
+            "prediction_mean": doc.option_of_choice[int(scores.prediction_mean[n])],
+            "lm_eval_choice": j, "lm_eval_acc": correct, "lm_eval_biased": biased,
+            "lm_eval_non_unknown": non_unknown}
+
+
 def loglik_records(items: Sequence[BBQItem], scores) -> List[Dict[str, object]]:
     """Per-item records (the keys of :func:`judge_items`) for log-likelihood predictions.
 
     ``scores`` is a :class:`regift_jax.eval.loglik.OptionScores`.  The standard judgement is the
     argmax of the summed log-probability (``span_source = "loglik"``, never unparseable); the
-    paper-compatible judgement reads the chosen option's text with the authors' string scorer.
+    paper-compatible judgement reads the chosen continuation's text with the authors' string
+    scorer.  With lm-eval's requests (``scores.request_format == "lm_eval"``) the argmax is over
+    its 12 choices: ``option_index`` is the BBQ option the choice stands for (every unknown
+    phrasing: the unknown option), and ``lm_eval_*`` record lm-eval's per-item judgement; the
+    ``option_*`` lists then have one entry per choice.
     """
     out = []
-    pred = scores.prediction
     for n, it in enumerate(items):
-        k = int(pred[n])
-        text = it.options[k]
+        if scores.request_format == "lm_eval":
+            own = _lm_eval_fields(it, scores, n)
+        else:
+            k = int(scores.prediction[n])
+            own = {"option_index": k, "answer_text": it.options[k],
+                   "prediction_norm": int(scores.prediction_norm[n]),
+                   "prediction_mean": int(scores.prediction_mean[n])}
+        k, text = own["option_index"], own["answer_text"]
         pj = paper_judgement(paper_answer_text(text), it.gold_text, it.context_condition)
         out.append({
             **item_fields(it),
-            "answer_text": text,
             "span_source": "loglik",
-            "option_index": k,
             "matched_options": [k],
             "tie": False,
             "correct": k == it.label,
@@ -428,7 +446,6 @@ def loglik_records(items: Sequence[BBQItem], scores) -> List[Dict[str, object]]:
             "option_logprob_mean": [float(x) for x in scores.logprob_mean[n]],
             "option_n_tokens": [int(x) for x in scores.scores.n_tokens[n]],
             "option_is_greedy": [bool(x) for x in scores.scores.is_greedy[n]],
-            "prediction_norm": int(scores.prediction_norm[n]),
-            "prediction_mean": int(scores.prediction_mean[n]),
+            **own,
         })
     return out

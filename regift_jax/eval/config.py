@@ -40,9 +40,14 @@ from regift_jax.core import configs_util
 
 MODEL_MODES = ("loglik", "generate", "stereoset")
 LOGLIK_METHODS = ("prefix", "packed", "unpacked")
+#: What the loglik mode scores: the prompt template's prompt with the three options, or exactly
+#: lm-eval's ``bbq`` requests (its prompt and 12 choices; see
+#: :func:`regift_jax.eval.loglik.lm_eval_requests`).
+LOGLIK_FORMATS = ("template", "lm_eval")
 #: The valid values of the enumerated keys.
 CHOICES = {"mode": MODEL_MODES, "prompt.chat": ("auto", "on", "off"),
            "judge.tie_break": ("first", "unparseable"), "loglik.method": LOGLIK_METHODS,
+           "loglik.format": LOGLIK_FORMATS,
            "distributed.initialize": ("auto", "always", "never")}
 
 
@@ -91,7 +96,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.loglik = _section(
         method="prefix",  # prefix (shared KV cache) | packed | unpacked: identical scores
         seq_len=512,  # packed row length and longest prompt + option accepted
-        answer_format="{option}")  # the scored continuation
+        answer_format="{option}",  # the scored continuation
+        # template: prompt.template's prompt, the three options as answer_format; lm_eval:
+        # lm-eval's bbq requests and per-item rules, so report["lm_eval"] holds lm-eval's
+        # metrics (prompt.template and answer_format unused, never chat-wrapped)
+        format="template")
     c.judge = _section(
         tie_break="first",  # an answer naming several options: first mentioned | unparseable
         overlap_threshold=0.8,  # paper scorer: gold-token overlap needed

@@ -54,6 +54,14 @@ training and trace generation).  For the BBQ option texts after a chat header en
 or after ``"Answer:"`` with the continuation ``" " + option``, this equals tokenising the joined
 string; the tokens scored are exactly the continuation's own tokens.
 
+lm-eval's BBQ requests (``request_format="lm_eval"``, :func:`lm_eval_requests`): the context is
+lm-eval's prompt ``"{context}\n\nQ: {question}\nA:"`` and the continuations are its 12 choices
+(:func:`regift_jax.data.bbq.lm_eval_doc`) after its target delimiter ``" "``, tokenised as lm-eval's
+``TemplateLM`` does for a causal model: trailing whitespace of the context moves to the
+continuation, ``encode(context + continuation)`` with the tokenizer's default special tokens is
+split after ``len(encode(context))`` tokens.  The ``regift_jax`` lm-eval backend
+(:mod:`regift_jax.eval.harness`) therefore scores the very same token ids.
+
 Normalisation (BBQ, :class:`OptionScores`): ``acc`` uses the argmax of the summed log-probability
 (lm-eval-harness ``acc``); the per-byte normalised sum (``sum / len(option.encode("utf-8"))``,
 lm-eval-harness ``acc_norm``) and the per-token mean are returned beside it.  Ties go to the lower
@@ -74,7 +82,9 @@ from tqdm.auto import tqdm
 from regift_jax.core import prompts
 from regift_jax.core.shapes import round_up
 from regift_jax.core.sharding import batch_sharding
+from regift_jax.data.bbq import lm_eval_doc
 from regift_jax.data.packing import Packer, build_row, stack_rows
+from regift_jax.eval.config import LOGLIK_FORMATS as FORMATS
 from regift_jax.eval.config import LOGLIK_METHODS as METHODS
 from regift_jax.eval.stereoset import scoring_requests
 from regift_jax.models.config import ModelConfig
@@ -687,11 +697,13 @@ def score_requests(model, requests: Sequence[Request], *, method: str = "prefix"
 
 @dataclasses.dataclass
 class OptionScores:
-    """BBQ option scores ``[N, 3]`` with the three normalisations and their argmax."""
+    """BBQ continuation scores ``[N, K]`` with the three normalisations and their argmax: the
+    three options (``request_format="template"``) or lm-eval's 12 choices (``"lm_eval"``)."""
     scores: Scores
-    n_bytes: np.ndarray  # [N, 3] UTF-8 bytes of each option's continuation text
+    n_bytes: np.ndarray  # [N, K] UTF-8 bytes of each continuation's text
     prompts: List[str]
-    continuations: List[Tuple[str, str, str]]
+    continuations: List[Tuple[str, ...]]
+    request_format: str = "template"
 
     @property
     def logprob_sum(self) -> np.ndarray:
@@ -782,20 +794,66 @@ def bbq_requests(items, template, tokenizer, *, chat="auto", system=None,
     return reqs, texts, conts
 
 
+#: lm-eval's ``target_delimiter`` (its default, which the bbq task keeps): between the prompt
+#: and every choice.
+LM_EVAL_TARGET_DELIMITER = " "
+
+
+def lm_eval_prompt(item) -> str:
+    """lm-eval's ``bbq`` prompt (the task's ``doc_to_text``) of one item."""
+    return f"{item.context}\n\nQ: {item.question}\nA:"
+
+
+def lm_eval_requests(items, tokenizer
+                     ) -> Tuple[List[Request], List[str], List[Tuple[str, ...]]]:
+    """lm-eval's ``bbq`` requests for BBQ items, tokenised as lm-eval does (module docstring):
+    per item the prompt ids and the 12 choices' ids, with the texts they came from (each
+    continuation text is the delimiter and the choice, as lm-eval logs them)."""
+    if tokenizer is None:
+        raise ValueError("BBQ log-likelihood scoring needs a tokenizer")
+    # lm-eval's tok_encode: the tokenizer's default special tokens (its BOS when it adds one).
+    enc = lambda s: tuple(tokenizer(s)["input_ids"])  # noqa: E731
+    reqs, texts, conts = [], [], []
+    for it in items:
+        prompt = lm_eval_prompt(it)
+        cs = tuple(LM_EVAL_TARGET_DELIMITER + c for c in lm_eval_doc(it).choices)
+        context = prompt.rstrip()
+        moved = prompt[len(context):]  # lm-eval scores trailing whitespace with the choice
+        ctx = enc(context)
+        ids = tuple(enc(context + moved + c)[len(ctx):] for c in cs)
+        reqs.append(Request(ctx, ids, it.source or f"{it.category} example_id {it.example_id}"))
+        texts.append(prompt)
+        conts.append(cs)
+    return reqs, texts, conts
+
+
 def option_scores(handle, items, template="bbq_base", *, chat="auto", system=None,
                   answer_format: str = "{option}", include_prefill: bool = False,
+                  request_format: str = "template",
                   shard: Optional[Tuple[int, int]] = None, **kw) -> OptionScores:
-    """Score the three options of every BBQ item (``kw`` go to :func:`score_requests`).
-    ``shard=(start, stop)``: score ``items[start:stop]`` only (one process's share), after
-    checking the requests of every item, so every process finds the same bad request."""
-    reqs, texts, conts = bbq_requests(items, template, handle.tokenizer, chat=chat,
-                                      system=system, answer_format=answer_format,
-                                      include_prefill=include_prefill)
+    """Score the continuations of every BBQ item (``kw`` go to :func:`score_requests`):
+    ``request_format="template"``: the three options after ``template``'s prompt;
+    ``"lm_eval"``: lm-eval's requests (:func:`lm_eval_requests`; ``template``, ``system``,
+    ``answer_format`` and ``include_prefill`` do not apply, and ``chat`` must not be on, as
+    lm-eval's task is not chat-wrapped).  ``shard=(start, stop)``: score
+    ``items[start:stop]`` only (one process's share), after checking the requests of every
+    item, so every process finds the same bad request."""
+    if request_format not in FORMATS:
+        raise ValueError(f"request_format must be one of {FORMATS}, got {request_format!r}")
+    if request_format == "lm_eval":
+        if chat is True or chat == "on":
+            raise ValueError("lm-eval's bbq requests are not chat-wrapped: chat must be off "
+                             "or auto with request_format='lm_eval'")
+        reqs, texts, conts = lm_eval_requests(items, handle.tokenizer)
+    else:
+        reqs, texts, conts = bbq_requests(items, template, handle.tokenizer, chat=chat,
+                                          system=system, answer_format=answer_format,
+                                          include_prefill=include_prefill)
     _check_requests(reqs)
     a, b = shard or (0, len(reqs))
     sc = score_requests(handle, reqs[a:b], **kw)
     n_bytes = np.array([[len(c.encode("utf-8")) for c in cs] for cs in conts[a:b]])
-    return OptionScores(sc, n_bytes, texts[a:b], conts[a:b])
+    return OptionScores(sc, n_bytes, texts[a:b], conts[a:b], request_format)
 
 
 def score_options(handle, items, template="bbq_base", *, batch_rows: int = 8,
@@ -846,7 +904,8 @@ def stereoset_scores(handle, items, *, empty_context_ids=None, **kw) -> Scores:
 
 
 __all__ = ["Request", "Scores", "OptionScores", "METHODS", "score_requests", "score_options",
-           "option_scores", "bbq_requests", "plan_prefix", "PrefixPlan", "PrefixBatch",
+           "option_scores", "bbq_requests", "lm_eval_requests", "lm_eval_prompt",
+           "LM_EVAL_TARGET_DELIMITER", "FORMATS", "plan_prefix", "PrefixPlan", "PrefixBatch",
            "group_requests", "merge_buckets",
            "bbq_prompt", "option_continuation", "stereoset_requests", "stereoset_scores",
            "shared_prefix_length", "lm_head", "use_chat",

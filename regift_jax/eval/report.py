@@ -111,6 +111,29 @@ def build_report(records: Sequence[Mapping[str, object]], categories: Sequence[s
     }
 
 
+def lm_eval_metrics(records: Sequence[Mapping[str, object]]) -> Dict[str, float]:
+    """lm-eval's ``bbq`` results (:func:`regift_jax.eval.scorer.lm_eval_metrics`) of records
+    scored with lm-eval's requests (``loglik.format=lm_eval``: their ``lm_eval_*`` fields)."""
+    col = lambda key: [float(r[key]) for r in records]  # noqa: E731
+    return scorer.lm_eval_metrics(
+        col("lm_eval_acc"), col("lm_eval_biased"), col("lm_eval_non_unknown"),
+        [r["context_condition"] == "disambig" for r in records],
+        [r["category"] for r in records])
+
+
+def _lm_eval_lines(report: Mapping) -> List[str]:
+    """The lm-eval section of report.md (reports with ``report["lm_eval"]``)."""
+    m = (report.get("lm_eval") or {}).get("metrics")
+    if not m:
+        return []
+    return ["", "## lm-eval bbq metrics (fractions; its requests, targets and bias rules)", "",
+            "| acc | accuracy_amb | accuracy_disamb | amb_bias_score | disamb_bias_score |",
+            "|---|---|---|---|---|",
+            "| " + " | ".join(_pct(m.get(k), 1.0, 4) for k in (
+                "acc", "accuracy_amb", "accuracy_disamb", "amb_bias_score",
+                "disamb_bias_score")) + " |"]
+
+
 def _read_static_results(path: str) -> list:
     try:
         with open(path, encoding="utf-8") as f:
@@ -283,6 +306,7 @@ def markdown_report(report: Mapping, title: Optional[str] = None) -> str:
             f"{_ci(m, 'paper_acc_overall')} | {_pct(m.get('unparseable_rate_overall'))} | "
             f"{_pct(m.get('mean_reasoning_length_correct'), 1.0, 1)} / "
             f"{_pct(m.get('mean_reasoning_length_incorrect'), 1.0, 1)} |")
+    lines += _lm_eval_lines(report)
     notes = list(report.get("notes", []))
     boot = report.get("bootstrap") or {}
     if boot.get("resamples"):

@@ -11,7 +11,12 @@ each returning its report dict.  Every option comes from the evaluation config
 * ``loglik``: multiple choice by log-likelihood (:mod:`regift_jax.eval.loglik`): the option with
   the largest summed log-probability after the prompt is the prediction (lm-eval-harness
   ``acc``); ``report["loglik"]`` adds the metrics of the per-byte (``acc_norm``) and per-token
-  normalised choices, and every item lists its three scores.
+  normalised choices, and every item lists its three scores.  ``loglik.format=lm_eval`` scores
+  lm-eval's ``bbq`` requests instead (its prompt and 12 choices,
+  :func:`regift_jax.eval.loglik.lm_eval_requests`): the choice maps to the BBQ option it stands
+  for, so every metric above applies, and ``report["lm_eval"]["metrics"]`` holds lm-eval's own
+  metrics (its targets and biased answers), equal to an lm-eval run of the ``bbq`` task with the
+  ``regift_jax`` backend on the same items.
 * ``stereoset``: StereoSet LM / stereotype / ICAT scores from per-sentence log-likelihoods.
 
 With several processes (:mod:`regift_jax.eval.hosts`) each one scores a contiguous share of the
@@ -38,7 +43,7 @@ from regift_jax.eval import hosts, loglik
 from regift_jax.eval import stereoset as ss
 from regift_jax.eval.bbq import judge_items, loglik_records
 from regift_jax.eval.config import InputError
-from regift_jax.eval.report import build_report, cut_off_summary
+from regift_jax.eval.report import build_report, cut_off_summary, lm_eval_metrics
 from regift_jax.eval.subset import add_context_groups
 
 _LOGLIK_NORMALISATION = (
@@ -108,7 +113,8 @@ def _loglik(handle, flat: Sequence[BBQItem], categories, t, wrap: bool, cfg,
         if a >= b:
             return [], [0, 0, 0]
         sc = loglik.option_scores(handle, flat, t, chat=wrap, system=cfg.prompt.system,
-                                  answer_format=m.answer_format, method=m.method,
+                                  answer_format=m.answer_format, request_format=m.format,
+                                  method=m.method,
                                   batch_rows=cfg.runtime.batch_size, seq_len=m.seq_len,
                                   shard=(a, b),
                                   progress="loglik" if cfg.runtime.progress else None,
@@ -120,8 +126,9 @@ def _loglik(handle, flat: Sequence[BBQItem], categories, t, wrap: bool, cfg,
     parts = hosts.gather_or_raise(work)
     records = [r for p in parts for r in p[0]]
     shared, real, computed = (sum(p[1][i] for p in parts) for i in range(3))
-    settings = {"loglik_method": m.method, "seq_len": m.seq_len,
-                "answer_format": m.answer_format}
+    settings = {"loglik_method": m.method, "seq_len": m.seq_len, "loglik_format": m.format}
+    if m.format == "template":
+        settings["answer_format"] = m.answer_format
     extra = {"loglik": {
         "normalisation": _LOGLIK_NORMALISATION,
         # summed over the processes (each shares prefixes within its own share)
@@ -131,17 +138,25 @@ def _loglik(handle, flat: Sequence[BBQItem], categories, t, wrap: bool, cfg,
         "metrics_acc_norm": _alt_metrics(records, categories, "prediction_norm", cfg),
         "metrics_token_mean": _alt_metrics(records, categories, "prediction_mean", cfg),
     }}
+    if m.format == "lm_eval":
+        extra["lm_eval"] = {"task": "bbq (lm-eval 0.4.13, multiple choice)",
+                            "metrics": lm_eval_metrics(records)}
     return records, extra, settings
 
 
 def _loglik_note(extra: Mapping[str, object]) -> str:
     tot = lambda m: m["total"]["acc_overall"]  # noqa: E731
     ll = extra["loglik"]
-    return ("loglik mode: the prediction is the option with the largest summed log-probability "
+    note = ("loglik mode: the prediction is the option with the largest summed log-probability "
             "(lm-eval-harness acc); it is never unparseable, and the paper exact match reads "
             f"the chosen option's text.  Overall accuracy with per-byte normalisation "
             f"(acc_norm): {100 * tot(ll['metrics_acc_norm']):.2f}%, with the "
             f"per-token mean: {100 * tot(ll['metrics_token_mean']):.2f}%")
+    if "lm_eval" in extra:
+        note += ("; lm-eval's bbq requests (12 choices, every unknown phrasing standing for the "
+                 "unknown option): report['lm_eval'] has lm-eval's metrics, whose bias scores "
+                 "use its biased answers and its empty-group rules")
+    return note
 
 
 def evaluate_model(handle, items: Mapping[str, Sequence[BBQItem]], cfg, *,
@@ -159,7 +174,14 @@ def evaluate_model(handle, items: Mapping[str, Sequence[BBQItem]], cfg, *,
         raise InputError("no BBQ items to evaluate")
     t = prompts_lib.get_template(cfg.prompt.template)
     wrap = loglik.use_chat(handle.tokenizer, cfg.prompt.chat)
-    st = {"model": getattr(handle, "source", ""), "mode": cfg.mode, "template": t.id,
+    template_id = t.id
+    if cfg.mode == "loglik" and cfg.loglik.format == "lm_eval":
+        # lm-eval's own prompt, never chat-wrapped: the template and chat settings do not apply
+        if cfg.prompt.chat == "on":
+            raise InputError("loglik.format=lm_eval scores lm-eval's bbq requests, which are "
+                             "not chat-wrapped: use --chat=off or auto")
+        wrap, template_id = False, "lm_eval:bbq"
+    st = {"model": getattr(handle, "source", ""), "mode": cfg.mode, "template": template_id,
           "chat": wrap, "system": cfg.prompt.system, "batch_size": cfg.runtime.batch_size,
           "n_items": len(flat), "n_items_by_category": {c: len(items[c]) for c in categories},
           "processes": jax.process_count(),
@@ -177,7 +199,7 @@ def evaluate_model(handle, items: Mapping[str, Sequence[BBQItem]], cfg, *,
     rep = build_report(records, categories, num_resamples=cfg.report.bootstrap_resamples,
                        seed=cfg.report.seed, confidence=cfg.report.confidence, settings=st,
                        title=cfg.report.title or
-                       f"BBQ {cfg.mode} {t.id}: {os.path.basename(st['model'])}")
+                       f"BBQ {cfg.mode} {template_id}: {os.path.basename(st['model'])}")
     if cfg.mode == "loglik":
         rep["notes"].append(_loglik_note(extra))
     rep.update(extra)

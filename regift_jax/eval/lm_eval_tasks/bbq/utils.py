@@ -12,7 +12,9 @@ back field for field (:func:`hub_row`; the test checks rows equal the files'), s
 reconstructed.  The fields lm-eval derives (``biased_answers``,
 ``ans0_groups``..``ans2_groups``) and everything else (prompt, the 12 choices with HELM's unknown
 phrasings, targets, metrics) come from lm-eval's own ``lm_eval/tasks/bbq/utils.py``, imported
-below unchanged.
+below unchanged: this task is lm-eval's, so that its numbers are lm-eval's.  The project's
+statement of the same rules, :func:`regift_jax.data.bbq.lm_eval_doc` (its ``lm_eval``
+log-likelihood format), is tested against these functions on every row.
 
 Row order: categories in the official order (:data:`regift_jax.data.bbq.CATEGORIES`, files that
 are absent skipped), each file in its line order.  The hub copy's order of ``All`` cannot be
@@ -35,8 +37,8 @@ from lm_eval.tasks.bbq.utils import (  # noqa: F401
     agg_disamb_bias_scores, doc_to_biased_answer, doc_to_choice, doc_to_target, doc_to_targets,
     process_results_generate_until, process_results_multiple_choice)
 
-from regift_jax.data.bbq import (CATEGORIES, BBQFormatError, BBQItem, available_categories,
-                                 bbq_path, default_bbq_dir, read_bbq_file)
+from regift_jax.data.bbq import (CATEGORIES, BBQItem, available_categories, bbq_path,
+                                 default_bbq_dir, lm_eval_unknown_option, read_bbq_file)
 
 _PROCESSED: "collections.OrderedDict[tuple, datasets.Dataset]" = collections.OrderedDict()
 
@@ -77,14 +79,10 @@ def hub_row(item: BBQItem) -> dict:
 def read_rows(path: str) -> list:
     """The rows of one official BBQ file (:func:`regift_jax.data.bbq.read_bbq_file`, the one
     reader), checked for the one option among the unknown phrasings lm-eval's ``doc_to_choice``
-    needs; errors name ``file:line``."""
+    needs (:func:`regift_jax.data.bbq.lm_eval_unknown_option`); errors name ``file:line``."""
     rows = []
     for item in read_bbq_file(path):
-        unknown = [o for o in item.options if o in UNKNOWN_RESPONSES]
-        if len(unknown) != 1:
-            raise BBQFormatError(f"{item.source}: lm-eval's bbq task needs exactly one option "
-                                 f"among its unknown phrasings {UNKNOWN_RESPONSES}, found "
-                                 f"{unknown}")
+        lm_eval_unknown_option(item)
         rows.append(hub_row(item))
     return rows
 
