@@ -1,6 +1,6 @@
 """lm-eval's ``bbq`` task, item by item: lm-eval's Hugging Face backend vs the ``regift_jax`` one.
 
-    python benchmarks/lm_eval_bbq.py --items 300 --seed 0 [--batch_size 8] [--json out.json]
+    python benchmarks/lm_eval_bbq.py --items 300 --seed 0 [--batch_size 8] [--json out.json] [--cache_dir DIR]
 
 What runs
 ---------
@@ -21,7 +21,9 @@ amb_bias_score, disamb_bias_score; recomputed with the task's own ``process_resu
 aggregations, and checked against ``simple_evaluate``'s), the regift_jax table again with
 near-tie disagreements (HF top-2 gap < ``--tie``) given HF's choice, and the speed: wall and
 process CPU seconds of the model calls (``loglikelihood``; JAX compilation included) and of the
-whole ``simple_evaluate`` call, with the ratio hf / regift_jax.  The last line is
+whole ``simple_evaluate`` call, with the ratio hf / regift_jax; then (``--own_format``, on by
+default) the project's own ``loglik.format=lm_eval`` mode on the same items, without lm-eval, and
+its per-item agreement with the regift_jax backend.  The last line is
 ``per-item agreement: X%``.
 """
 
@@ -46,7 +48,8 @@ from lm_eval.models.huggingface import HFLM  # noqa: E402
 
 from regift_jax import models  # noqa: E402
 from regift_jax.core.io import atomic_write_json  # noqa: E402
-from regift_jax.eval import harness  # noqa: E402
+from regift_jax.data import bbq as bbq_data  # noqa: E402
+from regift_jax.eval import config as eval_config, harness, tasks  # noqa: E402
 
 METRICS = ("acc", "accuracy_amb", "accuracy_disamb", "amb_bias_score", "disamb_bias_score")
 
@@ -124,6 +127,30 @@ def run(name: str, make_lm, tm, idx: list, cache: str = "") -> dict:
     return out
 
 
+def own_format(handle, docs, batch_size: int) -> dict:
+    """The project's own log-likelihood mode with ``loglik.format=lm_eval`` (no lm-eval in the
+    loop) on the same items: its 12 log-likelihoods per item, in the docs' order."""
+    cats = list(dict.fromkeys(d["category"] for d in docs))
+    every = bbq_data.load_bbq(bbq_data.default_bbq_dir(), cats)
+    by_key = {(it.category, it.example_id): it for c in cats for it in every[c]}
+    by_cat: dict = {}
+    for d in docs:
+        it = by_key[(d["category"], int(d["example_id"]))]
+        by_cat.setdefault(it.category, []).append(it)
+    cfg = eval_config.base_config()
+    cfg.loglik.format, cfg.runtime.batch_size = "lm_eval", batch_size
+    cfg.report.bootstrap_resamples = 0
+    log(f"--- own lm_eval format: {len(docs)} items ({load_avg()})")
+    w = time.perf_counter()
+    rep = tasks.evaluate_model(handle, by_cat, cfg)
+    wall = time.perf_counter() - w
+    rows = {(r["category"], r["example_id"]): r["option_logprob_sum"] for r in rep["items"]}
+    lls = np.array([rows[(d["category"], int(d["example_id"]))] for d in docs])
+    log(f"own lm_eval format: {wall:.1f} s wall ({load_avg()})")
+    return {"lls": lls, "wall": wall,
+            "metrics": {m: float(rep["lm_eval"]["metrics"][m]) for m in METRICS}}
+
+
 def metrics(task, docs, lls: np.ndarray) -> dict:
     """The task's metrics from per-item log-likelihoods (its own process_results and
     aggregations, exactly what simple_evaluate computes)."""
@@ -171,10 +198,12 @@ def parse_args(argv=None):
     p.add_argument("--cache_dir", default=None,
                    help="keep each backend's finished run here and reuse it on a rerun with the "
                         "same items (default: none)")
+    p.add_argument("--own_format", action=argparse.BooleanOptionalAction, default=True,
+                   help="also score the items with the project's own loglik.format=lm_eval")
     return p.parse_args(argv)
 
 
-def report(args, task, docs, hf, ours, cmp) -> None:
+def report(args, task, docs, hf, ours, cmp, own=None) -> None:
     log(f"\n=== lm-eval bbq, {args.items} items (seed {args.seed}), {args.model} ===")
     cats = {}
     for d in docs:
@@ -203,6 +232,13 @@ def report(args, task, docs, hf, ours, cmp) -> None:
         f"{hf['model_cpu'] / ours['model_cpu']:.2f}x")
     log(f"speed (whole simple_evaluate): hf {hf['wall']:.1f} s, regift_jax {ours['wall']:.1f} s "
         f"-> ratio {hf['wall'] / ours['wall']:.2f}x")
+    if own is not None:
+        same = own["lls"].argmax(1) == ours["lls"].argmax(1)
+        log(f"\nown lm_eval format (python -m regift_jax.evaluate --config=configs/eval.py:lm_eval)"
+            f": per-item choice equal to the regift_jax backend's on {int(same.sum())} of "
+            f"{len(same)} items, largest log-likelihood difference "
+            f"{np.abs(own['lls'] - ours['lls']).max():.3g}; its lm-eval metrics vs the task's: "
+            f"largest difference {max(abs(own['metrics'][k] - m_ours[k]) for k in METRICS):.3g}")
     if args.json:
         out = {k: v for k, v in vars(args).items()}
         out.update(agreement=cmp["agree"], max_diff=cmp["max_diff"],
@@ -212,6 +248,9 @@ def report(args, task, docs, hf, ours, cmp) -> None:
                    lls_regift_jax=ours["lls"].tolist(),
                    speed={n: {k: r[k] for k in ("model_wall", "model_cpu", "wall", "cpu")}
                           for n, r in (("hf", hf), ("regift_jax", ours))})
+        if own is not None:
+            out.update(own_format={"metrics": own["metrics"], "wall": own["wall"],
+                                   "lls": own["lls"].tolist()})
         atomic_write_json(args.json, out)
 
 
@@ -235,8 +274,9 @@ def main(argv=None) -> int:
     ours = run("regift_jax", lambda: harness.RegiftLM(model=args.model, handle=handle,
                                                       batch_size=args.batch_size),
                tm, idx, cache["regift_jax"])
+    own = own_format(handle, docs, args.batch_size) if args.own_format else None
     cmp = compare(hf, ours, args.tie)
-    report(args, task, docs, hf, ours, cmp)
+    report(args, task, docs, hf, ours, cmp, own)
     log(f"per-item agreement: {100 * cmp['agree']:.2f}%")
     return 0
 
