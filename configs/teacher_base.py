@@ -7,7 +7,10 @@ Defaults are the paper's decoding (greedy, 512 new tokens, one sample per questi
   ``regift_jax.models.load``), ``name`` (the label recorded in every trace and the manifest;
   "" = derived from the model: the GGUF file name or the HF config's ``_name_or_path``; a typed
   name must contain the model's own name), ``dtype``, ``chat`` (wrap the prompt in the
-  tokenizer's chat template).
+  tokenizer's chat template), ``mesh`` (one teacher sharded over every device of the slice, in the
+  evaluator's ``--mesh`` syntax: ``"tensor=-1"``, ``"fsdp=-1,tensor=8"``, with the training
+  logical-axis rules; on several hosts they generate in lockstep and process 0 writes; "" = each
+  process its own unsharded copy on one device).
 - ``prompt``: ``template`` / ``version`` (``regift_jax.core.prompts``; version 0 = latest),
   ``prefill`` (None = the template's own).
 - ``data``: ``squad_dir`` ("" = the data root's ``squad_v2/``; a directory with the official
@@ -43,7 +46,7 @@ from regift_jax.core import configs_util
 
 def base_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({
-        "teacher": {"name": "", "model": "", "dtype": "bfloat16", "chat": False},
+        "teacher": {"name": "", "model": "", "dtype": "bfloat16", "chat": False, "mesh": ""},
         "prompt": {"template": "teacher_extraction", "version": 0, "prefill": None},
         "data": {"squad_dir": "", "squad_file": "", "split": "pool", "num_buckets": 10,
                  "pool_buckets": 8, "max_questions": 0, "answerable_fraction": -1.0, "seed": 0},

@@ -12,9 +12,22 @@ prompt is sent raw (``chat=False``) with the authors' prefill, as in their scrip
 answers as plain text after ``</think>``, which the trace parser takes as the answer (the
 authors' rule, recorded as ``answer_source: after_think``).  The teacher label is derived from
 the model directory.
+
+The 32B teacher does not fit one chip (the loader keeps float32 parameters, about 122 GiB;
+compute is bf16): its preset shards one teacher over every chip of the slice with
+``teacher.mesh="fsdp=-1,tensor=8"`` (40 query / 8 KV heads, MLP and vocabulary over ``tensor``,
+the model width over ``fsdp``; the KV cache follows), every host running the same batches in
+lockstep.  By the preflight (``python -m regift_jax.preflight --config=...:r1_distill_qwen_32b
+--topology=v5e-16 --mesh=fsdp=-1,tensor=8 --stages=decode``) its decode step fits a v5e-16
+(fsdp=2 x tensor=8, 14.4 of 16 GiB per chip, 64 prompts of 1024 tokens) and a v4-16 (tensor=8
+over its 8 chips of 32 GiB); a v5e-8 is too small.  The smaller presets load unsharded on one chip
+(``teacher.mesh=""``); ``--config.teacher.mesh=...`` shards them over a slice too.
 """
 
 from regift_jax.core import configs_util
+
+# The paper's teacher is too large for one chip: one teacher over the slice (see the docstring).
+MESHES = {"r1_distill_qwen_32b": "fsdp=-1,tensor=8"}
 
 PRESETS = {
     "r1_distill_qwen_32b": "deepseek-r1-distill-qwen-32b",
@@ -29,7 +42,8 @@ def get_config(arg=None):
         raise ValueError(f"configs/teacher_qwen2.py: unknown preset {arg!r}; valid: "
                          f"{', '.join(PRESETS)}")
     c = configs_util.sibling_config(__file__, "teacher_base").base_config()
-    c.teacher.update(dict(model=PRESETS[arg], dtype="bfloat16", chat=False))
+    c.teacher.update(dict(model=PRESETS[arg], dtype="bfloat16", chat=False,
+                          mesh=MESHES.get(arg, "")))
     c.data.split = "train"  # the paper's source: all of SQuAD-v2 train
     c.out_dir = "traces_r1_qwen"
     return c

@@ -83,6 +83,28 @@ def make_mesh(shape: Optional[Dict[str, int]] = None, devices: Optional[Sequence
     return Mesh(arr, MESH_AXES)
 
 
+def parse_mesh_shape(spec: Optional[str]) -> Optional[Dict[str, int]]:
+    """``"data=2,fsdp=-1"`` -> ``{"data": 2, "fsdp": -1}``; None or "" -> None (no mesh).
+    Raises ValueError naming a bad entry."""
+    if not spec:
+        return None
+    shape = {}
+    for part in str(spec).split(","):
+        name, _, val = part.partition("=")
+        if name.strip() not in MESH_AXES or not val.strip().lstrip("-").isdigit():
+            raise ValueError(f"mesh {spec!r}: bad entry {part!r} (expected AXIS=N with AXIS in "
+                             f"{', '.join(MESH_AXES)})")
+        shape[name.strip()] = int(val)
+    return shape
+
+
+def parse_mesh(spec: Optional[str], devices: Optional[Sequence] = None) -> Optional[Mesh]:
+    """The mesh a ``--mesh`` string (:func:`parse_mesh_shape`) describes over ``devices``
+    (default: every device); None for no mesh (unsharded, one device)."""
+    shape = parse_mesh_shape(spec)
+    return None if shape is None else make_mesh(shape, devices)
+
+
 def _axes_size(mesh: Mesh, axes) -> int:
     if axes is None:
         return 1

@@ -90,17 +90,11 @@ def bbq_dir(cfg) -> str:
 
 
 def _parse_mesh(spec: Optional[str]):
-    if not spec:
-        return None
-    shape = {}
-    for part in spec.split(","):
-        name, _, val = part.partition("=")
-        if name.strip() not in sharding.MESH_AXES or not val.strip().lstrip("-").isdigit():
-            raise InputError(f"--mesh: bad entry {part!r} (expected AXIS=N with AXIS in "
-                             f"{', '.join(sharding.MESH_AXES)})")
-        shape[name.strip()] = int(val)
-    # This process's devices: each process scores its own share (regift_jax.eval.hosts).
-    return sharding.make_mesh(shape, devices=jax.local_devices())
+    try:
+        # This process's devices: each process scores its own share (regift_jax.eval.hosts).
+        return sharding.parse_mesh(spec, jax.local_devices())
+    except ValueError as e:
+        raise InputError(f"--mesh: {e}") from None
 
 
 def _load_model(cfg):

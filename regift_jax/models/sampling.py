@@ -14,7 +14,11 @@
 * Prompts are bucketed (length rounded up to ``length_bucket``, batch padded to ``batch_size``) so
   a long run compiles a handful of programs, not one per batch.
 * With a ``mesh`` the batch is sharded over the data axes and params keep their training
-  shardings (same mesh and rules as :mod:`regift_jax.core.sharding`).
+  shardings (same mesh and rules as :mod:`regift_jax.core.sharding`); the KV cache is laid out by
+  :func:`cache_shardings` (batch over the data axes, KV heads over ``tensor``), the one layout
+  the preflight compiles the decode program with.  A mesh may span several processes (a
+  multi-host slice): every process then calls ``generate`` with the same prompts in lockstep,
+  fills only its own devices and reads every row back.
 """
 
 from __future__ import annotations
@@ -26,9 +30,11 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from regift_jax.core.sharding import batch_sharding
+from regift_jax.core.sharding import DEFAULT_RULES, batch_sharding, logical_to_spec
 from regift_jax.core.shapes import round_up
 from regift_jax.models.config import ModelConfig
 from regift_jax.models.decoder import Decoder, init_cache, positions_from_mask
@@ -104,22 +110,48 @@ def sample_next(logits, row_keys, step, temperature: float, top_p: float, top_k:
     return jax.vmap(jax.random.categorical)(keys, filt).astype(jnp.int32)
 
 
+# Logical axes of every array of ``decoder.init_cache``: rows follow the prompts' batch
+# sharding and KV heads the attention projections' ``tensor`` sharding, so each chip attends
+# with its own heads over its own rows and the cache never moves between chips.
+CACHE_AXES = {"k": ("layers", "batch", "kv_heads", "head_dim", "length"),
+              "v": ("layers", "batch", "kv_heads", "length", "head_dim"),
+              "pos": ("batch", "length"), "seg": ("batch", "length"), "index": ()}
+
+
+def cache_shardings(mesh, rules=DEFAULT_RULES, cache=None) -> dict:
+    """NamedShardings of a KV cache on ``mesh`` (the sampler's and the preflight's layout).
+    ``cache`` (arrays or ``ShapeDtypeStruct`` s): its shapes let an axis that does not divide a
+    dimension (a one-row prefix, 3 KV heads over tensor=2) be replicated instead of failing."""
+    return {name: NamedSharding(mesh, logical_to_spec(
+                axes, None if cache is None else cache[name].shape, mesh, rules))
+            for name, axes in CACHE_AXES.items()}
+
+
+def _constrain_cache(cache, mesh, rules):
+    if mesh is None:
+        return cache
+    return jax.lax.with_sharding_constraint(cache, cache_shardings(mesh, rules, cache))
+
+
 def _call(params, ids, pos, seg, cache, cfg):
     return Decoder(cfg).apply({"params": params}, ids, positions=pos, segment_ids=seg,
                               cache=cache)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "cache_len"))
-def prefill(params, input_ids, attention_mask, cfg: ModelConfig, cache_len: int):
+@functools.partial(jax.jit, static_argnames=("cfg", "cache_len", "mesh", "rules"))
+def prefill(params, input_ids, attention_mask, cfg: ModelConfig, cache_len: int, mesh=None,
+            rules=DEFAULT_RULES):
+    """``mesh``/``rules``: lay the new cache out by :func:`cache_shardings` (else XLA picks)."""
     B = input_ids.shape[0]
-    cache = init_cache(cfg, B, cache_len)
+    cache = _constrain_cache(init_cache(cfg, B, cache_len), mesh, rules)
     pos = positions_from_mask(attention_mask)
     logits, cache = _call(params, input_ids, pos, attention_mask.astype(jnp.int32), cache, cfg)
-    return logits[:, -1, :], cache, pos[:, -1]
+    return logits[:, -1, :], _constrain_cache(cache, mesh, rules), pos[:, -1]
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
-def extend(params, cache, input_ids, attention_mask, last_pos, logits, cfg: ModelConfig):
+@functools.partial(jax.jit, static_argnames=("cfg", "mesh", "rules"), donate_argnames=("cache",))
+def extend(params, cache, input_ids, attention_mask, last_pos, logits, cfg: ModelConfig,
+           mesh=None, rules=DEFAULT_RULES):
     """Append a left-padded block of tokens [B, K] to every row's cache (padding slots get
     segment 0 and are never attended).  Rows whose block is all padding keep their logits."""
     m = attention_mask.astype(jnp.int32)
@@ -127,7 +159,7 @@ def extend(params, cache, input_ids, attention_mask, last_pos, logits, cfg: Mode
     new_logits, cache = _call(params, input_ids, pos, m, cache, cfg)
     n = jnp.sum(m, axis=1)
     logits = jnp.where((n > 0)[:, None], new_logits[:, -1, :], logits)
-    return logits, cache, last_pos + n
+    return logits, _constrain_cache(cache, mesh, rules), last_pos + n
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "n_steps", "temperature", "top_p", "top_k"),
@@ -161,17 +193,28 @@ def decode_chunk(params, cache, logits, last_pos, done, out_tokens, n_out, row_k
     return cache, logits, last_pos, done, out_tokens, n_out
 
 
-@functools.partial(jax.jit, static_argnames=("reps",))
-def _tile_rows(cache, logits, last_pos, reps: int):
+@functools.partial(jax.jit, static_argnames=("reps", "mesh", "rules"))
+def _tile_rows(cache, logits, last_pos, reps: int, mesh=None, rules=DEFAULT_RULES):
     """Repeat a 1-row prefilled state ``reps`` times along the batch."""
     c = dict(cache)
-    c["k"] = jnp.repeat(cache["k"], reps, axis=1)
-    c["v"] = jnp.repeat(cache["v"], reps, axis=1)
-    c["pos"] = jnp.repeat(cache["pos"], reps, axis=0)
-    c["seg"] = jnp.repeat(cache["seg"], reps, axis=0)
-    return c, jnp.repeat(logits, reps, axis=0), jnp.repeat(last_pos, reps, axis=0)
+    for name, axes in CACHE_AXES.items():
+        if "batch" in axes:
+            c[name] = jnp.repeat(cache[name], reps, axis=axes.index("batch"))
+    return (_constrain_cache(c, mesh, rules), jnp.repeat(logits, reps, axis=0),
+            jnp.repeat(last_pos, reps, axis=0))
 
 
+def to_host(x) -> np.ndarray:
+    """A device array whole on this host; rows on other hosts' devices are gathered."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def _hashable_rules(rules) -> tuple:
+    """``rules`` as nested tuples: a static ``jit`` argument (config rules arrive as lists)."""
+    return tuple((name, tuple(axes) if isinstance(axes, (list, tuple)) else axes)
+                 for name, axes in rules)
 
 
 class Sampler:
@@ -196,10 +239,12 @@ class Sampler:
     def __init__(self, cfg: ModelConfig, params, tokenizer=None, mesh=None, batch_size: int = 8,
                  length_bucket: int = 64, chunk: int = 32, pad_id: Optional[int] = None,
                  eos_ids: Optional[Sequence[int]] = None, bridge_tokens: int = 16,
-                 cache_len: Optional[int] = None):
+                 cache_len: Optional[int] = None, rules=DEFAULT_RULES):
         """``cache_len``: a fixed KV-cache length for every batch (one compiled decode program
-        for a whole run; a batch that needs more raises).  Default: sized per batch."""
+        for a whole run; a batch that needs more raises).  Default: sized per batch.
+        ``rules``: the logical-axis rules the params were placed with (batch and cache)."""
         self.cfg, self.params, self.tokenizer, self.mesh = cfg, params, tokenizer, mesh
+        self.rules = _hashable_rules(rules)
         self.fixed_cache_len = cache_len
         self.batch_size, self.length_bucket, self.chunk = batch_size, length_bucket, chunk
         self.bridge_tokens = bridge_tokens
@@ -259,10 +304,15 @@ class Sampler:
             out.append(int(t))
         return out
 
-    def _place(self, x):
+    def _place(self, x, replicate: bool = False):
+        """A host array on the mesh, rows over the data axes (``replicate``: whole on every
+        device).  Each process fills its own devices from the same value (lockstep)."""
         if self.mesh is None:
             return jnp.asarray(x)
-        return jax.device_put(x, batch_sharding(self.mesh, ndim=x.ndim))
+        x = np.asarray(x)
+        sh = (NamedSharding(self.mesh, PartitionSpec()) if replicate or x.ndim == 0
+              else batch_sharding(self.mesh, self.rules, ndim=x.ndim))
+        return jax.make_array_from_callback(x.shape, sh, lambda idx: x[idx])
 
     def _left_pad(self, rows, T, B):
         ids = np.full((B, T), self.pad_id, np.int32)
@@ -279,7 +329,7 @@ class Sampler:
         T = round_up(max(1, max(len(e) for e in encoded)), self.length_bucket)
         P = round_up(len(pre), self.length_bucket) if pre else 0
         st = self._prefill(encoded, pre, T, P, self._cache_len(P, T, sampling, then), seeds)
-        pos0 = np.asarray(st.last_pos)
+        pos0 = to_host(st.last_pos)
         first, start = self._run_phase(st, sampling, len(encoded))
         if then is None:
             return [Generation(text=text, token_ids=row, finish_reason=reason,
@@ -310,16 +360,19 @@ class Sampler:
         B, n = self.batch_size, len(encoded)
         rows = list(encoded) + [[self.pad_id]] * (B - n)  # filler rows: one token each
         ids, mask = self._left_pad(rows, T, B)
+        lay = dict(mesh=self.mesh, rules=self.rules)
         if pre:
             pids, pmask = self._left_pad([pre], P, 1)
-            logits, cache, last_pos = prefill(self.params, jnp.asarray(pids),
-                                              jnp.asarray(pmask), self.cfg, cache_len)
-            cache, logits, last_pos = _tile_rows(cache, logits, last_pos, B)
+            logits, cache, last_pos = prefill(self.params, self._place(pids, True),
+                                              self._place(pmask, True), self.cfg, cache_len,
+                                              **lay)
+            cache, logits, last_pos = _tile_rows(cache, logits, last_pos, B, **lay)
             logits, cache, last_pos = extend(self.params, cache, self._place(ids),
-                                             self._place(mask), last_pos, logits, self.cfg)
+                                             self._place(mask), last_pos, logits, self.cfg,
+                                             **lay)
         else:
             logits, cache, last_pos = prefill(self.params, self._place(ids),
-                                              self._place(mask), self.cfg, cache_len)
+                                              self._place(mask), self.cfg, cache_len, **lay)
         return _BatchState(cache, logits, last_pos, list(seeds) + [0] * (B - n))
 
     def _continue(self, st: _BatchState, first, start: int, pos0, then: Continuation,
@@ -331,10 +384,10 @@ class Sampler:
         keep[:n] = [len(row) for row, _, _ in first]
         # Mask what phase 1 generated beyond each row's kept tokens; rewind positions.
         slots = np.arange(st.cache["seg"].shape[1])[None, :]
-        kill = (slots >= start + keep[:, None]) & (slots < int(st.cache["index"]))
+        kill = (slots >= start + keep[:, None]) & (slots < int(to_host(st.cache["index"])))
         cache = dict(st.cache)
-        cache["seg"] = jnp.where(jnp.asarray(kill), 0, cache["seg"])
-        last_pos = jnp.asarray(pos0 + keep, jnp.int32)
+        cache["seg"] = jnp.where(self._place(kill), 0, cache["seg"])
+        last_pos = self._place((pos0 + keep).astype(np.int32))
         f_ids = [self._encode(f) for f in forced] + [[]] * (B - n)
         K = max(1, max(len(f) for f in f_ids))
         if K > self.bridge_tokens:
@@ -343,7 +396,7 @@ class Sampler:
         fid, fmask = self._left_pad(f_ids, self.bridge_tokens, B)
         st.logits, st.cache, st.last_pos = extend(self.params, cache, self._place(fid),
                                                   self._place(fmask), last_pos, st.logits,
-                                                  self.cfg)
+                                                  self.cfg, mesh=self.mesh, rules=self.rules)
         second, _ = self._run_phase(st, then.sampling, n)
         return [Generation(text=t1 + forced[r] + t2, token_ids=row1 + f_ids[r] + row2,
                            finish_reason=reason, prompt_tokens=prompt_tokens[r],
@@ -355,7 +408,7 @@ class Sampler:
                    ) -> Tuple[List[tuple], int]:
         """Decode until every row is done: per-row ``(tokens, finish_reason, text)`` and the
         cache index where the phase's tokens start."""
-        start = int(st.cache["index"])
+        start = int(to_host(st.cache["index"]))
         toks = self._decode_rows(st, sampling, n_rows)
         return [self._finish_row(toks[r], sampling.stop_strings) for r in range(n_rows)], start
 
@@ -364,29 +417,31 @@ class Sampler:
         the host between chunks) or ``max_new_tokens``; the tokens ``[B, steps]``."""
         B, max_new = self.batch_size, sampling.max_new_tokens
         base = jax.random.PRNGKey(sampling.seed)
-        keys = jnp.stack([jax.random.fold_in(base, int(s)) for s in st.seeds])
+        keys = self._place(np.stack([np.asarray(jax.random.fold_in(base, int(s)))
+                                     for s in st.seeds]))
         done = np.zeros((B,), bool)
         done[n_rows:] = True
-        done = jnp.asarray(done)
-        out = jnp.full((B, max_new), self.pad_id, jnp.int32)
-        n_out = jnp.zeros((), jnp.int32)
-        eos = jnp.asarray(self.eos_ids, jnp.int32)
+        done = self._place(done)
+        out = self._place(np.full((B, max_new), self.pad_id, np.int32))
+        n_out = self._place(np.zeros((), np.int32))
+        eos = self._place(np.asarray(self.eos_ids, np.int32), True)
+        pad = self._place(np.asarray(self.pad_id, np.int32))
         while True:
             st.cache, st.logits, st.last_pos, done, out, n_out = decode_chunk(
                 self.params, st.cache, st.logits, st.last_pos, done, out, n_out, keys, eos,
-                jnp.int32(self.pad_id), self.cfg, self.chunk, float(sampling.temperature),
+                pad, self.cfg, self.chunk, float(sampling.temperature),
                 float(sampling.top_p), int(sampling.top_k))
-            n_done = int(n_out)
-            done_h = np.array(done)
+            n_done = int(to_host(n_out))
+            done_h = to_host(done).copy()
             if sampling.stop_strings and self.tokenizer is not None:
-                toks = np.asarray(out[:, :n_done])
+                toks = to_host(out)[:, :n_done]
                 for r in range(n_rows):
                     if not done_h[r] and any(x in self._decode(self._strip(toks[r]))
                                              for x in sampling.stop_strings):
                         done_h[r] = True
-                done = jnp.asarray(done_h)
+                done = self._place(done_h)
             if done_h.all() or n_done >= max_new:
-                return np.asarray(out[:, :n_done])
+                return to_host(out)[:, :n_done]
 
     def _finish_row(self, toks, stop_strings) -> tuple:
         """``(tokens, finish_reason, text)`` of one row: cut at EOS, then at the first stop

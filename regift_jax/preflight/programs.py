@@ -248,16 +248,9 @@ def train_stage(config, devices) -> Stage:
 
 
 # ============================================================================ the sampler
-def _cache_shardings(mesh, rules):
-    sp = lambda *names: NamedSharding(  # noqa: E731
-        mesh, shd.logical_to_spec(names, None, mesh, rules))
-    return {"k": sp("layers", "batch", "kv_heads", "head_dim", "length"),
-            "v": sp("layers", "batch", "kv_heads", "length", "head_dim"),
-            "pos": sp("batch", "length"), "seg": sp("batch", "length"), "index": sp()}
-
-
-def _abstract_cache(cfg: ModelConfig, B: int, S: int, shardings):
+def _abstract_cache(cfg: ModelConfig, B: int, S: int, mesh, rules):
     shapes = jax.eval_shape(lambda: init_cache(cfg, B, S))
+    shardings = sampling.cache_shardings(mesh, rules, shapes)  # the sampler's own layout
     return {k: _sds(v.shape, v.dtype, shardings[k]) for k, v in shapes.items()}
 
 
@@ -274,17 +267,17 @@ def sampler_stages(cfg: ModelConfig, mesh, rules, B: int, T: int, S: int, decode
     one decode chunk (``decode``: n_steps, temperature, top_p, top_k, max_new)."""
     batch = lambda nd: shd.batch_sharding(mesh, rules, ndim=nd)  # noqa: E731
     repl = NamedSharding(mesh, P())
-    cache_sh = _cache_shardings(mesh, rules)
 
     def prefill(num_layers: int, costing: bool) -> Variant:
         m = cfg.replace(num_layers=num_layers)
         params = abstract_params(m, mesh, rules)
         ids = _sds((B, T), jnp.int32, batch(2))
         if not costing:
-            return Variant(sampling.prefill.lower(params, ids, ids, cfg=m, cache_len=S), params)
+            return Variant(sampling.prefill.lower(params, ids, ids, cfg=m, cache_len=S,
+                                                  mesh=mesh, rules=rules), params)
         # prefill builds its own cache (of no layers at depth 0, which cannot be traced):
         # costed as extend, the same forward into a given empty cache
-        cache = _abstract_cache(m.replace(num_layers=max(1, num_layers)), B, S, cache_sh)
+        cache = _abstract_cache(m.replace(num_layers=max(1, num_layers)), B, S, mesh, rules)
         lowered = sampling.extend.lower(params, cache, ids, ids, _sds((B,), jnp.int32, batch(1)),
                                         _sds((B, m.vocab_size), jnp.float32, batch(2)), cfg=m)
         return Variant(lowered, params, cache=cache)
@@ -292,7 +285,7 @@ def sampler_stages(cfg: ModelConfig, mesh, rules, B: int, T: int, S: int, decode
     def decode_step(num_layers: int, costing: bool) -> Variant:
         m = cfg.replace(num_layers=num_layers)
         params = abstract_params(m, mesh, rules)
-        cache = _abstract_cache(m.replace(num_layers=max(1, num_layers)), B, S, cache_sh)
+        cache = _abstract_cache(m.replace(num_layers=max(1, num_layers)), B, S, mesh, rules)
         if costing:  # one step without the decode loop, whose length XLA cannot time
             one = _sds((B, 1), jnp.int32, batch(2))
             lowered = sampling.extend.lower(

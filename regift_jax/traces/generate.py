@@ -9,7 +9,11 @@ Work units are ``(question, sample_index)`` pairs over the configured SQuAD ques
 the dev ``pool`` split; ``data.split="train"`` or ``data.squad_file`` for SQuAD-v2 train, see
 :func:`regift_jax.data.squad.load_split`), in a fixed order.  Process ``k`` of ``P`` takes units
 ``k, k+P, ...`` and writes its own files, so a pod generates in parallel with no coordination
-beyond JAX's (each process uses its local devices).
+beyond JAX's (each process uses its first local device).  ``teacher.mesh`` (``"fsdp=-1,tensor=8"``;
+the evaluator's ``--mesh`` syntax) instead shards one teacher over every device of the slice with
+the training rules (:mod:`regift_jax.core.sharding`): on several hosts every process then runs the
+same batches in lockstep (the sampler's lockstep mode) and process 0 alone reads the done units,
+writes the files and the summary, as one stream of units (``processes`` 1 in the manifest).
 
 Resumable and safe: every batch of records is written to its own file atomically (temp + rename)
 under ``out_dir/parts/``; a restarted run reads the keys already written and skips them, so a run
@@ -67,13 +71,15 @@ import zlib
 from typing import Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import jax
+import ml_collections
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from regift_jax import models
-from regift_jax.core import configs_util, prompts
+from regift_jax.core import configs_util, distributed, prompts, sharding
 from regift_jax.core.io import (LineCounts, atomic_write, atomic_write_json, atomic_write_text,
                                 iter_jsonl)
 from regift_jax.core.paths import default_source_dir
@@ -478,8 +484,9 @@ def make_record(q: dict, sample_index: int, gen: Tuple[str, int, int], plan: Pla
 
 
 def _generate_units(cfg, plan: Plan, handle, teacher: str, questions: List[dict],
-                    todo: List[tuple], proc: int, bar) -> None:
-    """Generate ``todo`` batch by batch, one atomically written part file per batch."""
+                    todo: List[tuple], proc: int, bar, write: bool = True) -> None:
+    """Generate ``todo`` batch by batch, one atomically written part file per batch (``write``
+    False: a lockstep process that only computes)."""
     tok = handle.tokenizer
     sampler = handle.sampler(batch_size=cfg.batch_size, length_bucket=cfg.length_bucket,
                              chunk=cfg.decode.chunk, cache_len=cfg.cache_len or None)
@@ -496,7 +503,8 @@ def _generate_units(cfg, plan: Plan, handle, teacher: str, questions: List[dict]
         gens = _sample(sampler, plan, ptexts, seeds, prefix)
         recs = [make_record(q, s, g, plan, teacher, tok)
                 for q, (_, s), g in zip(qs, chunk, gens)]
-        write_trace_jsonl(_part_path(cfg.out_dir, proc, part_no), recs)
+        if write:
+            write_trace_jsonl(_part_path(cfg.out_dir, proc, part_no), recs)
         part_no += 1
         n_ok += sum(r.lenient_correct for r in recs)
         n_total += len(recs)
@@ -506,10 +514,31 @@ def _generate_units(cfg, plan: Plan, handle, teacher: str, questions: List[dict]
 
 
 def _maybe_init_distributed(cfg) -> None:
-    if cfg.distributed == "off":
-        return
-    if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("TPU_WORKER_HOSTNAMES"):
-        jax.distributed.initialize()
+    """``jax.distributed.initialize`` on a multi-host TPU slice or with ``JAX_COORDINATOR_ADDRESS``
+    (and ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``), the training command line's rule."""
+    distributed.maybe_initialize_distributed(ml_collections.ConfigDict(dict(
+        initialize="never" if cfg.distributed == "off" else "auto", coordinator_address="",
+        num_processes=-1, process_id=-1, initialization_timeout=300)))
+
+
+def teacher_mesh(cfg):
+    """The teacher's mesh (``teacher.mesh``) over every device of every process, or None ("":
+    each process loads its own unsharded copy)."""
+    try:
+        return sharding.parse_mesh(cfg.teacher.get("mesh") or "", jax.devices())
+    except ValueError as e:
+        raise TraceConfigError(f"teacher.mesh: {e}") from None
+
+
+def _todo(cfg, questions: List[dict], mine: List[tuple], stream: int,
+          lockstep: bool) -> List[tuple]:
+    """The units of ``mine`` not written yet.  In lockstep only process 0 reads its files (the
+    others may not share its disk) and sends every process the same list."""
+    done = set() if lockstep and jax.process_index() else _read_done(cfg.out_dir, stream)
+    keep = np.array([(questions[qi]["id"], s) not in done for qi, s in mine], bool)
+    if lockstep:
+        keep = np.asarray(multihost_utils.broadcast_one_to_all(keep))
+    return [u for u, k in zip(mine, keep) if k]
 
 
 def _stored_manifest(out_dir: str) -> dict:
@@ -540,13 +569,18 @@ def run(cfg) -> dict:
     configs_util.apply_xla_cpu_flags(cfg.xla_cpu_flags)  # before JAX starts
     _maybe_init_distributed(cfg)
     proc, nproc = jax.process_index(), jax.process_count()
+    mesh = None
     os.makedirs(os.path.join(cfg.out_dir, "parts"), exist_ok=True)
     try:  # bad settings and bad source files are the user's to fix: one line, no traceback
         plan = make_plan(cfg)
         if cfg.finalize_only:
             manifest = _stored_manifest(cfg.out_dir)
         else:
-            questions, teacher, manifest = prepare(cfg, plan, proc, nproc)
+            mesh = teacher_mesh(cfg)  # a bad mesh fails before the data is read
+            lockstep = mesh is not None and nproc > 1
+            # stream: whose units and files this process works on (lockstep: one stream, 0)
+            stream, nstreams = (0, 1) if lockstep else (proc, nproc)
+            questions, teacher, manifest = prepare(cfg, plan, proc, nstreams)
     except TraceConfigError:
         raise
     except ValueError as e:
@@ -556,19 +590,21 @@ def run(cfg) -> dict:
         # loading the teacher: a partial set is usable and a later run resumes it.
         return _finish(cfg, proc, manifest, time.time())
     units = [(qi, s) for qi in range(len(questions)) for s in range(cfg.num_samples)]
-    mine = units[proc::nproc]
-    done = _read_done(cfg.out_dir, proc)
-    todo = [u for u in mine if (questions[u[0]]["id"], u[1]) not in done]
-    logging.info("process %d/%d: %d units, %d already done, %d to do", proc, nproc, len(mine),
-                 len(mine) - len(todo), len(todo))
+    mine = units[stream::nstreams]
+    todo = _todo(cfg, questions, mine, stream, lockstep)
+    logging.info("process %d/%d%s: %d units, %d already done, %d to do", proc, nproc,
+                 " (lockstep)" if lockstep else "", len(mine), len(mine) - len(todo), len(todo))
     t0 = time.time()
-    handle = models.load(teacher.path, dtype=cfg.teacher.dtype)
+    handle = models.load(teacher.path, dtype=cfg.teacher.dtype, mesh=mesh)
     logging.info("teacher %s (%s) loaded in %.1fs", teacher.label, teacher.fingerprint,
                  time.time() - t0)
-    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"traces p{proc}",
-               unit="trace", dynamic_ncols=True, disable=not cfg.progress)
-    _generate_units(cfg, plan, handle, teacher.label, questions, todo, proc, bar)
+    write = proc == stream  # lockstep: process 0 writes, the others only compute
+    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"traces p{stream}",
+               unit="trace", dynamic_ncols=True, disable=not (cfg.progress and write))
+    _generate_units(cfg, plan, handle, teacher.label, questions, todo, stream, bar, write)
     bar.close()
+    if not write:
+        return {"read_report": {}}
     return _finish(cfg, proc, manifest, t0,
                    hardware=f"{jax.device_count()} x {jax.devices()[0].device_kind}")
 
