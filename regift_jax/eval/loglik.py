@@ -78,8 +78,8 @@ from regift_jax.data.packing import Packer, build_row, stack_rows
 from regift_jax.eval.config import LOGLIK_METHODS as METHODS
 from regift_jax.eval.stereoset import scoring_requests
 from regift_jax.models.config import ModelConfig
-from regift_jax.models.run_config import NO_LORA, LoraConfig, RunConfig
 from regift_jax.models.decoder import Decoder, init_cache, lm_head
+from regift_jax.models.run_config import NO_LORA, LoraConfig, RunConfig
 
 
 # --------------------------------------------------------------------------------------------

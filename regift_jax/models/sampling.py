@@ -31,8 +31,8 @@ from tqdm.auto import tqdm
 from regift_jax.core.sharding import batch_sharding
 from regift_jax.core.shapes import round_up
 from regift_jax.models.config import ModelConfig
-from regift_jax.models.run_config import NO_LORA, LoraConfig, RunConfig
 from regift_jax.models.decoder import Decoder, init_cache, positions_from_mask
+from regift_jax.models.run_config import NO_LORA, LoraConfig, RunConfig
 
 
 @dataclasses.dataclass(frozen=True)

@@ -35,9 +35,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from regift_jax.models import lora as lora_lib
 from regift_jax.models.config import ModelConfig
-from regift_jax.models.run_config import NO_LORA, LoraConfig, RunConfig
 from regift_jax.models.decoder import Decoder, head_weight
 from regift_jax.models.head_loss import head_loss
+from regift_jax.models.run_config import NO_LORA, LoraConfig, RunConfig
 from regift_jax.training.state import TrainState
 
 
