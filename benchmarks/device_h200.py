@@ -100,6 +100,7 @@ def run_jax(args) -> dict:
     from regift_jax.models import lora as lora_lib
     from regift_jax.models.config import ModelConfig
     from regift_jax.models.decoder import init_params, param_shardings
+    from regift_jax.models.run_config import NO_LORA, LoraConfig, RunConfig
     from regift_jax.models.sampling import Sampler, SamplingConfig
     from regift_jax.training.metrics import train_flops_per_token
     from regift_jax.training.optim import make_optimizer
@@ -130,16 +131,17 @@ def run_jax(args) -> dict:
                       num_kv_heads=d["num_key_value_heads"], head_dim=d["head_dim"],
                       rope_theta=500000.0, max_position_embeddings=8192,
                       tie_word_embeddings=False, rms_norm_eps=1e-5, bos_token_id=1,
-                      eos_token_id=2, pad_token_id=0, param_dtype="bfloat16", dtype="bfloat16",
-                      remat_policy="full", name="llama3-8b-shaped (random)")
+                      eos_token_id=2, pad_token_id=0, name="llama3-8b-shaped (random)")
+    run = RunConfig(param_dtype="bfloat16", dtype="bfloat16", remat_policy="full")
     impl = "xla" if (args.smoke and args.attention_impl == "cudnn") else args.attention_impl
     fast = dict(attention_impl=impl, loss_chunk=args.loss_chunk)
     res["attention_impl"], res["loss_chunk"] = impl, args.loss_chunk
     res["n_params"] = cfg.num_params()
     mesh = shd.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
-    full_sh = param_shardings(cfg, mesh)
+    full_sh = param_shardings(cfg, mesh, run=run)
     t0 = time.perf_counter()
-    params = jax.jit(lambda k: init_params(cfg, k), out_shardings=full_sh)(jax.random.PRNGKey(0))
+    params = jax.jit(lambda k: init_params(cfg, k, run=run),
+                     out_shardings=full_sh)(jax.random.PRNGKey(0))
     block(params)
     log(f"init {res['n_params'] / 1e9:.2f}B params (bf16) in {time.perf_counter() - t0:.1f}s")
 
@@ -156,11 +158,11 @@ def run_jax(args) -> dict:
                                  warmup_fraction=0.0, end_lr_fraction=0.0, clip_norm=1.0,
                                  b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, no_decay=())
 
-    def bench_train(mcfg, trainable, frozen, trainable_sh, frozen_sh, label, n_lora):
+    def bench_train(mrun, mlora, trainable, frozen, trainable_sh, frozen_sh, label, n_lora):
         tx, schedule = make_optimizer(ocfg, 100, trainable)
         state_sh, _ = state_shardings(tx, trainable, trainable_sh, mesh)
         state = init_state(tx, trainable, state_sh, seed=0)
-        step = jit_train_step(mcfg, tx, schedule, state_sh, frozen_sh, bsh)
+        step = jit_train_step(cfg, tx, schedule, state_sh, frozen_sh, bsh, run=mrun, lora=mlora)
         t0 = time.perf_counter()
         compiled = step.lower(state, frozen, batch).compile()
         log(f"{label}: compiled in {time.perf_counter() - t0:.1f}s")
@@ -175,7 +177,7 @@ def run_jax(args) -> dict:
             losses.append(float(m["loss"]))
         t, ts = timed(one, 2, args.steps, sync)
         tok_s = B * T / t
-        flops_tok = train_flops_per_token(mcfg, T, n_lora)
+        flops_tok = train_flops_per_token(cfg, T, n_lora)
         out = {"step_s": t, "steps_s": ts, "tokens_per_s": tok_s,
                "flops_per_token": flops_tok, "mfu": flops_tok * tok_s / peak,
                "loss_first": losses[0], "loss_last": losses[-1],
@@ -186,10 +188,9 @@ def run_jax(args) -> dict:
         return out
 
     # ---- LoRA SFT step (paper setup): fast paths, then the einsum / full-logits control
-    lcfg = cfg.replace(lora_rank=16, lora_alpha=32.0, lora_dropout=0.05,
-                       lora_targets=("q_proj", "v_proj"))
-    lcfg, lparams = lora_lib.add_lora(lcfg, params, seed=0, mesh=mesh)
-    trainable, frozen, tsh, fsh = split_trainable(lcfg, lparams, mesh)
+    lora = LoraConfig(rank=16, alpha=32.0, dropout=0.05, targets=("q_proj", "v_proj"))
+    lparams = lora_lib.add_lora(cfg, lora, params, seed=0, mesh=mesh)
+    trainable, frozen, tsh, fsh = split_trainable(cfg, lora, lparams, mesh, run=run)
     n_lora = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainable))
     for key, over in (("train_lora", fast),
                       ("train_lora_einsum", dict(attention_impl="einsum", loss_chunk=0))):
@@ -197,18 +198,16 @@ def run_jax(args) -> dict:
             continue
         with phase(args, "jax", res, key):
             # a copy per phase: the jitted step donates the state built from it
-            res[key] = bench_train(lcfg.replace(**over), jax.tree.map(jnp.copy, trainable),
-                                   frozen, tsh, fsh,
-                                   f"LoRA r16 q,v {over}", n_lora)
+            res[key] = bench_train(run.replace(**over), lora, jax.tree.map(jnp.copy, trainable),
+                                   frozen, tsh, fsh, f"LoRA r16 q,v {over}", n_lora)
             res[key].update(trainable_params=n_lora, **over)
     del trainable, frozen, lparams
 
     # ---- generation
     with phase(args, "jax", res, "generate"):
-        gcfg = cfg.replace(remat_policy="none")
-        sampler = Sampler(gcfg, params, tokenizer=None, mesh=mesh, batch_size=GEN_BATCH,
+        sampler = Sampler(cfg, params, tokenizer=None, mesh=mesh, batch_size=GEN_BATCH,
                           length_bucket=GEN_PROMPT, chunk=32, eos_ids=(-1,),
-                          cache_len=GEN_PROMPT + GEN_NEW)
+                          cache_len=GEN_PROMPT + GEN_NEW, run=run.replace(remat_policy="none"))
         prompts = [list(map(int, r)) for r in
                    rng.integers(3, cfg.vocab_size, size=(GEN_BATCH, GEN_PROMPT))]
         sc = SamplingConfig(max_new_tokens=GEN_NEW, temperature=0.0)
@@ -227,7 +226,7 @@ def run_jax(args) -> dict:
     # ---- full fine-tuning (bf16 params and moments)
     if not args.skip_full:
         with phase(args, "jax", res, "train_full"):
-            res["train_full"] = bench_train(cfg.replace(**fast), params, {}, full_sh, {},
+            res["train_full"] = bench_train(run.replace(**fast), NO_LORA, params, {}, full_sh, {},
                                             f"full FT {fast}", 0)
             res["train_full"].update(fast)
     return res
@@ -374,9 +373,9 @@ def main():
     ap.add_argument("--skip_full", action="store_true", help="skip the full fine-tuning step")
     ap.add_argument("--smoke", action="store_true", help="tiny model on CPU (script check)")
     ap.add_argument("--attention_impl", default="cudnn", choices=("cudnn", "xla", "einsum"),
-                    help="ModelConfig.attention_impl of the SFT steps (--smoke: cudnn -> xla)")
+                    help="RunConfig.attention_impl of the SFT steps (--smoke: cudnn -> xla)")
     ap.add_argument("--loss_chunk", type=int, default=2048,
-                    help="ModelConfig.loss_chunk of the SFT steps (0: full logits)")
+                    help="RunConfig.loss_chunk of the SFT steps (0: full logits)")
     ap.add_argument("--no_control", action="store_true",
                     help="skip the einsum / full-logits LoRA control phase")
     args = ap.parse_args()

@@ -86,15 +86,15 @@ def n_cores() -> int:
 
 
 def width_config(width: int, layers: int):
-    """SmolLM2-135M's architecture with the width scaled by ``width`` (head_dim kept)."""
+    """SmolLM2-135M's architecture with the width scaled by ``width`` (head_dim kept); it runs
+    with the default ``RunConfig`` (float32, no remat)."""
     from regift_jax.models.presets import get_preset
     base = get_preset("smollm2-135m-instruct").model_config()
     return base.replace(
         hidden_size=base.hidden_size * width,
         intermediate_size=base.intermediate_size * width,
         num_heads=base.num_heads * width, num_kv_heads=base.num_kv_heads * width,
-        num_layers=layers, param_dtype="float32", dtype="float32", remat_policy="none",
-        name=f"smollm2-135m-x{width}-{layers}L")
+        num_layers=layers, name=f"smollm2-135m-x{width}-{layers}L")
 
 
 def mesh_shape(mode: str, n: int) -> dict:

@@ -223,19 +223,20 @@ class Ours:
                               "tensor": int(c.mesh.tensor)})
         rules = merge_rules(shd.DEFAULT_RULES, c.mesh.rules)
         with Timer() as t:
-            model_cfg, params, tokenizer = state_lib.load_model(c.model, c.lora, args.seed, mesh,
-                                                                rules)
+            h = state_lib.load_model(c.model, c.lora, args.seed, mesh, rules)
         self.load_s = t.wall
-        trainable, frozen, trainable_sh, frozen_sh = state_lib.split_trainable(model_cfg, params,
-                                                                               mesh, rules)
-        del params
+        model_cfg, self.run, self.lora = h.cfg, h.run, h.lora
+        trainable, frozen, trainable_sh, frozen_sh = state_lib.split_trainable(
+            model_cfg, h.lora, h.params, mesh, rules, run=h.run)
+        h.params = None
         self.n_trainable = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainable))
         self.lora_a = None
         if c.lora.enabled:
             self.lora_a = {name: np.asarray(trainable["layers"]["self_attn"][name]["lora_a"])
                            for name in c.lora.targets}
         if export_dir:
-            state_lib.export_model(model_cfg, trainable, frozen, tokenizer, export_dir, "float32")
+            state_lib.export_model(model_cfg, h.lora, trainable, frozen, h.tokenizer, export_dir,
+                                   "float32")
 
         batch_sh = shd.batch_sharding(mesh, rules)
         tx, schedule = optim.make_optimizer(c.optim, args.warmup + args.steps, trainable)
@@ -248,7 +249,7 @@ class Ours:
         self.flops_per_token = metrics.train_flops_per_token(
             model_cfg, args.seq, self.n_trainable if c.lora.enabled else 0)
         self.step_fn = step_lib.jit_train_step(model_cfg, tx, schedule, state_sh, frozen_sh,
-                                               batch_sh)
+                                               batch_sh, run=h.run, lora=h.lora)
         self.gbatch = make_global_array(batch_np, mesh, batch_sh.spec[0])
 
     def step(self) -> float:
@@ -264,8 +265,9 @@ class Ours:
         import jax
         from regift_jax.training import step as step_lib
         cfg, p, fr, b = self.model_cfg, self.state.params, self.frozen, self.gbatch
-        fwd = jax.jit(functools.partial(step_lib.eval_step, model_cfg=cfg))
-        fb = jax.jit(functools.partial(step_lib.loss_and_grads, model_cfg=cfg))
+        kw = dict(model_cfg=cfg, run=self.run, lora=self.lora)
+        fwd = jax.jit(functools.partial(step_lib.eval_step, **kw))
+        fb = jax.jit(functools.partial(step_lib.loss_and_grads, **kw))
         key = jax.random.PRNGKey(0)
         return _best_of({"forward": lambda: jax.block_until_ready(fwd(p, fr, b)),
                          "forward+backward": lambda: jax.block_until_ready(fb(p, fr, b, key))},

@@ -58,9 +58,9 @@ def run_training(config, workdir: str = "", **kw) -> dict:
     ``checkpoint_steps``, ``tensorboard_dir``, ``metrics_file``, ``export_dir`` (HF directory,
     LoRA merged; "" when export is off or the run was preempted), ``wall_time_s``, ``history``
     (every logged record), ``identity`` / ``settings`` (:mod:`regift_jax.training.identity`)
-    and the final ``state`` / ``frozen`` params / ``model_cfg``.  A work directory that holds
-    this finished run already gives its stored ``result.json`` with ``already_finished=True``
-    (no state, nothing trained).
+    and the final ``state`` / ``frozen`` params / ``model_cfg`` / ``run`` / ``lora``.  A work
+    directory that holds this finished run already gives its stored ``result.json`` with
+    ``already_finished=True`` (no state, nothing trained).
     Keyword arguments go to :func:`regift_jax.training.loop.run` (``callbacks``).
     """
     return loop.run(config, workdir or config.workdir, **kw)

@@ -10,6 +10,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from regift_jax.models import checkpoints as ck  # noqa: E402
 from regift_jax.models.decoder import Decoder, init_cache, positions_from_mask  # noqa: E402
+from regift_jax.models.run_config import RunConfig  # noqa: E402
 from _hf_tiny import FAMILIES, batch, hf_logits, make_hf_model  # noqa: E402
 
 
@@ -93,7 +94,7 @@ def test_bf16_compute_close_to_fp32(family_model):
     fam, _, cfg, params = family_model
     ids, mask = batch()
     f32 = Decoder(cfg).apply({"params": params}, jnp.asarray(ids))
-    b16 = Decoder(cfg.replace(dtype="bfloat16")).apply({"params": params}, jnp.asarray(ids))
+    b16 = Decoder(cfg, RunConfig(dtype="bfloat16")).apply({"params": params}, jnp.asarray(ids))
     assert b16.dtype == jnp.float32  # logits always come back in float32
     assert float(jnp.abs(b16 - f32).max()) < 0.5
 
@@ -102,7 +103,8 @@ def test_remat_policy_same_values(family_model):
     fam, _, cfg, params = family_model
     ids, _ = batch()
     a = Decoder(cfg).apply({"params": params}, jnp.asarray(ids))
-    b = Decoder(cfg.replace(remat_policy="full")).apply({"params": params}, jnp.asarray(ids))
+    b = Decoder(cfg, RunConfig(remat_policy="full")).apply({"params": params},
+                                                          jnp.asarray(ids))
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
 
 
@@ -130,15 +132,16 @@ def padded_and_packed_batch():
     return jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(seg)
 
 
-def assert_same_values_and_gradients(params, cfg, other):
+def assert_same_values_and_gradients(params, cfg, other: RunConfig):
     """Logits (on real tokens) and every parameter gradient of :func:`padded_and_packed_batch`
-    agree under ``cfg`` and ``other``; returns ``other``'s logits."""
+    agree when ``cfg`` runs with the default :class:`RunConfig` and with ``other``; returns
+    ``other``'s logits."""
     ids, pos, seg = padded_and_packed_batch()
 
-    def loss(p, c):
-        out = Decoder(c).apply({"params": p}, ids, positions=pos, segment_ids=seg)
+    def loss(p, run):
+        out = Decoder(cfg, run).apply({"params": p}, ids, positions=pos, segment_ids=seg)
         return jnp.sum(jnp.where(seg[..., None] > 0, out, 0.0) ** 2) * 1e-3, out
-    (_, a), ga = jax.value_and_grad(loss, has_aux=True)(params, cfg)
+    (_, a), ga = jax.value_and_grad(loss, has_aux=True)(params, RunConfig())
     (_, b), gb = jax.value_and_grad(loss, has_aux=True)(params, other)
     valid = np.asarray(seg) > 0
     assert float(np.abs(np.asarray(a) - np.asarray(b))[valid].max()) <= 1e-5
@@ -153,7 +156,7 @@ def test_attention_chunk_same_values_and_gradients(family_model):
     family (Mistral's sliding window included)."""
     fam, _, cfg, params = family_model
     # 33 tokens: chunks of 8, 8, 8, 8, 1
-    assert_same_values_and_gradients(params, cfg, cfg.replace(attention_chunk=8))
+    assert_same_values_and_gradients(params, cfg, RunConfig(attention_chunk=8))
 
 
 def test_attention_impl_xla_same_values_and_gradients(family_model):
@@ -163,23 +166,22 @@ def test_attention_impl_xla_same_values_and_gradients(family_model):
     positions/segments given: mask None, is_causal only), for every family (Mistral's window
     included)."""
     fam, m, cfg, params = family_model
-    dpa = cfg.replace(attention_impl="xla")
+    dpa = RunConfig(attention_impl="xla")
     b = assert_same_values_and_gradients(params, cfg, dpa)
     assert np.isfinite(b).all()  # padding rows too (they attend to themselves)
     # plain causal rows, and the independent reference: transformers on unpadded rows
     full = jnp.asarray(batch()[0])
     c = Decoder(cfg).apply({"params": params}, full)
-    d = Decoder(dpa).apply({"params": params}, full)
+    d = Decoder(cfg, dpa).apply({"params": params}, full)
     np.testing.assert_allclose(np.asarray(c), np.asarray(d), atol=1e-5)
     ref = hf_logits(m, np.asarray(full), np.ones(full.shape, np.int64))
     assert float(np.abs(np.asarray(d) - ref).max()) <= 1e-4
 
 
 def test_attention_impl_is_validated():
-    from regift_jax.models.presets import get_model_config
-    cfg = get_model_config("llama-3.1-8b")
+    run = RunConfig()
     with pytest.raises(ValueError, match="unknown attention_impl 'flash'"):
-        cfg.replace(attention_impl="flash")
+        run.replace(attention_impl="flash")
     with pytest.raises(ValueError, match="bfloat16 or float16"):
-        cfg.replace(dtype="float32", attention_impl="cudnn")
-    assert cfg.replace(dtype="bfloat16", attention_impl="cudnn").attention_impl == "cudnn"
+        run.replace(dtype="float32", attention_impl="cudnn")
+    assert run.replace(dtype="bfloat16", attention_impl="cudnn").attention_impl == "cudnn"

@@ -11,11 +11,12 @@ import pytest
 from regift_jax.models import lora as lora_lib
 from regift_jax.models.config import ModelConfig
 from regift_jax.models.decoder import PROJECTIONS, Decoder, init_params, proj_shapes
+from regift_jax.models.run_config import RunConfig
 
 TARGETS = tuple(PROJECTIONS)  # all seven, so multi-axis inputs (o_proj: heads x head_dim) count
 CFG = ModelConfig(vocab_size=64, hidden_size=128, intermediate_size=192, num_layers=2,
-                  num_heads=4, num_kv_heads=2, head_dim=32, lora_rank=16, lora_alpha=32.0,
-                  lora_targets=TARGETS)
+                  num_heads=4, num_kv_heads=2, head_dim=32)
+LORA = lora_lib.LoraConfig(rank=16, alpha=32.0, targets=TARGETS)
 
 
 def _fan_in(name):
@@ -46,16 +47,16 @@ def _assert_kaiming_uniform(a, fan_in, what):
 
 @pytest.fixture(scope="module")
 def base_params():
-    return init_params(CFG.replace(lora_rank=0))
+    return init_params(CFG)
 
 
 def test_add_lora_is_pefts_init(base_params):
-    cfg, params = lora_lib.add_lora(CFG, base_params, seed=3)
+    params = lora_lib.add_lora(CFG, LORA, base_params, seed=3)
     for name, (a, b) in _adapters(params).items():
         _assert_kaiming_uniform(a, _fan_in(name), name)
         assert not b.any(), name
     # the decoder's own parameter initialiser (init_params with LoRA on) draws the same law
-    for name, (a, b) in _adapters(init_params(CFG, jax.random.PRNGKey(5))).items():
+    for name, (a, b) in _adapters(init_params(CFG, jax.random.PRNGKey(5), lora=LORA)).items():
         _assert_kaiming_uniform(a, _fan_in(name), f"init_params {name}")
         assert not b.any(), name
 
@@ -73,15 +74,15 @@ def test_matches_peft_adapters_on_the_same_shapes(base_params):
 
     torch.manual_seed(0)
     theirs = peft.inject_adapter_in_model(
-        peft.LoraConfig(r=CFG.lora_rank, lora_alpha=CFG.lora_alpha, target_modules=list(TARGETS),
+        peft.LoraConfig(r=LORA.rank, lora_alpha=LORA.alpha, target_modules=list(TARGETS),
                         init_lora_weights=True), Block())
-    _, params = lora_lib.add_lora(CFG, base_params, seed=0)
+    params = lora_lib.add_lora(CFG, LORA, base_params, seed=0)
     ours = _adapters(params)
     for name in TARGETS:
         layer = getattr(theirs, name)
         a_t = layer.lora_A["default"].weight.detach().double().numpy()  # [r, in]
         b_t = layer.lora_B["default"].weight.detach().numpy()
-        assert a_t.shape == (CFG.lora_rank, _fan_in(name))
+        assert a_t.shape == (LORA.rank, _fan_in(name))
         _assert_kaiming_uniform(a_t, _fan_in(name), f"peft {name}")  # the law, as PEFT draws it
         assert not b_t.any()
         a = ours[name][0]
@@ -92,21 +93,21 @@ def test_matches_peft_adapters_on_the_same_shapes(base_params):
 
 
 def test_fresh_adapters_leave_the_logits_unchanged(base_params):
-    cfg, params = lora_lib.add_lora(CFG, base_params, seed=1)
+    params = lora_lib.add_lora(CFG, LORA, base_params, seed=1)
     ids = jnp.asarray(np.random.RandomState(0).randint(0, CFG.vocab_size, (2, 9)))
-    base = Decoder(CFG.replace(lora_rank=0)).apply({"params": base_params}, ids)
-    adapted = Decoder(cfg).apply({"params": params}, ids)
+    base = Decoder(CFG).apply({"params": base_params}, ids)
+    adapted = Decoder(CFG, RunConfig(), LORA).apply({"params": params}, ids)
     np.testing.assert_array_equal(np.asarray(adapted), np.asarray(base))
     # ... and the adapters are live: a non-zero B changes them
     params["layers"]["self_attn"]["q_proj"]["lora_b"] += 0.1
-    moved = Decoder(cfg).apply({"params": params}, ids)
+    moved = Decoder(CFG, RunConfig(), LORA).apply({"params": params}, ids)
     assert float(jnp.abs(moved - base).max()) > 1e-3
 
 
 def test_deterministic_in_the_key(base_params):
-    a1 = _adapters(lora_lib.add_lora(CFG, base_params, seed=7)[1])
-    a2 = _adapters(lora_lib.add_lora(CFG, base_params, seed=7)[1])
-    a3 = _adapters(lora_lib.add_lora(CFG, base_params, seed=8)[1])
+    a1 = _adapters(lora_lib.add_lora(CFG, LORA, base_params, seed=7))
+    a2 = _adapters(lora_lib.add_lora(CFG, LORA, base_params, seed=7))
+    a3 = _adapters(lora_lib.add_lora(CFG, LORA, base_params, seed=8))
     for name in TARGETS:
         np.testing.assert_array_equal(a1[name][0], a2[name][0])
         assert not np.array_equal(a1[name][0], a3[name][0])

@@ -158,8 +158,11 @@ def test_lookup_is_forgiving_and_errors_are_clear():
     for name in P.list_presets():
         assert name in str(e.value)
     assert len(P.list_presets()) == len(P.PRESETS) == len(set(P.list_presets()))
-    cfg = P.get_model_config("phi-4", lora_rank=16, dtype="bfloat16")
-    assert cfg.lora_rank == 16 and cfg.dtype == "bfloat16" and cfg.hidden_size == 5120
+    cfg = P.get_model_config("phi-4", num_layers=2, max_position_embeddings=2048)
+    assert cfg.num_layers == 2 and cfg.max_position_embeddings == 2048
+    assert cfg.hidden_size == 5120
+    with pytest.raises(TypeError, match="dtype"):  # run settings are a RunConfig's
+        P.get_model_config("phi-4", dtype="bfloat16")
 
 
 def test_presets_are_immutable_data():

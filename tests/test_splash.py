@@ -20,6 +20,7 @@ from regift_jax.models import splash
 from regift_jax.models.config import ModelConfig
 from regift_jax.models.decoder import (Decoder, _attend, init_params, mask_bias, param_shardings,
                                        positions_from_mask)
+from regift_jax.models.run_config import RunConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
@@ -49,9 +50,9 @@ def test_block_size_and_refusals():
 
 
 def test_attention_impl_splash_is_validated():
-    assert TINY.replace(attention_impl="splash").attention_impl == "splash"
+    assert RunConfig(attention_impl="splash").attention_impl == "splash"
     with pytest.raises(ValueError, match="valid: einsum, xla, cudnn, splash"):
-        TINY.replace(attention_impl="flash")
+        RunConfig(attention_impl="flash")
 
 
 @pytest.mark.parametrize("window", [None, 50])
@@ -101,19 +102,20 @@ def test_decoder_splash_same_values_and_gradients(window):
     params = init_params(cfg, jax.random.PRNGKey(0))
     ids, pos, seg = packed_batch()
 
-    def loss(p, c):
-        out = Decoder(c).apply({"params": p}, ids, positions=pos, segment_ids=seg)
+    def loss(p, run):
+        out = Decoder(cfg, run).apply({"params": p}, ids, positions=pos, segment_ids=seg)
         return jnp.sum(jnp.where(seg[..., None] > 0, out, 0.0) ** 2) * 1e-3, out
     grad = jax.value_and_grad(loss, has_aux=True)
-    (_, a), ga = jax.jit(grad, static_argnums=1)(params, cfg)
-    (_, b), gb = jax.jit(grad, static_argnums=1)(params, cfg.replace(attention_impl="splash"))
+    splash_run = RunConfig(attention_impl="splash")
+    (_, a), ga = jax.jit(grad, static_argnums=1)(params, RunConfig())
+    (_, b), gb = jax.jit(grad, static_argnums=1)(params, splash_run)
     valid = np.asarray(seg) > 0
     assert np.isfinite(np.asarray(b)).all()
     assert float(np.abs(np.asarray(a) - np.asarray(b))[valid].max()) <= 1e-5
     for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
         np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=1e-6, rtol=1e-4)
     c = jax.jit(Decoder(cfg).apply)({"params": params}, ids)
-    d = jax.jit(Decoder(cfg.replace(attention_impl="splash")).apply)({"params": params}, ids)
+    d = jax.jit(Decoder(cfg, splash_run).apply)({"params": params}, ids)
     np.testing.assert_allclose(np.asarray(d), np.asarray(c), atol=1e-5)
 
 
@@ -129,18 +131,19 @@ def test_sharded_splash_equals_einsum_on_4_devices():
         from regift_jax.core import sharding as shd
         from regift_jax.models import splash
         from regift_jax.models.decoder import Decoder, init_params, param_shardings
+        from regift_jax.models.run_config import RunConfig
         assert jax.device_count() == 4
         mesh = shd.make_mesh({{"data": 1, "fsdp": 2, "tensor": 2}})
         cfg = TINY.replace(sliding_window=7)
         params = jax.device_put(init_params(cfg), param_shardings(cfg, mesh))
         ids, pos, seg = (jax.device_put(x, shd.batch_sharding(mesh)) for x in packed_batch())
 
-        def loss(p, c):
-            out = Decoder(c).apply({{"params": p}}, ids, positions=pos, segment_ids=seg)
+        def loss(p, run):
+            out = Decoder(cfg, run).apply({{"params": p}}, ids, positions=pos, segment_ids=seg)
             return jnp.sum(jnp.where(seg[..., None] > 0, out, 0.0) ** 2) * 1e-3, out
         grad = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
-        (_, a), ga = grad(params, cfg)
-        fast = cfg.replace(attention_impl="splash")
+        (_, a), ga = grad(params, RunConfig())
+        fast = RunConfig(attention_impl="splash")
         with splash.trace_context(mesh, fast):
             lowered = grad.lower(params, fast)
             (_, b), gb = grad(params, fast)
@@ -176,15 +179,15 @@ def test_decoder_with_splash_compiles_for_v5e_2x2():
     devices = topologies.get_topology_desc(topology_name="v5e:2x2", platform="tpu").devices
     mesh = shd.make_mesh({"data": 1, "fsdp": 2, "tensor": 2}, devices=devices)
     cfg = ModelConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_layers=2,
-                      num_heads=4, num_kv_heads=2, head_dim=64, dtype="bfloat16",
-                      attention_impl="splash", remat_policy="full")
-    shapes = jax.eval_shape(lambda: init_params(cfg))
+                      num_heads=4, num_kv_heads=2, head_dim=64)
+    run = RunConfig(dtype="bfloat16", attention_impl="splash", remat_policy="full")
+    shapes = jax.eval_shape(lambda: init_params(cfg, run=run))
     params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                          shapes, param_shardings(cfg, mesh))
+                          shapes, param_shardings(cfg, mesh, run=run))
     batch = jax.ShapeDtypeStruct((4, 200), jnp.int32, sharding=shd.batch_sharding(mesh))
 
     def loss(p, ids, seg, pos):
-        logits = Decoder(cfg).apply({"params": p}, ids, positions=pos, segment_ids=seg)
+        logits = Decoder(cfg, run).apply({"params": p}, ids, positions=pos, segment_ids=seg)
         logp = jax.nn.log_softmax(logits[:, :-1])
         return -jnp.mean(jnp.take_along_axis(logp, ids[:, 1:, None], -1))
     with jax.set_mesh(mesh):

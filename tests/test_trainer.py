@@ -35,6 +35,7 @@ from regift_jax.training import state as state_lib, step as step_lib  # noqa: E4
 from regift_jax.models import lora as lora_lib  # noqa: E402
 from regift_jax.models.checkpoints import export_hf, load_hf  # noqa: E402
 from regift_jax.models.config import ModelConfig  # noqa: E402
+from regift_jax.models.run_config import RunConfig  # noqa: E402
 from regift_jax.models.decoder import Decoder, init_params  # noqa: E402
 
 TINY = ModelConfig(family="llama", vocab_size=512, hidden_size=64, intermediate_size=128,
@@ -282,25 +283,27 @@ def test_fast_paths_equal_the_plain_step(batch):
     query chunks) change no value: loss, token counts and gradients equal the plain path, for full
     fine-tuning (tied head trained) and LoRA (frozen head); so does model.attention_impl="xla"."""
     from regift_jax.models import lora as lora_lib
-    fast = TINY.replace(loss_chunk=64, attention_chunk=32)
+    plain = RunConfig()
+    fast = RunConfig(loss_chunk=64, attention_chunk=32)
     full = random_params(TINY, seed=4)
-    lcfg = TINY.replace(lora_rank=4, lora_alpha=8.0, lora_targets=("q_proj", "v_proj"))
-    lcfg, lparams = lora_lib.add_lora(lcfg, random_params(TINY, seed=4), seed=1)
+    lora = lora_lib.LoraConfig(rank=4, alpha=8.0, targets=("q_proj", "v_proj"))
+    lparams = lora_lib.add_lora(TINY, lora, random_params(TINY, seed=4), seed=1)
     trainable, frozen = lora_lib.split(lparams)
-    cases = [(TINY, fast, full, {}),
-             (lcfg, lcfg.replace(loss_chunk=64, attention_chunk=32), trainable, frozen),
+    no_lora = lora_lib.LoraConfig()
+    cases = [(no_lora, fast, full, {}),
+             (lora, fast, trainable, frozen),
              # jax.nn.dot_product_attention (the GPU cuDNN path's call) with the chunked loss
-             (TINY, TINY.replace(loss_chunk=64, attention_impl="xla"), full, {})]
+             (no_lora, RunConfig(loss_chunk=64, attention_impl="xla"), full, {})]
     plain_runs = {}  # the plain full-FT step serves two cases: compiled once
 
-    def run(cfg, p, fr):
+    def run(r, lo, p, fr):
         fn = jax.jit(lambda p, b: step_lib.loss_and_grads(p, fr, b, jax.random.PRNGKey(0),
-                                                          model_cfg=cfg))
+                                                          model_cfg=TINY, run=r, lora=lo))
         return host(fn(p, batch))
-    for plain_cfg, fast_cfg, p, fr in cases:
-        if plain_cfg not in plain_runs:
-            plain_runs[plain_cfg] = run(plain_cfg, p, fr)
-        (g0, a0), (g1, a1) = plain_runs[plain_cfg], run(fast_cfg, p, fr)
+    for lo, fast_run, p, fr in cases:
+        if lo not in plain_runs:
+            plain_runs[lo] = run(plain, lo, p, fr)
+        (g0, a0), (g1, a1) = plain_runs[lo], run(fast_run, lo, p, fr)
         np.testing.assert_allclose(a1["loss"], a0["loss"], rtol=1e-5)
         assert a1["tokens"] == a0["tokens"] and a1["correct"] == a0["correct"]
         v0 = np.concatenate([np.ravel(x) for x in jax.tree.leaves(g0)])
@@ -363,8 +366,9 @@ def test_export_loads_in_transformers(ref, batch):
     with torch.no_grad():
         want = m(input_ids=torch.tensor(ids)).logits.numpy()
     params = lora_lib.combine(ref["params_host"], ref["frozen_host"])
-    got = np.asarray(Decoder(ref["model_cfg"]).apply({"params": params}, jnp.asarray(ids)))
-    assert ref["model_cfg"].lora_rank == 16
+    got = np.asarray(Decoder(ref["model_cfg"], ref["run"], ref["lora"]).apply(
+        {"params": params}, jnp.asarray(ids)))
+    assert ref["lora"].rank == 16
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
 
 

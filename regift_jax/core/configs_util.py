@@ -104,6 +104,8 @@ def _model() -> ml_collections.ConfigDict:
     # unless download=True).
     m.name = "smollm2-135m-instruct"
     m.download = False
+    # The keys below are how the model runs, not what it is: training.state.run_config builds
+    # the decoder's RunConfig from them (the lora section becomes its LoraConfig).
     m.param_dtype = "float32"  # master weights (and optimizer state) dtype
     m.dtype = "bfloat16"  # compute dtype (activations, matmuls)
     m.remat_policy = "none"  # none | full | dots | dots_with_no_batch_dims | nothing_saveable

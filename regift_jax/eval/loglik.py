@@ -89,6 +89,7 @@ from regift_jax.eval.config import LOGLIK_METHODS as METHODS
 from regift_jax.eval.stereoset import scoring_requests
 from regift_jax.models.config import ModelConfig
 from regift_jax.models.decoder import Decoder, init_cache, lm_head
+from regift_jax.models.run_config import NO_LORA, LoraConfig, RunConfig
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,12 +193,14 @@ def shared_prefix_length(contexts: Sequence[Sequence[int]]) -> int:
 # --------------------------------------------------------------------------------------------
 
 class StaticCfg:
-    """A static ``jit`` argument keyed by ``repr(cfg)``: equal iff the configs print equal, so
-    configs rebuilt from JSON (e.g. after an export round trip) share one compiled program."""
+    """A static ``jit`` argument holding the model's architecture, run settings and LoRA, keyed by
+    their ``repr``: equal iff the configs print equal, so configs rebuilt from JSON (e.g. after an
+    export round trip) share one compiled program."""
 
-    def __init__(self, cfg: ModelConfig):
-        self.cfg = cfg
-        self._key = repr(cfg)
+    def __init__(self, cfg: ModelConfig, run: RunConfig = RunConfig(),
+                 lora: LoraConfig = NO_LORA):
+        self.cfg, self.run, self.lora = cfg, run, lora
+        self._key = repr((cfg, run, lora))
 
     def __hash__(self) -> int:
         return hash(self._key)
@@ -206,9 +209,9 @@ class StaticCfg:
         return isinstance(other, StaticCfg) and other._key == self._key
 
 
-def _token_logprobs(params, cfg, h, targets, mask):
+def _token_logprobs(params, scfg: StaticCfg, h, targets, mask):
     """Log p(target) and argmax == target for hidden states ``h [B, M, D]``."""
-    logits = lm_head(params, cfg, h)
+    logits = lm_head(params, scfg.cfg, h, scfg.run)
     lse = jax.nn.logsumexp(logits, axis=-1)
     tl = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     lp = jnp.where(mask, tl - lse, 0.0)
@@ -223,9 +226,9 @@ def _prefix_state(params, ids, n_real, scfg: StaticCfg):
     P = ids.shape[1]
     seg = (jnp.arange(P) < n_real).astype(jnp.int32)[None]
     pos = jnp.arange(P, dtype=jnp.int32)[None] * seg
-    cache = init_cache(cfg, 1, P)
-    _, cache = Decoder(cfg).apply({"params": params}, ids, positions=pos, segment_ids=seg,
-                                  cache=cache, return_hidden=True)
+    cache = init_cache(cfg, 1, P, scfg.run.dtype)
+    _, cache = Decoder(cfg, scfg.run, scfg.lora).apply(
+        {"params": params}, ids, positions=pos, segment_ids=seg, cache=cache, return_hidden=True)
     return cache
 
 
@@ -255,9 +258,10 @@ def _cache_axes(scfg: StaticCfg) -> Dict[str, Tuple[int, int]]:
     return out
 
 
-def _start_cache(cfg: ModelConfig, pre, B: int, S: int):
-    """A ``B``-row cache of ``S`` slots whose first slots hold the shared prefix ``pre``."""
-    cache = init_cache(cfg, B, S)
+def _start_cache(cfg: ModelConfig, pre, B: int, S: int, dtype: str = "float32"):
+    """A ``B``-row cache of ``S`` slots (``dtype``: the compute dtype) whose first slots hold the
+    shared prefix ``pre``."""
+    cache = init_cache(cfg, B, S, dtype)
     if pre is None:
         return cache
     out = {"index": jnp.asarray(pre["index"], jnp.int32)}
@@ -299,13 +303,14 @@ def _prefix_block(params, pre, n_pre, g_ids, g_len, a_grp, a_ids, a_len, b_ids, 
     B, LA = a_ids.shape
     _, K, LB = b_ids.shape
     P = 0 if pre is None else pre["seg"].shape[cache_axes(cfg)["seg"][1]]
-    model = Decoder(cfg)
+    model = Decoder(cfg, scfg.run, scfg.lora)
+    dt = scfg.run.dtype
     if g_ids is None:
-        cache = _start_cache(cfg, pre, B, P + LA + LB)
+        cache = _start_cache(cfg, pre, B, P + LA + LB, dt)
         start = jnp.zeros((B,), jnp.int32) + n_pre
     else:
         G, LG = g_ids.shape
-        cache = _start_cache(cfg, pre, G, P + LG + LA + LB)
+        cache = _start_cache(cfg, pre, G, P + LG + LA + LB, dt)
         gr = jnp.arange(LG, dtype=jnp.int32)[None]
         g_seg = (gr < g_len[:, None]).astype(jnp.int32)
         _, cache = model.apply({"params": params}, g_ids, positions=(n_pre + gr) * g_seg,
@@ -328,7 +333,7 @@ def _prefix_block(params, pre, n_pre, g_ids, g_len, a_grp, a_ids, a_len, b_ids, 
     h_b, _ = model.apply({"params": params}, ids, positions=b_pos, segment_ids=b_seg,
                          cache=cache, return_hidden=True)
     h = jnp.concatenate([rep(last, 0), h_b[:, :LB - 1]], axis=1)  # predicts ids[:, t]
-    lp, hit = _token_logprobs(params, cfg, h, ids, b_seg.astype(bool))
+    lp, hit = _token_logprobs(params, scfg, h, ids, b_seg.astype(bool))
     return lp.reshape(B, K, LB), hit.reshape(B, K, LB)
 
 
@@ -336,11 +341,10 @@ def _prefix_block(params, pre, n_pre, g_ids, g_len, a_grp, a_ids, a_len, b_ids, 
 def _packed_block(params, ids, seg, pos, pred_idx, pred_tgt, pred_mask, scfg: StaticCfg):
     """One forward pass over packed rows; log-probs of the ``pred_tgt`` tokens predicted at
     positions ``pred_idx [B, M]``."""
-    cfg = scfg.cfg
-    h = Decoder(cfg).apply({"params": params}, ids, positions=pos, segment_ids=seg,
-                           return_hidden=True)
+    h = Decoder(scfg.cfg, scfg.run, scfg.lora).apply(
+        {"params": params}, ids, positions=pos, segment_ids=seg, return_hidden=True)
     hs = jnp.take_along_axis(h, pred_idx[..., None], axis=1)
-    return _token_logprobs(params, cfg, hs, pred_tgt, pred_mask)
+    return _token_logprobs(params, scfg, hs, pred_tgt, pred_mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -496,7 +500,7 @@ def plan_prefix(requests: Sequence[Request], *, batch_rows: int = 8, length_buck
     return PrefixPlan(n_pre, P, K, batch_rows, group_rows if grouped else 0, batches, real)
 
 
-def _score_prefix(cfg, params, requests, K, *, batch_rows, pad_id, place, progress,
+def _score_prefix(scfg: StaticCfg, params, requests, K, *, batch_rows, pad_id, place, progress,
                   **plan_kw):
     plan = plan_prefix(requests, batch_rows=batch_rows, **plan_kw)
     N, n_pre, G = len(requests), plan.n_pre, plan.group_rows
@@ -504,7 +508,7 @@ def _score_prefix(cfg, params, requests, K, *, batch_rows, pad_id, place, progre
     if n_pre:
         pids = np.full((1, plan.P), pad_id, np.int32)
         pids[0, :n_pre] = requests[0].context[:n_pre]
-        pre = _prefix_state(params, jnp.asarray(pids), jnp.int32(n_pre), StaticCfg(cfg))
+        pre = _prefix_state(params, jnp.asarray(pids), jnp.int32(n_pre), scfg)
     lp_sum = np.zeros((N, K), np.float64)
     greedy = np.zeros((N, K), bool)
     bar = _Progress(N, progress)
@@ -539,7 +543,7 @@ def _score_prefix(cfg, params, requests, K, *, batch_rows, pad_id, place, progre
                 g_ids, g_len, a_grp = place(g_ids), place(g_len), place(a_grp)
             lp, hit = _prefix_block(params, pre, jnp.int32(n_pre), g_ids, g_len, a_grp,
                                     place(a_ids), place(a_len), place(b_ids), place(b_len),
-                                    StaticCfg(cfg))
+                                    scfg)
             lp = np.asarray(lp, np.float64)
             hit = np.asarray(hit)
             for r, i in enumerate(rows):
@@ -607,8 +611,8 @@ def _packed_targets(batch, group, batch_rows: int, M: int, pad_id: int):
     return pred_idx, pred_tgt, pred_mask, pred_owner
 
 
-def _score_packed(cfg, params, requests, K, *, batch_rows, seq_len, length_bucket, packed,
-                  pad_id, place, progress, compile_cost_tokens, max_open_rows=64):
+def _score_packed(scfg: StaticCfg, params, requests, K, *, batch_rows, seq_len, length_bucket,
+                  packed, pad_id, place, progress, compile_cost_tokens, max_open_rows=64):
     N = len(requests)
     seqs = _packed_sequences(requests, seq_len)
     rows = _packed_rows(seqs, seq_len=seq_len, length_bucket=length_bucket, packed=packed,
@@ -632,7 +636,7 @@ def _score_packed(cfg, params, requests, K, *, batch_rows, seq_len, length_bucke
             idx, tgt, mask, owner = _packed_targets(batch, group, batch_rows, M, pad_id)
             lp, hit = _packed_block(params, place(batch["inputs"]), place(batch["segment_ids"]),
                                     place(batch["positions"]), place(idx), place(tgt),
-                                    place(mask), StaticCfg(cfg))
+                                    place(mask), scfg)
             lp, hit = np.asarray(lp, np.float64), np.asarray(hit)
             for j, v, h in zip(owner[mask], lp[mask], hit[mask]):
                 i, k = seqs[j][0], seqs[j][1]
@@ -657,8 +661,8 @@ def score_requests(model, requests: Sequence[Request], *, method: str = "prefix"
                    progress=None) -> Scores:
     """Score every request's continuations (see the module docstring for ``method``).
 
-    ``model``: a :class:`regift_jax.models.ModelHandle` (its ``mesh`` is used) or a
-    ``(cfg, params)`` pair.  ``seq_len``: the packed row length (``"packed"``) and, for every
+    ``model``: a :class:`regift_jax.models.ModelHandle` (its ``mesh``, ``run`` and ``lora`` are
+    used) or a ``(cfg, params[, run[, lora]])`` tuple (default: float32, no LoRA).  ``seq_len``: the packed row length (``"packed"``) and, for every
     method, the longest ``context + continuation`` accepted (a longer request is an error naming
     it).  ``length_bucket`` / ``cont_bucket``: context / continuation lengths are padded to
     multiples of these; ``compile_cost_tokens``: rare shapes are folded into larger ones when
@@ -672,21 +676,23 @@ def score_requests(model, requests: Sequence[Request], *, method: str = "prefix"
     if batch_rows < 1:
         raise ValueError(f"batch_rows must be >= 1, got {batch_rows}")
     if isinstance(model, tuple):
-        cfg, params = model
+        cfg, params, *rest = model
+        scfg = StaticCfg(cfg, *rest)
     else:
         cfg, params = model.cfg, model.params
+        scfg = StaticCfg(cfg, model.run, model.lora)
         mesh = mesh if mesh is not None else getattr(model, "mesh", None)
     if pad_id is None:
         pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
     K = _check_requests(requests)
     place = _placer(mesh)
     if method == "prefix":
-        return _score_prefix(cfg, params, requests, K, batch_rows=batch_rows, pad_id=pad_id,
+        return _score_prefix(scfg, params, requests, K, batch_rows=batch_rows, pad_id=pad_id,
                              place=place, progress=progress, length_bucket=length_bucket,
                              cont_bucket=cont_bucket, min_shared_prefix=min_shared_prefix,
                              min_group_prefix=min_group_prefix, max_group=max_group,
                              seq_len=seq_len, compile_cost_tokens=compile_cost_tokens)
-    return _score_packed(cfg, params, requests, K, batch_rows=batch_rows, seq_len=seq_len,
+    return _score_packed(scfg, params, requests, K, batch_rows=batch_rows, seq_len=seq_len,
                          length_bucket=length_bucket, packed=method == "packed", pad_id=pad_id,
                          place=place, progress=progress, compile_cost_tokens=compile_cost_tokens)
 

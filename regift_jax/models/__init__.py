@@ -9,6 +9,13 @@
 ``load`` never downloads: a preset other than the offline default needs its weights in a local
 directory (``REGIFT_MODELS_DIR/<preset>`` or an explicit path); pass ``download=True`` (needs
 internet and ``huggingface_hub``) to fetch the preset's Hugging Face repository first.
+
+A model is three configs: :class:`ModelConfig` (``config.py``) is the architecture, what a
+checkpoint's config.json fixes; :class:`RunConfig` (``run_config.py``) is how it is computed
+(parameter and compute dtypes, remat policy, attention kernel, attention and loss chunking);
+:class:`LoraConfig` (``run_config.py``, used by ``lora.py``) names the LoRA adapters (rank 0 =
+none).  ``Decoder(cfg, run, lora)`` and every jitted function that runs the model take them as
+separate static arguments; a :class:`ModelHandle` carries all three.
 """
 
 from __future__ import annotations
@@ -30,34 +37,38 @@ from regift_jax.models.checkpoints import (CheckpointError, export_hf, gguf_hf_c
 from regift_jax.models.config import ModelConfig, UnsupportedArchitectureError
 from regift_jax.models.decoder import Decoder, init_params, param_shardings, positions_from_mask
 from regift_jax.models.lora import add_lora, merge_lora
+from regift_jax.models.run_config import NO_LORA, LoraConfig, RunConfig, split_overrides
 from regift_jax.models.sampling import Sampler, SamplingConfig
 from regift_jax.models.tokenizer import load_tokenizer, smollm2_gguf_path
 
-__all__ = ["load", "ModelHandle", "ModelConfig", "Decoder", "CheckpointError",
-           "UnsupportedArchitectureError", "init_params"]
+__all__ = ["load", "ModelHandle", "ModelConfig", "RunConfig", "LoraConfig", "Decoder",
+           "CheckpointError", "UnsupportedArchitectureError", "init_params"]
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _logits(params, input_ids, attention_mask, cfg):
-    return Decoder(cfg).apply({"params": params}, input_ids,
-                              positions=positions_from_mask(attention_mask),
-                              segment_ids=attention_mask.astype(jnp.int32))
+@functools.partial(jax.jit, static_argnames=("cfg", "run", "lora"))
+def _logits(params, input_ids, attention_mask, cfg, run=RunConfig(), lora=NO_LORA):
+    return Decoder(cfg, run, lora).apply({"params": params}, input_ids,
+                                         positions=positions_from_mask(attention_mask),
+                                         segment_ids=attention_mask.astype(jnp.int32))
 
 
 @dataclasses.dataclass
 class ModelHandle:
-    """A loaded model: config, params, tokenizer, and convenience methods."""
+    """A loaded model: architecture, run settings, LoRA, params, tokenizer, and convenience
+    methods."""
     cfg: ModelConfig
     params: Any
     tokenizer: Any = None
     mesh: Any = None
     source: str = ""
+    run: RunConfig = RunConfig()
+    lora: LoraConfig = NO_LORA
 
     @property
     def model(self) -> Decoder:
-        return Decoder(self.cfg)
+        return Decoder(self.cfg, self.run, self.lora)
 
     def logits(self, input_ids, attention_mask=None) -> np.ndarray:
         """float32 logits [B, T, V]; ``attention_mask`` 1 = token, 0 = (left) padding."""
@@ -66,11 +77,13 @@ class ModelHandle:
             ids = ids[None]
         mask = jnp.ones_like(ids) if attention_mask is None else jnp.asarray(attention_mask,
                                                                               jnp.int32)
-        with splash.trace_context(self.mesh, self.cfg):
-            return np.asarray(_logits(self.params, ids, mask, self.cfg), np.float32)
+        with splash.trace_context(self.mesh, self.run):
+            return np.asarray(_logits(self.params, ids, mask, self.cfg, self.run, self.lora),
+                              np.float32)
 
     def sampler(self, **kw):
-        return Sampler(self.cfg, self.params, self.tokenizer, mesh=self.mesh, **kw)
+        return Sampler(self.cfg, self.params, self.tokenizer, mesh=self.mesh, run=self.run,
+                       lora=self.lora, **kw)
 
     def chat_prompt(self, user: str, system: Optional[str] = None) -> str:
         """``user`` in the tokenizer's chat template (unchanged without one)."""
@@ -88,10 +101,10 @@ class ModelHandle:
 
     def export(self, path: str, dtype: str = "float32"):
         """HF directory (config.json + safetensors + tokenizer); LoRA is merged first."""
-        params, cfg = self.params, self.cfg
-        if cfg.lora_rank > 0:
-            cfg, params = merge_lora(cfg, params)
-        return export_hf(path, cfg, params, tokenizer=self.tokenizer, dtype=dtype)
+        params = self.params
+        if self.lora.enabled:
+            params = merge_lora(self.lora, params)
+        return export_hf(path, self.cfg, params, tokenizer=self.tokenizer, dtype=dtype)
 
 
 def _resolve(name_or_path: str, download: bool):
@@ -134,27 +147,31 @@ def load(name_or_path: str = DEFAULT_MODEL, *, dtype: Optional[str] = None,
 
     ``dtype``/``param_dtype``: compute / parameter dtype (default float32).  ``mesh``: place the
     params on their logical-axis shardings (:mod:`regift_jax.core.sharding`) while streaming
-    them in.  Extra keyword arguments override :class:`ModelConfig` fields (e.g.
-    ``lora_rank=16``).
+    them in.  Extra keyword arguments set :class:`RunConfig` fields (``remat_policy=...``),
+    LoRA (``lora_rank=16``, ``lora_alpha``, ``lora_dropout``, ``lora_targets``: fresh adapters)
+    or override :class:`ModelConfig` fields.
     """
     kind, path, _ = _resolve(name_or_path, download)
-    overrides = dict(cfg_overrides)
+    arch, run_kw, lora_kw = split_overrides(cfg_overrides)
     if dtype:
-        overrides["dtype"] = dtype
+        run_kw["dtype"] = dtype
     if param_dtype:
-        overrides["param_dtype"] = param_dtype
-    lora = {k: overrides.pop(k) for k in list(overrides) if k.startswith("lora_")}
+        run_kw["param_dtype"] = param_dtype
+    run = RunConfig(**run_kw)
     loader = load_gguf if kind == "gguf" else load_hf
     shardings = None
     if mesh is not None:
         # Shapes only depend on the architecture, so read the config first, cheaply.
         hf = gguf_hf_config(open_gguf(path), path) if kind == "gguf" else read_hf_config(path)
-        base = ModelConfig.from_hf_config(hf, **overrides)
-        shardings = param_shardings(base, mesh, rules or shd.DEFAULT_RULES)
-    cfg, params = loader(path, shardings=shardings, **overrides)
-    if lora:
-        cfg, params = add_lora(cfg.replace(**lora), params, mesh=mesh, rules=rules)
+        base = ModelConfig.from_hf_config(hf, **arch)
+        shardings = param_shardings(base, mesh, rules or shd.DEFAULT_RULES, run)
+    cfg, params = loader(path, shardings=shardings, param_dtype=run.param_dtype, **arch)
+    lora = NO_LORA
+    if lora_kw:
+        lora = LoraConfig(**lora_kw)
+        params = add_lora(cfg, lora, params, mesh=mesh, rules=rules)
     tok = None
     if tokenizer:
         tok = load_tokenizer(path)
-    return ModelHandle(cfg=cfg, params=params, tokenizer=tok, mesh=mesh, source=path)
+    return ModelHandle(cfg=cfg, params=params, tokenizer=tok, mesh=mesh, source=path, run=run,
+                       lora=lora)

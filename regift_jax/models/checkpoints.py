@@ -376,17 +376,18 @@ def _check_names(cfg: ModelConfig, expected: dict, avail: set, source: str):
 
 def params_from_tensors(cfg: ModelConfig, get: Callable[[str], np.ndarray], source: str,
                         shardings=None, available: Optional[Iterable[str]] = None,
-                        dtype=None) -> dict:
+                        dtype="float32") -> dict:
     """Build the param tree leaf by leaf from ``get(hf_name) -> np.ndarray``.
 
     ``shardings``: optional pytree of ``jax.sharding.Sharding`` matching the params; each leaf is
     created with ``make_array_from_callback`` so a host reads only its addressable slices.
     ``available``: the checkpoint's tensor names, to report missing and unexpected tensors.
+    ``dtype``: the params' dtype (``RunConfig.param_dtype``).
     """
     expected = expected_hf_shapes(cfg)
     if available is not None:
         _check_names(cfg, expected, set(available), source)
-    dt = dtype or cfg.param_dtype
+    dt = dtype
     out_dtype = np.dtype(ml_dtypes.bfloat16) if str(dt) in ("bfloat16", "bf16") else np.dtype(dt)
 
     def fetch(name):
@@ -528,12 +529,15 @@ def read_hf_config(path: str) -> dict:
     return check_hf_config(hf, fn)
 
 
-def load_hf(path: str, shardings=None, **cfg_overrides) -> Tuple[ModelConfig, dict]:
-    """Import an HF safetensors directory -> (ModelConfig, params)."""
+def load_hf(path: str, shardings=None, param_dtype: str = "float32", **cfg_overrides
+            ) -> Tuple[ModelConfig, dict]:
+    """Import an HF safetensors directory -> (ModelConfig, params in ``param_dtype``);
+    ``cfg_overrides`` replace architecture fields."""
     hf = read_hf_config(path)
     cfg = ModelConfig.from_hf_config(hf, **cfg_overrides)
     st = SafetensorsDir(path)
-    params = params_from_tensors(cfg, st.get, path, shardings=shardings, available=st.keys())
+    params = params_from_tensors(cfg, st.get, path, shardings=shardings, available=st.keys(),
+                                 dtype=param_dtype)
     return cfg, params
 
 
@@ -674,8 +678,10 @@ def open_gguf(path: str):
         raise CheckpointError(f"{path}: not a readable GGUF file: {e}") from None
 
 
-def load_gguf(path: str, shardings=None, **cfg_overrides) -> Tuple[ModelConfig, dict]:
-    """Import a llama-architecture GGUF -> (ModelConfig, params), dequantizing with ``gguf``."""
+def load_gguf(path: str, shardings=None, param_dtype: str = "float32", **cfg_overrides
+              ) -> Tuple[ModelConfig, dict]:
+    """Import a llama-architecture GGUF -> (ModelConfig, params in ``param_dtype``),
+    dequantizing with ``gguf``; ``cfg_overrides`` replace architecture fields."""
     reader = open_gguf(path)
     cfg = ModelConfig.from_hf_config(gguf_hf_config(reader, path), **cfg_overrides)
     by_hf = {}
@@ -703,5 +709,6 @@ def load_gguf(path: str, shardings=None, **cfg_overrides) -> Tuple[ModelConfig, 
             w = unpermute_rope(w, cfg.num_kv_heads)
         return w
 
-    params = params_from_tensors(cfg, get, path, shardings=shardings, available=by_hf.keys())
+    params = params_from_tensors(cfg, get, path, shardings=shardings, available=by_hf.keys(),
+                                 dtype=param_dtype)
     return cfg, params

@@ -4,15 +4,20 @@ One frozen dataclass describes Llama-3.x, Mistral, Qwen2 and Phi-3/Phi-4 decoder
 between the families are flags (``attention_bias``, ``sliding_window``, ``fused_qkv`` ...), never
 separate model classes.  ``ModelConfig.from_hf_config`` reads a Hugging Face ``config.json`` dict
 and ``to_hf_config`` writes one back for export.
+
+``ModelConfig`` is the architecture only: every field follows from a checkpoint's config.json.
+How the decoder is computed (dtypes, remat, attention kernel, chunking) is a
+:class:`~regift_jax.models.run_config.RunConfig`, and LoRA adapters a
+:class:`~regift_jax.models.run_config.LoraConfig`; functions that run the model take them as
+separate (jit-static) arguments.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 FAMILIES = ("llama", "mistral", "qwen2", "phi3")
-ATTENTION_IMPLS = ("einsum", "xla", "cudnn", "splash")
 
 # Hugging Face ``architectures`` / ``model_type`` for every family we support.
 HF_ARCHITECTURES = {
@@ -62,29 +67,6 @@ class ModelConfig:
     bos_token_id: Optional[int] = 1
     eos_token_id: Any = 2  # int or tuple of ints
     pad_token_id: Optional[int] = None
-    # Numerics.
-    param_dtype: str = "float32"
-    dtype: str = "float32"  # compute dtype
-    # Structure / memory.
-    remat_policy: str = "none"  # none | full | dots | dots_with_no_batch_dims
-    # Causal query chunking of attention without a KV cache (training, scoring): queries in
-    # chunks of this many tokens attend only to the keys up to their chunk's end (0 = off).
-    attention_chunk: int = 0
-    # Training loss: LM head + cross-entropy over the loss positions only, in chunks of this many
-    # positions (regift_jax.models.head_loss; 0 = full [B, T, V] logits then the loss).
-    loss_chunk: int = 0
-    # Attention kernel without a KV cache (training, scoring): "einsum" (the decoder's own two
-    # matmuls, query-chunked by attention_chunk), "xla" or "cudnn" (jax.nn.dot_product_attention
-    # with that implementation; "cudnn" = cuDNN flash attention on NVIDIA GPUs, bf16/fp16 only),
-    # "splash" (the Pallas TPU splash-attention kernel, regift_jax.models.splash; interpreted off
-    # TPU).  Cached calls (prefill/decode) always use "einsum" (the cache layout is the decoder's).
-    attention_impl: str = "einsum"
-    # LoRA (rank 0 = off).  Targets are projection names: q_proj k_proj v_proj o_proj
-    # gate_proj up_proj down_proj.
-    lora_rank: int = 0
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.0
-    lora_targets: Sequence[str] = ("q_proj", "v_proj")
     name: str = ""
 
     def __post_init__(self):
@@ -96,15 +78,6 @@ class ModelConfig:
                              f"num_kv_heads={self.num_kv_heads}")
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
-        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
-        if self.attention_impl not in ATTENTION_IMPLS:
-            raise ValueError(f"unknown attention_impl {self.attention_impl!r}; valid: "
-                             f"{', '.join(ATTENTION_IMPLS)}")
-        if self.attention_impl == "cudnn" and self.dtype not in ("bfloat16", "bf16", "float16",
-                                                                 "fp16"):
-            raise ValueError(f"attention_impl='cudnn' needs a bfloat16 or float16 compute dtype "
-                             f"(cuDNN flash attention), got dtype={self.dtype!r}; use "
-                             f"attention_impl='einsum' or 'xla' for float32")
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, _HashableDict):
             # the config is a static argument of jitted functions: it must hash
             object.__setattr__(self, "rope_scaling", _HashableDict(self.rope_scaling))

@@ -13,6 +13,10 @@ The families differ only by :class:`~regift_jax.models.config.ModelConfig` flags
 Layers are stacked with ``nn.scan`` (leading ``layers`` axis on every block parameter), which keeps
 compile time flat in depth, and can be rematerialised with a named policy (``remat_policy``).
 
+``Decoder(cfg, run, lora)``: ``cfg`` the architecture (:class:`ModelConfig`), ``run`` how it is
+computed (:class:`~regift_jax.models.run_config.RunConfig`: dtypes, remat, attention kernel and
+chunk), ``lora`` the adapters (:class:`~regift_jax.models.run_config.LoraConfig`, rank 0 = none).
+
 Every parameter carries logical axis names (``vocab``, ``embed``, ``heads``, ``kv_heads``,
 ``head_dim``, ``mlp``, ``layers``, ``lora``) through ``nn.with_logical_partitioning``;
 :mod:`regift_jax.core.sharding` maps them to mesh axes with one rules table.
@@ -48,6 +52,7 @@ import numpy as np
 from regift_jax.core import sharding as shd
 from regift_jax.models import splash
 from regift_jax.models.config import ModelConfig
+from regift_jax.models.run_config import NO_LORA, LoraConfig, RunConfig
 
 Array = jax.Array
 
@@ -134,13 +139,14 @@ def mask_bias(q_pos, q_seg, k_pos, k_seg, sliding_window: Optional[int]) -> Arra
     return jnp.where(m, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
 
 
-def cache_free_mask(cfg: ModelConfig, positions, segment_ids, plain_causal: bool):
-    """The mask of a call without a KV cache, in the form ``cfg.attention_impl`` takes: the
+def cache_free_mask(cfg: ModelConfig, run: RunConfig, positions, segment_ids,
+                    plain_causal: bool):
+    """The mask of a call without a KV cache, in the form ``run.attention_impl`` takes: the
     additive :func:`mask_bias` (einsum), the boolean :func:`dpa_mask` or None for plain causal
     rows (xla, cudnn), the segment ids (splash: the kernel builds the causal and window masks)."""
-    if cfg.attention_impl == "splash":
+    if run.attention_impl == "splash":
         return segment_ids
-    if cfg.attention_impl != "einsum":
+    if run.attention_impl != "einsum":
         return (None if plain_causal and cfg.sliding_window is None
                 else dpa_mask(positions, segment_ids, cfg.sliding_window))
     return mask_bias(positions, segment_ids, positions, segment_ids, cfg.sliding_window)
@@ -244,16 +250,16 @@ def proj_shapes(cfg: ModelConfig, name: str) -> Tuple[tuple, tuple]:
     return tuple(size[a] for a in in_axes), tuple(size[a] for a in out_axes)
 
 
-def _proj(cfg: ModelConfig, name: str, use_bias: bool = False) -> Proj:
-    """Projection ``name`` of a block, with a LoRA adapter when it is one of ``lora_targets``."""
+def _proj(cfg: ModelConfig, run: RunConfig, lora: LoraConfig, name: str,
+          use_bias: bool = False) -> Proj:
+    """Projection ``name`` of a block, with a LoRA adapter when it is one of ``lora.targets``."""
     _, in_axes, out_axes = PROJECTIONS[name]
     in_shape, out_shape = proj_shapes(cfg, name)
-    lora = {}
-    if cfg.lora_rank > 0 and name in cfg.lora_targets:
-        lora = dict(lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
-                    lora_dropout=cfg.lora_dropout)
+    kw = {}
+    if lora.applies_to(name):
+        kw = dict(lora_rank=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout)
     return Proj(in_shape, out_shape, in_axes, out_axes, use_bias=use_bias, name=name,
-                param_dtype=to_dtype(cfg.param_dtype), dtype=to_dtype(cfg.dtype), **lora)
+                param_dtype=to_dtype(run.param_dtype), dtype=to_dtype(run.dtype), **kw)
 
 
 def _attend(q, k_t, v_t, mask, dt):
@@ -284,14 +290,16 @@ def _attend(q, k_t, v_t, mask, dt):
 
 class Attention(nn.Module):
     cfg: ModelConfig
+    run: RunConfig = RunConfig()
+    lora: LoraConfig = NO_LORA
 
     @nn.compact
     def __call__(self, x, cos, sin, mask, layer_cache, cache_index, deterministic):
-        cfg = self.cfg
-        dt = to_dtype(cfg.dtype)
-        q = _proj(cfg, "q_proj", cfg.attention_bias)(x, deterministic)
-        k = _proj(cfg, "k_proj", cfg.attention_bias)(x, deterministic)
-        v = _proj(cfg, "v_proj", cfg.attention_bias)(x, deterministic)
+        cfg, run = self.cfg, self.run
+        dt = to_dtype(run.dtype)
+        q = _proj(cfg, run, self.lora, "q_proj", cfg.attention_bias)(x, deterministic)
+        k = _proj(cfg, run, self.lora, "k_proj", cfg.attention_bias)(x, deterministic)
+        v = _proj(cfg, run, self.lora, "v_proj", cfg.attention_bias)(x, deterministic)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
         T = q.shape[1]
@@ -310,17 +318,17 @@ class Attention(nn.Module):
             new_cache = (ck, cv, li)
             k_t = jax.lax.dynamic_index_in_dim(ck, li, 0, keepdims=False).astype(dt)
             v_t = jax.lax.dynamic_index_in_dim(cv, li, 0, keepdims=False).astype(dt)
-        chunk = cfg.attention_chunk
-        if layer_cache is None and cfg.attention_impl == "splash":
+        chunk = run.attention_chunk
+        if layer_cache is None and run.attention_impl == "splash":
             # Pallas TPU kernel; ``mask`` is the segment ids (it builds causal/window masks)
             out = splash.splash_attention(q, k, v, mask, cfg.sliding_window)
-        elif layer_cache is None and cfg.attention_impl != "einsum":
+        elif layer_cache is None and run.attention_impl != "einsum":
             # jax.nn.dot_product_attention in the [B, T, N, hd] layout; ``mask`` is the boolean
             # [B, 1, T, T] mask of :func:`dpa_mask` (padding queries attend to themselves, so no
             # row is empty), or None for unpadded, unpacked causal rows (``is_causal`` only: the
             # form cuDNN's flash kernel runs without reading a bias).
             out = jax.nn.dot_product_attention(
-                q, k, v, mask=mask, is_causal=True, implementation=cfg.attention_impl)
+                q, k, v, mask=mask, is_causal=True, implementation=run.attention_impl)
         elif layer_cache is None and chunk and T > chunk:
             # Causal query chunks (no cache): positions increase along a row within a segment
             # (left padding, packing), so a key after the query in the row is always masked and
@@ -332,36 +340,40 @@ class Attention(nn.Module):
             out = jnp.concatenate(outs, axis=1)
         else:
             out = _attend(q, k_t, v_t, mask, dt)
-        y = _proj(cfg, "o_proj")(out, deterministic)
+        y = _proj(cfg, run, self.lora, "o_proj")(out, deterministic)
         return y, new_cache
 
 
 class MLP(nn.Module):
     cfg: ModelConfig
+    run: RunConfig = RunConfig()
+    lora: LoraConfig = NO_LORA
 
     @nn.compact
     def __call__(self, x, deterministic):
-        cfg = self.cfg
-        g = _proj(cfg, "gate_proj")(x, deterministic)
-        u = _proj(cfg, "up_proj")(x, deterministic)
-        return _proj(cfg, "down_proj")(nn.silu(g) * u, deterministic)
+        cfg, run, lora = self.cfg, self.run, self.lora
+        g = _proj(cfg, run, lora, "gate_proj")(x, deterministic)
+        u = _proj(cfg, run, lora, "up_proj")(x, deterministic)
+        return _proj(cfg, run, lora, "down_proj")(nn.silu(g) * u, deterministic)
 
 
 class Block(nn.Module):
     cfg: ModelConfig
+    run: RunConfig = RunConfig()
+    lora: LoraConfig = NO_LORA
     deterministic: bool = True
 
     @nn.compact
     def __call__(self, carry, cos, sin, mask, cache_index):
         x, layer_cache = carry
-        cfg = self.cfg
-        pd, dt = to_dtype(cfg.param_dtype), to_dtype(cfg.dtype)
+        cfg, run, lora = self.cfg, self.run, self.lora
+        pd, dt = to_dtype(run.param_dtype), to_dtype(run.dtype)
         h = RMSNorm(cfg.rms_norm_eps, pd, dt, name="input_layernorm")(x)
-        a, new_cache = Attention(cfg, name="self_attn")(h, cos, sin, mask, layer_cache,
-                                                         cache_index, self.deterministic)
+        a, new_cache = Attention(cfg, run, lora, name="self_attn")(
+            h, cos, sin, mask, layer_cache, cache_index, self.deterministic)
         x = x + a
         h = RMSNorm(cfg.rms_norm_eps, pd, dt, name="post_attention_layernorm")(x)
-        x = x + MLP(cfg, name="mlp")(h, self.deterministic)
+        x = x + MLP(cfg, run, lora, name="mlp")(h, self.deterministic)
         if new_cache is not None:
             new_cache = (new_cache[0], new_cache[1], new_cache[2] + 1)
         return (x, new_cache), None
@@ -393,21 +405,24 @@ class Decoder(nn.Module):
     * ``cache``: see module docstring.  With a cache the result is ``(logits, new_cache)``.
 
     Returns float32 logits [B, T, V] (or hidden states [B, T, D] if ``return_hidden``).
+    ``run`` and ``lora`` default to float32 without adapters.
     """
     cfg: ModelConfig
+    run: RunConfig = RunConfig()
+    lora: LoraConfig = NO_LORA
 
     @nn.compact
     def __call__(self, input_ids, positions=None, segment_ids=None, cache=None,
                  deterministic: bool = True, return_hidden: bool = False):
-        cfg = self.cfg
-        pd, dt = to_dtype(cfg.param_dtype), to_dtype(cfg.dtype)
+        cfg, run = self.cfg, self.run
+        pd, dt = to_dtype(run.param_dtype), to_dtype(run.dtype)
         embed = self.param(
             "embed_tokens", nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02),
                                                          ("vocab", "embed")),
             (cfg.vocab_size, cfg.hidden_size), pd)
         block = Block
-        if cfg.remat_policy != "none":
-            block = nn.remat(Block, policy=remat_policy(cfg.remat_policy), prevent_cse=False)
+        if run.remat_policy != "none":
+            block = nn.remat(Block, policy=remat_policy(run.remat_policy), prevent_cse=False)
         layers = nn.scan(
             block,
             variable_axes={"params": 0},
@@ -415,7 +430,7 @@ class Decoder(nn.Module):
             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
             length=cfg.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
-        )(cfg, deterministic, name="layers")
+        )(cfg, run, self.lora, deterministic, name="layers")
         B, T = input_ids.shape
         plain_causal = positions is None and segment_ids is None  # one sequence per row
         if positions is None:
@@ -427,7 +442,7 @@ class Decoder(nn.Module):
         x = jnp.take(embed, input_ids, axis=0).astype(dt)
         cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg))
         if cache is None:
-            mask = cache_free_mask(cfg, positions, segment_ids, plain_causal)
+            mask = cache_free_mask(cfg, run, positions, segment_ids, plain_causal)
             kv, idx = None, jnp.zeros((), jnp.int32)
         else:
             idx = cache["index"]
@@ -446,7 +461,7 @@ class Decoder(nn.Module):
                 w = self.param("lm_head", nn.with_logical_partitioning(
                     nn.initializers.normal(stddev=0.02), ("embed", "vocab")),
                     (cfg.hidden_size, cfg.vocab_size), pd)
-            out = head_logits(x, w, cfg.tie_word_embeddings, cfg.dtype)
+            out = head_logits(x, w, cfg.tie_word_embeddings, run.dtype)
         if cache is None:
             return out
         new_cache = {"k": new_kv[0], "v": new_kv[1], "pos": k_pos, "seg": k_seg,
@@ -454,9 +469,10 @@ class Decoder(nn.Module):
         return out, new_cache
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
-    """An empty KV cache for ``batch`` rows of up to ``max_len`` tokens."""
-    dt = to_dtype(dtype or cfg.dtype)
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype="float32") -> dict:
+    """An empty KV cache for ``batch`` rows of up to ``max_len`` tokens, in the compute
+    ``dtype`` (``RunConfig.dtype``)."""
+    dt = to_dtype(dtype)
     L, KV, hd = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
     return {"k": jnp.zeros((L, batch, KV, hd, max_len), dt),
             "v": jnp.zeros((L, batch, KV, max_len, hd), dt),
@@ -471,20 +487,22 @@ def positions_from_mask(attention_mask: Array) -> Array:
     return jnp.maximum(jnp.cumsum(m, axis=-1) - 1, 0) * m
 
 
-def init_params(cfg: ModelConfig, rng=None, boxed: bool = False):
-    """Random parameters (tiny test configs, benchmarks).  ``boxed`` keeps the
-    ``nn.LogicallyPartitioned`` metadata."""
+def init_params(cfg: ModelConfig, rng=None, boxed: bool = False, run: RunConfig = RunConfig(),
+                lora: LoraConfig = NO_LORA):
+    """Random parameters (tiny test configs, benchmarks) in ``run.param_dtype``, with ``lora``'s
+    adapters.  ``boxed`` keeps the ``nn.LogicallyPartitioned`` metadata."""
     rng = jax.random.PRNGKey(0) if rng is None else rng
-    model = Decoder(cfg)
+    model = Decoder(cfg, run, lora)
     ids = jnp.zeros((1, 2), jnp.int32)
     variables = model.init(rng, ids)
     params = variables["params"]
     return params if boxed else nn.unbox(params)
 
 
-def param_shardings(cfg: ModelConfig, mesh, rules=shd.DEFAULT_RULES):
+def param_shardings(cfg: ModelConfig, mesh, rules=shd.DEFAULT_RULES, run: RunConfig = RunConfig(),
+                    lora: LoraConfig = NO_LORA):
     """NamedSharding pytree for the decoder's params (abstract init: no memory, no FLOPs)."""
-    abstract = jax.eval_shape(lambda: Decoder(cfg).init(jax.random.PRNGKey(0),
+    abstract = jax.eval_shape(lambda: Decoder(cfg, run, lora).init(jax.random.PRNGKey(0),
                                                         jnp.zeros((1, 2), jnp.int32)))["params"]
     return shd.tree_shardings(abstract, mesh, rules)
 
@@ -505,7 +523,7 @@ def head_logits(h, w, vocab_major: bool, dtype: str):
                       preferred_element_type=jnp.float32).astype(jnp.float32)
 
 
-def lm_head(params, cfg: ModelConfig, h):
+def lm_head(params, cfg: ModelConfig, h, run: RunConfig = RunConfig()):
     """Logits (float32) from final hidden states ``h [..., D]``, as :class:`Decoder` computes."""
     w, vocab_major = head_weight(params, cfg)
-    return head_logits(h, w, vocab_major, cfg.dtype)
+    return head_logits(h, w, vocab_major, run.dtype)

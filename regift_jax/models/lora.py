@@ -1,8 +1,10 @@
 """LoRA for the decoder: add adapters to a loaded model, mark them trainable, merge them back.
 
 The decoder's :class:`~regift_jax.models.decoder.Proj` layers hold ``lora_a`` (in -> r) and
-``lora_b`` (r -> out) next to ``kernel`` when ``ModelConfig.lora_rank > 0`` and the projection is
-in ``lora_targets``; the forward adds ``dropout(x) @ a @ b * alpha / r``.  Initialised as PEFT's
+``lora_b`` (r -> out) next to ``kernel`` when the decoder's :class:`LoraConfig` has ``rank > 0``
+and the projection is in its ``targets``; the forward adds ``dropout(x) @ a @ b * alpha / r``.
+The LoRA settings are their own config, next to the architecture (``ModelConfig``) and the way it
+is run (``RunConfig``): an adapted model is ``Decoder(cfg, run, lora)`` over the adapted params.  Initialised as PEFT's
 default (which the paper used): ``lora_a`` kaiming-uniform, U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
 and ``lora_b`` zero, so a freshly adapted model computes exactly the base model (tested).
 
@@ -13,8 +15,6 @@ The trainer keeps base weights frozen by building its optimizer over the LoRA le
 from __future__ import annotations
 
 import zlib
-from typing import Tuple
-
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
@@ -22,27 +22,32 @@ from jax.sharding import NamedSharding
 from regift_jax.core import sharding as shd
 from regift_jax.models.config import ModelConfig
 from regift_jax.models.decoder import PROJECTIONS, lora_a_init
+from regift_jax.models.run_config import LoraConfig
+
+__all__ = ["LoraConfig", "add_lora", "merge_lora", "lora_mask", "split", "combine",
+           "is_lora_path"]
 
 
-def _check(cfg: ModelConfig):
-    bad = [t for t in cfg.lora_targets if t not in PROJECTIONS]
+def _check(lora: LoraConfig):
+    bad = [t for t in lora.targets if t not in PROJECTIONS]
     if bad:
         raise ValueError(f"unknown LoRA target(s) {bad}; valid: {sorted(PROJECTIONS)}")
-    if cfg.lora_rank <= 0:
+    if lora.rank <= 0:
         raise ValueError("lora_rank must be > 0 to add LoRA adapters")
 
 
-def add_lora(cfg: ModelConfig, params: dict, seed: int = 0, mesh=None, rules=None
-             ) -> Tuple[ModelConfig, dict]:
-    """Return (cfg, params) with fresh LoRA leaves for ``cfg.lora_targets``.
+def add_lora(cfg: ModelConfig, lora: LoraConfig, params: dict, seed: int = 0, mesh=None,
+             rules=None) -> dict:
+    """``params`` with fresh LoRA leaves for ``lora.targets`` (run them as
+    ``Decoder(cfg, run, lora)``).
 
     ``lora_a`` ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (PEFT's kaiming-uniform, deterministic per
     target from ``seed``), ``lora_b`` = 0.
     """
-    _check(cfg)
-    r = cfg.lora_rank
+    _check(lora)
+    r = lora.rank
     layers = dict(params["layers"])
-    for name in cfg.lora_targets:
+    for name in lora.targets:
         parent, in_axes, out_axes = PROJECTIONS[name]
         mod = dict(layers[parent])
         leaf = dict(mod[name])
@@ -65,7 +70,7 @@ def add_lora(cfg: ModelConfig, params: dict, seed: int = 0, mesh=None, rules=Non
         layers[parent] = mod
     out = dict(params)
     out["layers"] = layers
-    return cfg, out
+    return out
 
 
 def is_lora_path(path) -> bool:
@@ -101,9 +106,10 @@ def combine(a: dict, b: dict) -> dict:
     return out
 
 
-def merge_lora(cfg: ModelConfig, params: dict) -> Tuple[ModelConfig, dict]:
-    """Fold every adapter into its kernel: W + a @ b * alpha / r; drop the LoRA leaves."""
-    scale = cfg.lora_alpha / cfg.lora_rank if cfg.lora_rank else 0.0
+def merge_lora(lora: LoraConfig, params: dict) -> dict:
+    """Fold every adapter into its kernel: W + a @ b * alpha / r; drop the LoRA leaves (the result
+    runs without ``lora``)."""
+    scale = lora.alpha / lora.rank if lora.rank else 0.0
     layers = dict(params["layers"])
     for name, (parent, _, _) in PROJECTIONS.items():
         mod = dict(layers[parent])
@@ -120,4 +126,4 @@ def merge_lora(cfg: ModelConfig, params: dict) -> Tuple[ModelConfig, dict]:
         layers[parent] = mod
     out = dict(params)
     out["layers"] = layers
-    return cfg.replace(lora_rank=0), out
+    return out

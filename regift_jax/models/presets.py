@@ -51,7 +51,8 @@ class Preset:
         return _plain(self.hf_config)
 
     def model_config(self, **overrides) -> ModelConfig:
-        """The ``ModelConfig`` of this model; ``overrides`` replace fields (dtype, lora_rank...)."""
+        """The ``ModelConfig`` (architecture) of this model; ``overrides`` replace its fields
+        (``num_layers``...).  Dtypes, remat and LoRA are a ``RunConfig`` / ``LoraConfig``."""
         overrides.setdefault("name", self.name)
         return ModelConfig.from_hf_config(self.hf_config_dict(), **overrides)
 

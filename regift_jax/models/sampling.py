@@ -38,6 +38,7 @@ from regift_jax.core.sharding import DEFAULT_RULES, batch_sharding, logical_to_s
 from regift_jax.core.shapes import round_up
 from regift_jax.models.config import ModelConfig
 from regift_jax.models.decoder import Decoder, init_cache, positions_from_mask
+from regift_jax.models.run_config import NO_LORA, LoraConfig, RunConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,40 +134,45 @@ def _constrain_cache(cache, mesh, rules):
     return jax.lax.with_sharding_constraint(cache, cache_shardings(mesh, rules, cache))
 
 
-def _call(params, ids, pos, seg, cache, cfg):
-    return Decoder(cfg).apply({"params": params}, ids, positions=pos, segment_ids=seg,
-                              cache=cache)
+def _call(params, ids, pos, seg, cache, cfg, run, lora):
+    return Decoder(cfg, run, lora).apply({"params": params}, ids, positions=pos,
+                                         segment_ids=seg, cache=cache)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "cache_len", "mesh", "rules"))
-def prefill(params, input_ids, attention_mask, cfg: ModelConfig, cache_len: int, mesh=None,
+# Static: ``run`` / ``lora``, how the model computes and its adapters (see run_config.py);
+# ``mesh`` / ``rules``, lay the new cache out by :func:`cache_shardings` (else XLA picks).
+@functools.partial(jax.jit, static_argnames=("cfg", "cache_len", "run", "lora", "mesh", "rules"))
+def prefill(params, input_ids, attention_mask, cfg: ModelConfig, cache_len: int,
+            run: RunConfig = RunConfig(), lora: LoraConfig = NO_LORA, mesh=None,
             rules=DEFAULT_RULES):
-    """``mesh``/``rules``: lay the new cache out by :func:`cache_shardings` (else XLA picks)."""
     B = input_ids.shape[0]
-    cache = _constrain_cache(init_cache(cfg, B, cache_len), mesh, rules)
+    cache = _constrain_cache(init_cache(cfg, B, cache_len, run.dtype), mesh, rules)
     pos = positions_from_mask(attention_mask)
-    logits, cache = _call(params, input_ids, pos, attention_mask.astype(jnp.int32), cache, cfg)
+    logits, cache = _call(params, input_ids, pos, attention_mask.astype(jnp.int32), cache, cfg,
+                          run, lora)
     return logits[:, -1, :], _constrain_cache(cache, mesh, rules), pos[:, -1]
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "mesh", "rules"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("cfg", "run", "lora", "mesh", "rules"),
+                   donate_argnames=("cache",))
 def extend(params, cache, input_ids, attention_mask, last_pos, logits, cfg: ModelConfig,
-           mesh=None, rules=DEFAULT_RULES):
+           run: RunConfig = RunConfig(), lora: LoraConfig = NO_LORA, mesh=None,
+           rules=DEFAULT_RULES):
     """Append a left-padded block of tokens [B, K] to every row's cache (padding slots get
     segment 0 and are never attended).  Rows whose block is all padding keep their logits."""
     m = attention_mask.astype(jnp.int32)
     pos = last_pos[:, None] + jnp.cumsum(m, axis=1)
-    new_logits, cache = _call(params, input_ids, pos, m, cache, cfg)
+    new_logits, cache = _call(params, input_ids, pos, m, cache, cfg, run, lora)
     n = jnp.sum(m, axis=1)
     logits = jnp.where((n > 0)[:, None], new_logits[:, -1, :], logits)
     return logits, _constrain_cache(cache, mesh, rules), last_pos + n
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "n_steps", "temperature", "top_p", "top_k"),
-                   donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("cfg", "n_steps", "temperature", "top_p", "top_k",
+                                             "run", "lora"), donate_argnames=("cache",))
 def decode_chunk(params, cache, logits, last_pos, done, out_tokens, n_out, row_keys, eos_ids,
                  pad_id, cfg: ModelConfig, n_steps: int, temperature: float, top_p: float,
-                 top_k: int):
+                 top_k: int, run: RunConfig = RunConfig(), lora: LoraConfig = NO_LORA):
     """Up to ``n_steps`` decode steps.  ``out_tokens`` [B, max_new] is written at ``n_out``.
     Finished rows write padding with segment 0 into their cache slot, so a later continuation of
     the same cache never attends to it."""
@@ -184,7 +190,7 @@ def decode_chunk(params, cache, logits, last_pos, done, out_tokens, n_out, row_k
         out_tokens = jax.lax.dynamic_update_slice(out_tokens, tok[:, None], (0, n_out))
         pos = jnp.where(done, last_pos, last_pos + 1)
         new_logits, cache = _call(params, tok[:, None], pos[:, None],
-                                  (~done).astype(jnp.int32)[:, None], cache, cfg)
+                                  (~done).astype(jnp.int32)[:, None], cache, cfg, run, lora)
         done = done | is_eos
         return (i + 1, cache, new_logits[:, -1, :], pos, done, out_tokens, n_out + 1)
 
@@ -239,11 +245,14 @@ class Sampler:
     def __init__(self, cfg: ModelConfig, params, tokenizer=None, mesh=None, batch_size: int = 8,
                  length_bucket: int = 64, chunk: int = 32, pad_id: Optional[int] = None,
                  eos_ids: Optional[Sequence[int]] = None, bridge_tokens: int = 16,
-                 cache_len: Optional[int] = None, rules=DEFAULT_RULES):
+                 cache_len: Optional[int] = None, run: RunConfig = RunConfig(),
+                 lora: LoraConfig = NO_LORA, rules=DEFAULT_RULES):
         """``cache_len``: a fixed KV-cache length for every batch (one compiled decode program
-        for a whole run; a batch that needs more raises).  Default: sized per batch.
+        for a whole run; a batch that needs more raises).  Default: sized per batch.  ``run`` /
+        ``lora``: how the model computes and its adapters (default float32, none).
         ``rules``: the logical-axis rules the params were placed with (batch and cache)."""
         self.cfg, self.params, self.tokenizer, self.mesh = cfg, params, tokenizer, mesh
+        self.run, self.lora = run, lora
         self.rules = _hashable_rules(rules)
         self.fixed_cache_len = cache_len
         self.batch_size, self.length_bucket, self.chunk = batch_size, length_bucket, chunk
@@ -360,13 +369,14 @@ class Sampler:
         B, n = self.batch_size, len(encoded)
         rows = list(encoded) + [[self.pad_id]] * (B - n)  # filler rows: one token each
         ids, mask = self._left_pad(rows, T, B)
-        lay = dict(mesh=self.mesh, rules=self.rules)
+        lay = dict(run=self.run, lora=self.lora, mesh=self.mesh, rules=self.rules)
         if pre:
             pids, pmask = self._left_pad([pre], P, 1)
             logits, cache, last_pos = prefill(self.params, self._place(pids, True),
                                               self._place(pmask, True), self.cfg, cache_len,
                                               **lay)
-            cache, logits, last_pos = _tile_rows(cache, logits, last_pos, B, **lay)
+            cache, logits, last_pos = _tile_rows(cache, logits, last_pos, B, mesh=self.mesh,
+                                                 rules=self.rules)
             logits, cache, last_pos = extend(self.params, cache, self._place(ids),
                                              self._place(mask), last_pos, logits, self.cfg,
                                              **lay)
@@ -396,7 +406,8 @@ class Sampler:
         fid, fmask = self._left_pad(f_ids, self.bridge_tokens, B)
         st.logits, st.cache, st.last_pos = extend(self.params, cache, self._place(fid),
                                                   self._place(fmask), last_pos, st.logits,
-                                                  self.cfg, mesh=self.mesh, rules=self.rules)
+                                                  self.cfg, run=self.run, lora=self.lora,
+                                                  mesh=self.mesh, rules=self.rules)
         second, _ = self._run_phase(st, then.sampling, n)
         return [Generation(text=t1 + forced[r] + t2, token_ids=row1 + f_ids[r] + row2,
                            finish_reason=reason, prompt_tokens=prompt_tokens[r],
@@ -430,7 +441,7 @@ class Sampler:
             st.cache, st.logits, st.last_pos, done, out, n_out = decode_chunk(
                 self.params, st.cache, st.logits, st.last_pos, done, out, n_out, keys, eos,
                 pad, self.cfg, self.chunk, float(sampling.temperature),
-                float(sampling.top_p), int(sampling.top_k))
+                float(sampling.top_p), int(sampling.top_k), run=self.run, lora=self.lora)
             n_done = int(to_host(n_out))
             done_h = to_host(done).copy()
             if sampling.stop_strings and self.tokenizer is not None:

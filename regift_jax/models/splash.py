@@ -1,5 +1,5 @@
 """Pallas TPU splash attention: the decoder's attention without a KV cache (training, scoring) when
-``ModelConfig.attention_impl == "splash"``.
+``RunConfig.attention_impl == "splash"``.
 
 ``jax.experimental.pallas.ops.tpu.splash_attention`` is a flash-attention kernel that skips whole
 masked blocks.  Its masks here: index-causal (a key after the query in the row is never attended),
@@ -68,10 +68,11 @@ def _on_tpu(mesh) -> bool:
     return platform == "tpu"
 
 
-def trace_context(mesh, cfg):
-    """The context to trace (jit, lower) a cache-free call of ``cfg``'s decoder in: with splash
-    attention and a mesh, ``jax.set_mesh(mesh)`` so the kernel runs in ``shard_map``; else none."""
-    if mesh is None or cfg.attention_impl != "splash":
+def trace_context(mesh, run):
+    """The context to trace (jit, lower) a cache-free decoder call run as ``run`` (a
+    :class:`~regift_jax.models.run_config.RunConfig`) in: with splash attention and a mesh,
+    ``jax.set_mesh(mesh)`` so the kernel runs in ``shard_map``; else none."""
+    if mesh is None or run.attention_impl != "splash":
         return contextlib.nullcontext()
     return jax.set_mesh(mesh)
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -41,6 +41,7 @@ from regift_jax.models.checkpoints import gguf_hf_config, open_gguf, read_hf_con
 from regift_jax.models.config import ModelConfig
 from regift_jax.models.decoder import (PROJECTIONS, Decoder, init_cache, lm_head,
                                        param_shardings, proj_shapes)
+from regift_jax.models.run_config import NO_LORA, LoraConfig, RunConfig
 from regift_jax.training import state as state_lib
 from regift_jax.training.metrics import train_flops_per_token
 from regift_jax.training.optim import make_optimizer
@@ -81,6 +82,8 @@ class Stage:
     layer_depth: int = 1  # costing depth whose layer is a layer as every layer runs it (1 or 2)
     end_params: int = 0  # train: trainable parameters outside the layers
     notes: List[str] = dataclasses.field(default_factory=list)
+    run: RunConfig = RunConfig()  # how the program computes (dtypes, remat, attention)
+    lora: LoraConfig = NO_LORA
 
 
 # ============================================================================ models and meshes
@@ -119,23 +122,24 @@ def parse_mesh(spec: Optional[str]) -> Optional[dict]:
     return out
 
 
-def abstract_params(cfg: ModelConfig, mesh, rules):
+def abstract_params(cfg: ModelConfig, mesh, rules, run: RunConfig = RunConfig(),
+                    lora: LoraConfig = NO_LORA):
     """The decoder's parameters as sharded ``ShapeDtypeStruct`` s (abstract init)."""
-    shapes = jax.eval_shape(lambda: Decoder(cfg).init(jax.random.PRNGKey(0),
-                                                      jnp.zeros((1, 2), jnp.int32)))["params"]
+    shapes = jax.eval_shape(lambda: Decoder(cfg, run, lora).init(
+        jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32)))["params"]
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        nn.unbox(shapes), param_shardings(cfg, mesh, rules))
+                        nn.unbox(shapes), param_shardings(cfg, mesh, rules, run, lora))
 
 
 def _sds(shape, dtype, sharding=None):
     return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=sharding)
 
 
-def _attention_keys(cfg: ModelConfig, T: int) -> float:
+def _attention_keys(run: RunConfig, T: int) -> float:
     """Mean keys per query the attention computes without a cache (causal query chunks skip the
     keys after the chunk)."""
-    c = cfg.attention_chunk
-    if cfg.attention_impl == "einsum" and c and T > c:
+    c = run.attention_chunk
+    if run.attention_impl == "einsum" and c and T > c:
         n = -(-T // c)
         return c * (n + 1) / 2.0
     return float(T)
@@ -146,17 +150,17 @@ def _attention_keys(cfg: ModelConfig, T: int) -> float:
 BRANCH_ENDS = ("o_proj", "down_proj")
 
 
-def _matmul_params(cfg: ModelConfig) -> tuple:
+def _matmul_params(cfg: ModelConfig, lora: LoraConfig = NO_LORA) -> tuple:
     """(projection weights of one layer, LoRA adapter weights of one layer, weights of the
     :data:`BRANCH_ENDS`)."""
-    dense = lora = ends = 0
+    dense = adapters = ends = 0
     for name in PROJECTIONS:
         n_in, n_out = (int(np.prod(s)) for s in proj_shapes(cfg, name))
         dense += n_in * n_out
         ends += n_in * n_out if name in BRANCH_ENDS else 0
-        if cfg.lora_rank > 0 and name in cfg.lora_targets:
-            lora += cfg.lora_rank * (n_in + n_out)
-    return dense, lora, ends
+        if lora.applies_to(name):
+            adapters += lora.rank * (n_in + n_out)
+    return dense, adapters, ends
 
 
 def _batch_shards(mesh, sharding: NamedSharding) -> int:
@@ -166,31 +170,26 @@ def _batch_shards(mesh, sharding: NamedSharding) -> int:
 
 
 # ============================================================================ training
-def _train_model_config(config) -> ModelConfig:
-    m = config.model
-    cfg = model_config(str(m.name), dtype=str(m.dtype), param_dtype=str(m.param_dtype),
-                       remat_policy=str(m.remat_policy), attention_chunk=int(m.attention_chunk),
-                       loss_chunk=int(m.loss_chunk), attention_impl=str(m.attention_impl))
-    if config.lora.enabled:
-        cfg = cfg.replace(lora_rank=int(config.lora.rank), lora_alpha=float(config.lora.alpha),
-                          lora_dropout=float(config.lora.dropout),
-                          lora_targets=tuple(config.lora.targets))
-    return cfg
+def _train_model_config(config) -> Tuple[ModelConfig, RunConfig, LoraConfig]:
+    """(architecture, run settings, LoRA) of a training config, as the trainer builds them."""
+    return (model_config(str(config.model.name)), state_lib.run_config(config.model),
+            state_lib.lora_config(config.lora))
 
 
-def train_executed_flops(cfg: ModelConfig, tokens: int, T: int) -> float:
+def train_executed_flops(cfg: ModelConfig, run: RunConfig, lora: LoraConfig, tokens: int,
+                         T: int) -> float:
     """FLOPs the train step's matmuls execute for ``tokens`` slots of rows of ``T`` with the loss
     on every slot: forward, backward (input gradients; weight gradients of what trains) and the
     recomputation of the remat policy (all but the :data:`BRANCH_ENDS` for ``full``, attention's
     batched dots for ``dots_with_no_batch_dims``), attention as computed (causal chunks skip
     keys)."""
-    full = cfg.lora_rank <= 0
-    dense, lora, branch_ends = _matmul_params(cfg)
-    rec_mm = cfg.remat_policy in ("full", "nothing_saveable")
-    rec_att = rec_mm or cfg.remat_policy == "dots_with_no_batch_dims"
-    att = 4.0 * cfg.num_heads * cfg.head_dim * _attention_keys(cfg, T)
+    full = not lora.enabled
+    dense, adapters, branch_ends = _matmul_params(cfg, lora)
+    rec_mm = run.remat_policy in ("full", "nothing_saveable")
+    rec_att = rec_mm or run.remat_policy == "dots_with_no_batch_dims"
+    att = 4.0 * cfg.num_heads * cfg.head_dim * _attention_keys(run, T)
     per_layer = (2.0 * dense * (2 + full) + 2.0 * (dense - branch_ends) * rec_mm
-                 + att * (3 + rec_att) + 2.0 * lora * (3 + rec_mm))
+                 + att * (3 + rec_att) + 2.0 * adapters * (3 + rec_mm))
     head = 2.0 * cfg.hidden_size * cfg.vocab_size * (2 + full)
     return float(tokens) * (cfg.num_layers * per_layer + head)
 
@@ -208,7 +207,7 @@ def train_stage(config, devices) -> Stage:
     """The train step of a training config on ``devices``."""
     rules = merge_rules(shd.DEFAULT_RULES, config.mesh.rules)
     mesh = make_mesh({a: int(config.mesh[a]) for a in shd.MESH_AXES}, devices, "config.mesh")
-    cfg = _train_model_config(config)
+    cfg, run, lora = _train_model_config(config)
     B, T = int(config.train.global_batch), int(config.data.seq_len)
     k = int(config.train.grad_accum_steps)
     batch_sh = shd.batch_sharding(mesh, rules)
@@ -218,38 +217,41 @@ def train_stage(config, devices) -> Stage:
                              f" x batch shards ({n}: mesh {dict(mesh.shape)})")
 
     def build(num_layers: int, costing: bool, chunk_scale: int = 1) -> Variant:
-        m = cfg.replace(num_layers=num_layers, loss_chunk=cfg.loss_chunk * chunk_scale)
+        m = cfg.replace(num_layers=num_layers)
+        mrun = run.replace(loss_chunk=run.loss_chunk * chunk_scale)
         b, acc = (B // k, 1) if costing else (B, k)
-        params = abstract_params(m, mesh, rules)
-        split = state_lib.split_trainable(m, params, mesh, rules)
-        if costing and num_layers == 0 and m.lora_rank > 0:
+        params = abstract_params(m, mesh, rules, mrun, lora)
+        split = state_lib.split_trainable(m, lora, params, mesh, rules, run=mrun)
+        if costing and num_layers == 0 and lora.enabled:
             split = _train_final_norm(*split)
         trainable, frozen, tr_sh, fr_sh = split
         tx, schedule = make_optimizer(config.optim, 1000, trainable)
         state_sh, opt_abstract = state_lib.state_shardings(tx, trainable, tr_sh, mesh)
         state = state_lib.abstract_state(trainable, opt_abstract, state_sh)
         batch = {f: _sds((b, T), jnp.int32, batch_sh) for f in FIELDS}
-        step = jit_train_step(m, tx, schedule, state_sh, fr_sh, batch_sh, accum=acc)
+        step = jit_train_step(m, tx, schedule, state_sh, fr_sh, batch_sh, accum=acc, run=mrun,
+                              lora=lora)
         return Variant(step.lower(state, frozen, batch), params=params,
                        opt_state=state.opt_state)
 
-    dense, lora, _ = _matmul_params(cfg)
-    n_lora = cfg.num_layers * lora
+    dense, adapters, _ = _matmul_params(cfg, lora)
+    n_lora = cfg.num_layers * adapters
     full_layer = (cfg.num_params() - cfg.replace(num_layers=0).num_params()) // cfg.num_layers
-    ends = 0 if cfg.lora_rank > 0 else cfg.replace(num_layers=0).num_params()
-    per_layer = lora if cfg.lora_rank > 0 else full_layer
+    ends = 0 if lora.enabled else cfg.replace(num_layers=0).num_params()
+    per_layer = adapters if lora.enabled else full_layer
     return Stage("train", cfg, mesh, build, tokens=B * T,
                  model_flops=B * T * train_flops_per_token(cfg, T, n_lora),
-                 executed_flops=lambda L: train_executed_flops(cfg.replace(num_layers=L),
-                                                               (B // k) * T, T),
+                 executed_flops=lambda L: train_executed_flops(cfg.replace(num_layers=L), run,
+                                                               lora, (B // k) * T, T),
                  accum=k, rows=B, batch_shards=n, layer_params=per_layer, end_params=ends,
                  layer_depth=2,
-                 head_chunks=-(-(B // k * T) // cfg.loss_chunk) if cfg.loss_chunk > 0 else 0)
+                 head_chunks=-(-(B // k * T) // run.loss_chunk) if run.loss_chunk > 0 else 0,
+                 run=run, lora=lora)
 
 
 # ============================================================================ the sampler
-def _abstract_cache(cfg: ModelConfig, B: int, S: int, mesh, rules):
-    shapes = jax.eval_shape(lambda: init_cache(cfg, B, S))
+def _abstract_cache(cfg: ModelConfig, run: RunConfig, B: int, S: int, mesh, rules):
+    shapes = jax.eval_shape(lambda: init_cache(cfg, B, S, run.dtype))
     shardings = sampling.cache_shardings(mesh, rules, shapes)  # the sampler's own layout
     return {k: _sds(v.shape, v.dtype, shardings[k]) for k, v in shapes.items()}
 
@@ -261,8 +263,8 @@ def _inference_flops(cfg: ModelConfig, tokens: int, keys: float, head_rows: int)
             + 2.0 * head_rows * cfg.hidden_size * cfg.vocab_size)
 
 
-def sampler_stages(cfg: ModelConfig, mesh, rules, B: int, T: int, S: int, decode: dict,
-                   notes: List[str]) -> List[Stage]:
+def sampler_stages(cfg: ModelConfig, run: RunConfig, mesh, rules, B: int, T: int, S: int,
+                   decode: dict, notes: List[str]) -> List[Stage]:
     """The sampler's prefill of ``B`` prompts of ``T`` tokens into a cache of ``S`` slots, and
     one decode chunk (``decode``: n_steps, temperature, top_p, top_k, max_new)."""
     batch = lambda nd: shd.batch_sharding(mesh, rules, ndim=nd)  # noqa: E731
@@ -270,27 +272,28 @@ def sampler_stages(cfg: ModelConfig, mesh, rules, B: int, T: int, S: int, decode
 
     def prefill(num_layers: int, costing: bool) -> Variant:
         m = cfg.replace(num_layers=num_layers)
-        params = abstract_params(m, mesh, rules)
+        params = abstract_params(m, mesh, rules, run)
         ids = _sds((B, T), jnp.int32, batch(2))
         if not costing:
-            return Variant(sampling.prefill.lower(params, ids, ids, cfg=m, cache_len=S,
+            return Variant(sampling.prefill.lower(params, ids, ids, cfg=m, cache_len=S, run=run,
                                                   mesh=mesh, rules=rules), params)
         # prefill builds its own cache (of no layers at depth 0, which cannot be traced):
         # costed as extend, the same forward into a given empty cache
-        cache = _abstract_cache(m.replace(num_layers=max(1, num_layers)), B, S, mesh, rules)
+        cache = _abstract_cache(m.replace(num_layers=max(1, num_layers)), run, B, S, mesh, rules)
         lowered = sampling.extend.lower(params, cache, ids, ids, _sds((B,), jnp.int32, batch(1)),
-                                        _sds((B, m.vocab_size), jnp.float32, batch(2)), cfg=m)
+                                        _sds((B, m.vocab_size), jnp.float32, batch(2)), cfg=m,
+                                        run=run)
         return Variant(lowered, params, cache=cache)
 
     def decode_step(num_layers: int, costing: bool) -> Variant:
         m = cfg.replace(num_layers=num_layers)
-        params = abstract_params(m, mesh, rules)
-        cache = _abstract_cache(m.replace(num_layers=max(1, num_layers)), B, S, mesh, rules)
+        params = abstract_params(m, mesh, rules, run)
+        cache = _abstract_cache(m.replace(num_layers=max(1, num_layers)), run, B, S, mesh, rules)
         if costing:  # one step without the decode loop, whose length XLA cannot time
             one = _sds((B, 1), jnp.int32, batch(2))
             lowered = sampling.extend.lower(
                 params, cache, one, one, _sds((B,), jnp.int32, batch(1)),
-                _sds((B, m.vocab_size), jnp.float32, batch(2)), cfg=m)
+                _sds((B, m.vocab_size), jnp.float32, batch(2)), cfg=m, run=run)
             return Variant(lowered, params, cache=cache)
         args = (params, cache, _sds((B, m.vocab_size), jnp.float32, batch(2)),
                 _sds((B,), jnp.int32, batch(1)), _sds((B,), jnp.bool_, batch(1)),
@@ -300,15 +303,15 @@ def sampler_stages(cfg: ModelConfig, mesh, rules, B: int, T: int, S: int, decode
                 _sds((), jnp.int32, repl))
         lowered = sampling.decode_chunk.lower(
             *args, cfg=m, n_steps=decode["n_steps"], temperature=decode["temperature"],
-            top_p=decode["top_p"], top_k=decode["top_k"])
+            top_p=decode["top_p"], top_k=decode["top_k"], run=run)
         return Variant(lowered, params, cache=cache)
 
     n_flops = lambda tok, keys, rows: _inference_flops(cfg, tok, keys, rows)  # noqa: E731
     return [
         Stage("prefill", cfg, mesh, prefill, tokens=B * T, model_flops=n_flops(B * T, S, B * T),
               executed_flops=lambda L: _inference_flops(cfg.replace(num_layers=L), B * T, S,
-                                                        B * T), notes=list(notes)),
-        Stage("decode", cfg, mesh, decode_step, tokens=B, model_flops=n_flops(B, S, B),
+                                                        B * T), notes=list(notes), run=run),
+        Stage("decode", cfg, mesh, decode_step, tokens=B, model_flops=n_flops(B, S, B), run=run,
               executed_flops=lambda L: _inference_flops(cfg.replace(num_layers=L), B, S, B),
               notes=list(notes) + [
                   "one decode step (one token per row) over a full cache of S slots; the KV "
@@ -327,7 +330,14 @@ def _one_chip_or(mesh_shape: Optional[dict], devices, what: str):
 def teacher_stages(config, devices, mesh_shape: Optional[dict], prompt_len: int) -> List[Stage]:
     """Prefill and decode of a teacher config (``configs/teacher_*.py``) for prompts of
     ``prompt_len`` tokens."""
-    cfg = model_config(str(config.teacher.model), dtype=str(config.teacher.dtype))
+    cfg = model_config(str(config.teacher.model))
+    # the weights in the compute dtype, as the trace generator loads them
+    run = RunConfig(dtype=str(config.teacher.dtype), param_dtype=str(config.teacher.dtype))
+    if mesh_shape is None:  # the config's own teacher.mesh, as the trace generator uses it
+        try:
+            mesh_shape = shd.parse_mesh_shape(config.teacher.get("mesh"))
+        except ValueError as e:
+            raise PreflightError(f"teacher.mesh: {e}") from None
     d = config.decode
     if d.mode == "two_phase":
         max_new = int(d.max_reasoning_tokens) + int(d.max_answer_tokens)
@@ -339,15 +349,15 @@ def teacher_stages(config, devices, mesh_shape: Optional[dict], prompt_len: int)
     mesh = _one_chip_or(mesh_shape, devices, "--mesh")
     notes = [f"{int(config.batch_size)} prompts of {T} tokens, a cache of {S} slots"]
     if mesh_shape is None:
-        notes.append("unsharded, one chip per process, as the trace generator loads the teacher "
-                     "(models.load without a mesh); --mesh=... shows a sharded layout")
+        notes.append("unsharded, one chip per process, as the trace generator loads a teacher "
+                     "without teacher.mesh; --mesh=... shows a sharded layout")
     decode = dict(n_steps=int(d.chunk), temperature=float(d.temperature), top_p=float(d.top_p),
                   top_k=int(d.top_k), max_new=max_new)
-    return sampler_stages(cfg, mesh, shd.DEFAULT_RULES, int(config.batch_size), T, S, decode,
-                          notes)
+    return sampler_stages(cfg, run, mesh, shd.DEFAULT_RULES, int(config.batch_size), T, S,
+                          decode, notes)
 
 
-def score_stage(cfg: ModelConfig, mesh, rules, rows: int, T: int) -> Stage:
+def score_stage(cfg: ModelConfig, run: RunConfig, mesh, rules, rows: int, T: int) -> Stage:
     """The BBQ log-likelihood forward over ``rows`` packed rows of ``T`` tokens, the LM head on
     :data:`SCORED_PER_ROW` positions per row (``eval.loglik``'s packed block)."""
     batch = shd.batch_sharding(mesh, rules)
@@ -357,24 +367,25 @@ def score_stage(cfg: ModelConfig, mesh, rules, rows: int, T: int) -> Stage:
         m = cfg.replace(num_layers=num_layers)
 
         def forward(params, ids, seg, pos, pred_idx, pred_tgt, pred_mask):
-            h = Decoder(m).apply({"params": params}, ids, positions=pos, segment_ids=seg,
-                                 return_hidden=True)
-            logits = lm_head(params, m, jnp.take_along_axis(h, pred_idx[..., None], axis=1))
+            h = Decoder(m, run).apply({"params": params}, ids, positions=pos, segment_ids=seg,
+                                      return_hidden=True)
+            logits = lm_head(params, m, jnp.take_along_axis(h, pred_idx[..., None], axis=1),
+                             run)
             lse = jax.nn.logsumexp(logits, axis=-1)
             tl = jnp.take_along_axis(logits, pred_tgt[..., None], axis=-1)[..., 0]
             hit = (jnp.argmax(logits, axis=-1) == pred_tgt) | ~pred_mask
             return jnp.where(pred_mask, tl - lse, 0.0), hit
 
-        params = abstract_params(m, mesh, rules)
+        params = abstract_params(m, mesh, rules, run)
         ints = [_sds((rows, T), jnp.int32, batch) for _ in range(3)]
         preds = [_sds((rows, M), jnp.int32, batch), _sds((rows, M), jnp.int32, batch),
                  _sds((rows, M), jnp.bool_, batch)]
         return Variant(jax.jit(forward).lower(params, *ints, *preds), params)
 
     flops = lambda L: _inference_flops(  # noqa: E731
-        cfg.replace(num_layers=L), rows * T, _attention_keys(cfg, T), rows * M)
+        cfg.replace(num_layers=L), rows * T, _attention_keys(run, T), rows * M)
     return Stage("score", cfg, mesh, build, tokens=rows * T, model_flops=flops(cfg.num_layers),
-                 executed_flops=flops, layer_depth=2,
+                 executed_flops=flops, layer_depth=2, run=run,
                  notes=[f"{rows} packed rows of {T} tokens, {M} scored positions per row "
                         f"(assumed)"])
 
@@ -387,7 +398,8 @@ def eval_stages(config, devices, mesh_shape: Optional[dict], model: str,
     if not name:
         raise PreflightError("the eval config names no model: pass --model=PRESET (or "
                              "--config.model=...)")
-    cfg = model_config(str(name), dtype=str(config.runtime.dtype or "float32"))
+    cfg = model_config(str(name))
+    run = RunConfig(dtype=str(config.runtime.dtype or "float32"))
     if mesh_shape is None:
         mesh_shape = parse_mesh(config.runtime.mesh)
     mesh = _one_chip_or(mesh_shape, devices, "runtime.mesh / --mesh")
@@ -398,9 +410,9 @@ def eval_stages(config, devices, mesh_shape: Optional[dict], model: str,
         decode = dict(n_steps=32, temperature=float(config.generate.temperature),
                       top_p=float(config.generate.top_p), top_k=int(config.generate.top_k),
                       max_new=max_new)
-        return sampler_stages(cfg, mesh, shd.DEFAULT_RULES, rows, T, T + round_up(max_new, 64),
-                              decode, [f"{rows} prompts of {T} tokens"])
+        return sampler_stages(cfg, run, mesh, shd.DEFAULT_RULES, rows, T,
+                              T + round_up(max_new, 64), decode, [f"{rows} prompts of {T} tokens"])
     if config.mode != "loglik":
         raise PreflightError(f"eval mode {config.mode!r}: the preflight builds loglik and "
                              f"generate")
-    return [score_stage(cfg, mesh, shd.DEFAULT_RULES, rows, int(config.loglik.seq_len))]
+    return [score_stage(cfg, run, mesh, shd.DEFAULT_RULES, rows, int(config.loglik.seq_len))]

@@ -68,7 +68,7 @@ def _base(stage: Stage, sl: Slice, config_name: str, v) -> dict:
     return dict(stage=stage.name, config=config_name, topology=sl.topology,
                 accelerator_type=sl.accelerator_type, chips=int(stage.mesh.size),
                 mesh={k: int(n) for k, n in stage.mesh.shape.items()},
-                model=stage.cfg.name, remat_policy=stage.cfg.remat_policy,
+                model=stage.cfg.name, remat_policy=stage.run.remat_policy,
                 tokens_per_step=int(stage.tokens), hbm_capacity_gib=sl.chip.hbm_gib,
                 params_gib=_gib(comp.per_chip_bytes(v.params)),
                 opt_state_gib=_gib(comp.per_chip_bytes(v.opt_state or {})),
@@ -200,7 +200,7 @@ def suggestions(stage: Stage, sl: Slice, state: float, opt_state: float,
         return out
     temp = (need or 0.0) - state
     if stage.name == "train":
-        if stage.cfg.remat_policy not in ("full", "nothing_saveable"):
+        if stage.run.remat_policy not in ("full", "nothing_saveable"):
             out.append("--config.model.remat_policy=full (recompute each layer in the backward "
                        "pass instead of keeping its activations)")
         accum_b = 0.0 if stage.accum > 1 else opt_state / 2  # an f32 copy of what trains

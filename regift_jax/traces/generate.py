@@ -595,7 +595,9 @@ def run(cfg) -> dict:
     logging.info("process %d/%d%s: %d units, %d already done, %d to do", proc, nproc,
                  " (lockstep)" if lockstep else "", len(mine), len(mine) - len(todo), len(todo))
     t0 = time.time()
-    handle = models.load(teacher.path, dtype=cfg.teacher.dtype, mesh=mesh)
+    # weights in the compute dtype: a 32B teacher in bfloat16 is 61 GiB, in float32 122
+    handle = models.load(teacher.path, dtype=cfg.teacher.dtype, param_dtype=cfg.teacher.dtype,
+                         mesh=mesh)
     logging.info("teacher %s (%s) loaded in %.1fs", teacher.label, teacher.fingerprint,
                  time.time() - t0)
     write = proc == stream  # lockstep: process 0 writes, the others only compute

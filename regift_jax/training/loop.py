@@ -120,7 +120,9 @@ def _record(config, workdir: str, ident: dict) -> dict:
 @dataclasses.dataclass
 class Model:
     """The model on its mesh, split into what trains and what stays frozen."""
-    cfg: Any
+    cfg: Any  # ModelConfig: the architecture
+    run: Any  # RunConfig: dtypes, remat, attention kernel and chunks
+    lora: Any  # LoraConfig (rank 0: full fine-tuning)
     tokenizer: Any
     mesh: Any
     rules: Any
@@ -138,13 +140,12 @@ def load_model(config) -> Model:
     rules = merge_rules(shd.DEFAULT_RULES, config.mesh.rules)
     log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size,
              jax.process_count())
-    model_cfg, params, tokenizer = state_lib.load_model(config.model, config.lora,
-                                                        int(config.seed), mesh, rules)
-    trainable, frozen, trainable_sh, frozen_sh = state_lib.split_trainable(model_cfg, params,
-                                                                           mesh, rules)
-    del params
-    m = Model(model_cfg, tokenizer, mesh, rules, trainable, frozen, trainable_sh, frozen_sh,
-              state_lib.num_params(trainable), state_lib.num_params(frozen))
+    h = state_lib.load_model(config.model, config.lora, int(config.seed), mesh, rules)
+    trainable, frozen, trainable_sh, frozen_sh = state_lib.split_trainable(
+        h.cfg, h.lora, h.params, mesh, rules, run=h.run)
+    h.params = None
+    m = Model(h.cfg, h.run, h.lora, h.tokenizer, mesh, rules, trainable, frozen, trainable_sh,
+              frozen_sh, state_lib.num_params(trainable), state_lib.num_params(frozen))
     log.info("params: %d trainable, %d frozen", m.n_trainable, m.n_frozen)
     return m
 
@@ -200,9 +201,10 @@ class Trainer:
             self.state = state_lib.init_state(tx, model.trainable, state_sh, int(config.seed))
         model.trainable = None  # now owned (and donated) by the state
         self.step_fn = jit_train_step(model.cfg, tx, schedule, state_sh, model.frozen_sh,
-                                      inp.batch_sh, accum=inputs.accum_steps(config.train))
+                                      inp.batch_sh, accum=inputs.accum_steps(config.train),
+                                      run=model.run, lora=model.lora)
         self.eval_fn = jit_eval_step(model.cfg, model.trainable_sh, model.frozen_sh,
-                                     inp.batch_sh, repl)
+                                     inp.batch_sh, repl, run=model.run, lora=model.lora)
         self._metrics_setup()
         self.saved_steps: List[int] = []
         self.last_metrics: Dict[str, float] = {}
@@ -225,7 +227,7 @@ class Trainer:
             batch_shards=shd._axes_size(self.model.mesh, self.inp.data_axes),
             accum_bytes=0 if k > 1 else sum(4 * x.addressable_shards[0].data.size
                                             for x in params),
-            remat_policy=self.model.cfg.remat_policy))
+            remat_policy=self.model.run.remat_policy))
         return exe
 
     def _restore(self, abstract):
@@ -326,7 +328,8 @@ class Trainer:
         log.info("setup done in %.1f s (steps %d -> %d)", time.time() - t_start, step,
                  self.total_steps)
         info = {"config": cfg, "workdir": self.workdir, "mesh": self.model.mesh,
-                "model_cfg": self.model.cfg, "checkpointer": self.ckpt,
+                "model_cfg": self.model.cfg, "run": self.model.run, "lora": self.model.lora,
+                "checkpointer": self.ckpt,
                 "pipeline": self.inp.train_pipe, "total_steps": self.total_steps}
         pending, prev, t_log = [], None, time.perf_counter()
         log_every = max(int(cfg.log.every_steps), 1)
@@ -379,7 +382,7 @@ def _export(config, workdir: str, t: Trainer) -> str:
     path = config.export.path or os.path.join(workdir, "export")
     if t.already_finished and os.path.isfile(os.path.join(path, "config.json")):
         return path
-    return state_lib.export_model(t.model.cfg, t.state.params, t.model.frozen,
+    return state_lib.export_model(t.model.cfg, t.model.lora, t.state.params, t.model.frozen,
                                   t.model.tokenizer, path, str(config.export.dtype))
 
 
@@ -406,7 +409,8 @@ def _result(config, workdir: str, t: Trainer, extra: dict) -> dict:
     if jax.process_index() == 0:
         atomic_write_json(os.path.join(workdir, identity.RESULT_FILE),
                           {k: v for k, v in result.items() if k != "history"})
-    result.update(state=t.state, frozen=t.model.frozen, model_cfg=t.model.cfg)
+    result.update(state=t.state, frozen=t.model.frozen, model_cfg=t.model.cfg, run=t.model.run,
+                  lora=t.model.lora)
     return result
 
 

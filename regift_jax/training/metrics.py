@@ -79,9 +79,10 @@ def peak_flops_per_device(configured: float = -1.0, device=None) -> Tuple[float,
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int, n_lora: int = 0) -> float:
-    """Executed training FLOPs per token slot (see the module docstring)."""
+    """Executed training FLOPs per token slot (see the module docstring); ``n_lora``: the LoRA
+    adapter parameters (0: full fine-tuning)."""
     full = cfg.flops_per_token(seq_len)
-    if cfg.lora_rank <= 0:
+    if n_lora <= 0:
         return full
     attn = 12.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
     n_matmul = (full - attn) / 6.0

@@ -20,6 +20,7 @@ At the end the trainable params are combined with the base, LoRA is merged
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from typing import Any, Tuple
@@ -38,6 +39,7 @@ from regift_jax.models import lora as lora_lib
 from regift_jax.models.checkpoints import export_hf
 from regift_jax.models.config import ModelConfig
 from regift_jax.models.decoder import param_shardings
+from regift_jax.models.run_config import NO_LORA, LoraConfig, RunConfig
 from regift_jax.models.tokenizer import smollm2_gguf_path
 from regift_jax.training.hosts import to_host
 
@@ -66,28 +68,42 @@ def resolve_model_source(name: str) -> str:
     return name
 
 
-def load_model(mcfg, lcfg, seed: int, mesh, rules):
-    """(ModelConfig with LoRA/dtypes/remat, params placed on the mesh, tokenizer)."""
-    handle = models.load(resolve_model_source(mcfg.name), dtype=mcfg.dtype,
-                         param_dtype=mcfg.param_dtype, mesh=mesh, rules=rules,
-                         download=bool(mcfg.download), remat_policy=mcfg.remat_policy,
-                         attention_chunk=int(mcfg.attention_chunk),
-                         loss_chunk=int(mcfg.loss_chunk),
-                         attention_impl=str(mcfg.attention_impl))
-    cfg, params = handle.cfg, handle.params
-    if lcfg.enabled:
-        cfg = cfg.replace(lora_rank=int(lcfg.rank), lora_alpha=float(lcfg.alpha),
-                          lora_dropout=float(lcfg.dropout), lora_targets=tuple(lcfg.targets))
-        cfg, params = lora_lib.add_lora(cfg, params, seed=seed, mesh=mesh, rules=rules)
-    return cfg, params, handle.tokenizer
+def run_config(mcfg) -> RunConfig:
+    """The :class:`RunConfig` of a config's ``model`` section (dtypes, remat, attention, loss)."""
+    return RunConfig(param_dtype=str(mcfg.param_dtype), dtype=str(mcfg.dtype),
+                     remat_policy=str(mcfg.remat_policy),
+                     attention_chunk=int(mcfg.attention_chunk), loss_chunk=int(mcfg.loss_chunk),
+                     attention_impl=str(mcfg.attention_impl))
 
 
-def split_trainable(model_cfg: ModelConfig, params, mesh, rules=shd.DEFAULT_RULES):
+def lora_config(lcfg) -> LoraConfig:
+    """The :class:`LoraConfig` of a config's ``lora`` section (rank 0 when not enabled)."""
+    if not lcfg.enabled:
+        return NO_LORA
+    return LoraConfig(rank=int(lcfg.rank), alpha=float(lcfg.alpha), dropout=float(lcfg.dropout),
+                      targets=tuple(lcfg.targets))
+
+
+def load_model(mcfg, lcfg, seed: int, mesh, rules) -> models.ModelHandle:
+    """The model of the ``model``/``lora`` config sections: its architecture, ``run`` and
+    ``lora`` settings, params (fresh adapters added) placed on the mesh, and tokenizer."""
+    run, lora = run_config(mcfg), lora_config(lcfg)
+    handle = models.load(resolve_model_source(mcfg.name), mesh=mesh, rules=rules,
+                         download=bool(mcfg.download), **dataclasses.asdict(run))
+    if lora.enabled:
+        handle.params = lora_lib.add_lora(handle.cfg, lora, handle.params, seed=seed, mesh=mesh,
+                                          rules=rules)
+        handle.lora = lora
+    return handle
+
+
+def split_trainable(model_cfg: ModelConfig, lora: LoraConfig, params, mesh,
+                    rules=shd.DEFAULT_RULES, run: RunConfig = RunConfig()):
     """``(trainable, frozen, trainable_shardings, frozen_shardings)``: with LoRA
-    (``model_cfg.lora_rank > 0``) the adapters train and the base weights are frozen (and never
-    enter the optimizer state); without it every parameter trains and ``frozen`` is ``{}``."""
-    full_sh = param_shardings(model_cfg, mesh, rules)
-    if model_cfg.lora_rank > 0:
+    (``lora.rank > 0``) the adapters train and the base weights are frozen (and never enter the
+    optimizer state); without it every parameter trains and ``frozen`` is ``{}``."""
+    full_sh = param_shardings(model_cfg, mesh, rules, run, lora)
+    if lora.enabled:
         return (*lora_lib.split(params), *lora_lib.split(full_sh))
     return params, {}, full_sh, {}
 
@@ -137,19 +153,16 @@ def all_finite(tree) -> jax.Array:
 
 
 # ============================================================================ export
-def export_model(model_cfg: ModelConfig, trainable, frozen, tokenizer, path: str,
-                 dtype: str = "float32") -> str:
+def export_model(model_cfg: ModelConfig, lora: LoraConfig, trainable, frozen, tokenizer,
+                 path: str, dtype: str = "float32") -> str:
     """Combine, gather to host, merge LoRA and write an HF directory (process 0 writes)."""
     params = lora_lib.combine(trainable, frozen)
     host = jax.tree.map(to_host, params)
     if jax.process_index() == 0:
-        cfg = model_cfg
-        if cfg.lora_rank > 0:
-            cfg, host = lora_lib.merge_lora(cfg, host)
-            host = jax.tree.map(np.asarray, host)
-        export_hf(path, cfg, host, tokenizer=tokenizer, dtype=dtype)
-        log.info("exported %s to %s", "LoRA-merged model" if model_cfg.lora_rank else "model",
-                 path)
+        if lora.enabled:
+            host = jax.tree.map(np.asarray, lora_lib.merge_lora(lora, host))
+        export_hf(path, model_cfg, host, tokenizer=tokenizer, dtype=dtype)
+        log.info("exported %s to %s", "LoRA-merged model" if lora.enabled else "model", path)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("export_done")
     return path

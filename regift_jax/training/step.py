@@ -37,6 +37,7 @@ from regift_jax.models import lora as lora_lib
 from regift_jax.models.config import ModelConfig
 from regift_jax.models.decoder import Decoder, head_weight
 from regift_jax.models.head_loss import head_loss
+from regift_jax.models.run_config import NO_LORA, LoraConfig, RunConfig
 from regift_jax.training.state import TrainState
 
 
@@ -64,29 +65,32 @@ def token_loss(logits, targets, loss_mask):
     return jnp.sum(nll * m), jnp.sum(m), jnp.sum(correct * m)
 
 
-def _forward(model_cfg, params, batch, rng, deterministic, return_hidden=False):
+def _forward(model_cfg, params, batch, rng, deterministic, return_hidden=False, *,
+             run: RunConfig = RunConfig(), lora: LoraConfig = NO_LORA):
     """The decoder on ``batch["inputs"]``; a batch without ``positions``/``segment_ids`` is one
     unpadded sequence per row (plain causal attention; the data pipeline always gives both)."""
     rngs = None if deterministic else {"dropout": rng}
-    return Decoder(model_cfg).apply({"params": params}, batch["inputs"],
-                                    positions=batch.get("positions"),
-                                    segment_ids=batch.get("segment_ids"),
-                                    deterministic=deterministic, rngs=rngs,
-                                    return_hidden=return_hidden)
+    return Decoder(model_cfg, run, lora).apply({"params": params}, batch["inputs"],
+                                               positions=batch.get("positions"),
+                                               segment_ids=batch.get("segment_ids"),
+                                               deterministic=deterministic, rngs=rngs,
+                                               return_hidden=return_hidden)
 
 
-def batch_loss(model_cfg, params, batch, rng, deterministic):
+def batch_loss(model_cfg, params, batch, rng, deterministic, *, run: RunConfig = RunConfig(),
+               lora: LoraConfig = NO_LORA):
     """(summed masked NLL, loss tokens, correct argmax predictions) of one batch.  With
-    ``model_cfg.loss_chunk > 0`` the LM head and the loss run on the loss positions only
+    ``run.loss_chunk > 0`` the LM head and the loss run on the loss positions only
     (:func:`regift_jax.models.head_loss.head_loss`); otherwise on full logits (:func:`token_loss`).
     """
-    if model_cfg.loss_chunk <= 0:
-        logits = _forward(model_cfg, params, batch, rng, deterministic)
+    kw = dict(run=run, lora=lora)
+    if run.loss_chunk <= 0:
+        logits = _forward(model_cfg, params, batch, rng, deterministic, **kw)
         return token_loss(logits, batch["targets"], batch["loss_mask"])
-    hidden = _forward(model_cfg, params, batch, rng, deterministic, return_hidden=True)
+    hidden = _forward(model_cfg, params, batch, rng, deterministic, return_hidden=True, **kw)
     w, vocab_major = head_weight(params, model_cfg)
     return head_loss(hidden, w, batch["targets"], batch["loss_mask"],
-                     chunk=model_cfg.loss_chunk, vocab_major=vocab_major, dtype=model_cfg.dtype)
+                     chunk=run.loss_chunk, vocab_major=vocab_major, dtype=run.dtype)
 
 
 def micro_batches(batch, k: int, batch_sharding=None):
@@ -107,7 +111,8 @@ def _value_and_grad(fn, p, b, key):
 
 
 def loss_and_grads(trainable, frozen, batch, rng, *, model_cfg: ModelConfig, accum: int = 1,
-                   batch_sharding=None, param_shardings=None):
+                   batch_sharding=None, param_shardings=None, run: RunConfig = RunConfig(),
+                   lora: LoraConfig = NO_LORA):
     """Per-token mean loss over the whole batch and its gradient w.r.t. ``trainable``.
 
     Returns ``(grads, {"loss", "tokens", "correct"})`` with ``grads`` = d(mean loss)/d(params);
@@ -115,7 +120,8 @@ def loss_and_grads(trainable, frozen, batch, rng, *, model_cfg: ModelConfig, acc
     ``trainable``) pins the gradient accumulator to the parameters' sharding (FSDP: never a
     replicated full-size gradient)."""
     def summed(p, b, key):
-        s, n, c = batch_loss(model_cfg, lora_lib.combine(p, frozen), b, key, deterministic=False)
+        s, n, c = batch_loss(model_cfg, lora_lib.combine(p, frozen), b, key, deterministic=False,
+                             run=run, lora=lora)
         return s, (n, c)
 
     def micro(p, b, key):
@@ -145,12 +151,13 @@ def loss_and_grads(trainable, frozen, batch, rng, *, model_cfg: ModelConfig, acc
 
 # ============================================================================ the step
 def train_step(state: TrainState, frozen, batch, *, model_cfg: ModelConfig, tx, schedule,
-               accum: int = 1, batch_sharding=None, param_shardings=None):
+               accum: int = 1, batch_sharding=None, param_shardings=None,
+               run: RunConfig = RunConfig(), lora: LoraConfig = NO_LORA):
     """One optimizer step (pure).  Returns ``(new_state, metrics)``; see the module docstring."""
     rng = jax.random.fold_in(state.rng, state.step)
     grads, aux = loss_and_grads(state.params, frozen, batch, rng, model_cfg=model_cfg,
                                 accum=accum, batch_sharding=batch_sharding,
-                                param_shardings=param_shardings)
+                                param_shardings=param_shardings, run=run, lora=lora)
     gnorm = optax.global_norm(grads)
     finite = jnp.isfinite(aux["loss"]) & jnp.isfinite(gnorm)
     updates, new_opt = tx.update(grads, state.opt_state, state.params)
@@ -175,23 +182,27 @@ def train_step(state: TrainState, frozen, batch, *, model_cfg: ModelConfig, tx, 
 
 
 def jit_train_step(model_cfg: ModelConfig, tx, schedule, state_sh: TrainState, frozen_sh,
-                   batch_sh, accum: int = 1):
+                   batch_sh, accum: int = 1, *, run: RunConfig = RunConfig(),
+                   lora: LoraConfig = NO_LORA):
     """:func:`train_step` jitted with explicit in/out shardings and the state donated:
     ``step_fn(state, frozen, batch) -> (state, metrics)``."""
     return jax.jit(functools.partial(train_step, model_cfg=model_cfg, tx=tx, schedule=schedule,
                                      accum=accum, batch_sharding=batch_sh,
-                                     param_shardings=state_sh.params),
+                                     param_shardings=state_sh.params, run=run, lora=lora),
                    in_shardings=(state_sh, frozen_sh, batch_sh),
                    out_shardings=(state_sh, state_sh.step), donate_argnums=(0,))
 
 
-def eval_step(params, frozen, batch, *, model_cfg: ModelConfig):
+def eval_step(params, frozen, batch, *, model_cfg: ModelConfig, run: RunConfig = RunConfig(),
+              lora: LoraConfig = NO_LORA):
     """Summed masked NLL, loss tokens and correct predictions of one batch (deterministic)."""
-    s, n, c = batch_loss(model_cfg, lora_lib.combine(params, frozen), batch, None, True)
+    s, n, c = batch_loss(model_cfg, lora_lib.combine(params, frozen), batch, None, True,
+                         run=run, lora=lora)
     return {"loss_sum": s, "tokens": n, "correct": c}
 
 
-def jit_eval_step(model_cfg: ModelConfig, trainable_sh, frozen_sh, batch_sh, repl):
+def jit_eval_step(model_cfg: ModelConfig, trainable_sh, frozen_sh, batch_sh, repl, *,
+                  run: RunConfig = RunConfig(), lora: LoraConfig = NO_LORA):
     """:func:`eval_step` jitted: ``eval_fn(params, frozen, batch) -> sums`` (replicated)."""
-    return jax.jit(functools.partial(eval_step, model_cfg=model_cfg),
+    return jax.jit(functools.partial(eval_step, model_cfg=model_cfg, run=run, lora=lora),
                    in_shardings=(trainable_sh, frozen_sh, batch_sh), out_shardings=repl)
