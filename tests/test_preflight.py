@@ -170,3 +170,13 @@ def test_a_config_that_cannot_fit_is_refused(tmp_path):
     rep = json.loads(out.read_text())["reports"][0]
     assert rep["stage"] == "score" and rep["fits"] is False and rep["hbm_gib_per_chip"] > 16
     assert rep["step_seconds"] is None
+
+
+def test_splash_attention_is_in_the_compiled_train_step(tiny):
+    """``model.attention_impl="splash"``: the preflight traces the step as the trainer does
+    (under its mesh), so the Pallas TPU kernel is in the TPU program, and the estimate says the
+    cost model cannot see it."""
+    from regift_jax.preflight.estimate import KERNEL_NOTE
+    rep = _run(_train_config(tiny, full=False, model__attention_impl="splash"), "v5e:2x2")[0]
+    assert rep.fits
+    assert [n for n in rep.notes if KERNEL_NOTE in n], rep.notes

@@ -87,6 +87,7 @@ from regift_jax.data.packing import Packer, build_row, stack_rows
 from regift_jax.eval.config import LOGLIK_FORMATS as FORMATS
 from regift_jax.eval.config import LOGLIK_METHODS as METHODS
 from regift_jax.eval.stereoset import scoring_requests
+from regift_jax.models import splash
 from regift_jax.models.config import ModelConfig
 from regift_jax.models.decoder import Decoder, init_cache, lm_head
 from regift_jax.models.run_config import NO_LORA, LoraConfig, RunConfig
@@ -686,15 +687,17 @@ def score_requests(model, requests: Sequence[Request], *, method: str = "prefix"
         pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
     K = _check_requests(requests)
     place = _placer(mesh)
-    if method == "prefix":
+    if method == "prefix":  # cached calls: the decoder's own attention, whatever attention_impl
         return _score_prefix(scfg, params, requests, K, batch_rows=batch_rows, pad_id=pad_id,
                              place=place, progress=progress, length_bucket=length_bucket,
                              cont_bucket=cont_bucket, min_shared_prefix=min_shared_prefix,
                              min_group_prefix=min_group_prefix, max_group=max_group,
                              seq_len=seq_len, compile_cost_tokens=compile_cost_tokens)
-    return _score_packed(scfg, params, requests, K, batch_rows=batch_rows, seq_len=seq_len,
-                         length_bucket=length_bucket, packed=method == "packed", pad_id=pad_id,
-                         place=place, progress=progress, compile_cost_tokens=compile_cost_tokens)
+    with splash.trace_context(mesh, scfg.run):  # the splash kernel runs under the mesh
+        return _score_packed(scfg, params, requests, K, batch_rows=batch_rows, seq_len=seq_len,
+                             length_bucket=length_bucket, packed=method == "packed",
+                             pad_id=pad_id, place=place, progress=progress,
+                             compile_cost_tokens=compile_cost_tokens)
 
 
 # --------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from regift_jax.core import sharding as shd
 from regift_jax.core.configs_util import merge_rules
 from regift_jax.core.shapes import round_up
 from regift_jax.data.packing import FIELDS
-from regift_jax.models import presets, sampling
+from regift_jax.models import presets, sampling, splash
 from regift_jax.models.checkpoints import gguf_hf_config, open_gguf, read_hf_config
 from regift_jax.models.config import ModelConfig
 from regift_jax.models.decoder import (PROJECTIONS, Decoder, init_cache, lm_head,
@@ -231,8 +231,9 @@ def train_stage(config, devices) -> Stage:
         batch = {f: _sds((b, T), jnp.int32, batch_sh) for f in FIELDS}
         step = jit_train_step(m, tx, schedule, state_sh, fr_sh, batch_sh, accum=acc, run=mrun,
                               lora=lora)
-        return Variant(step.lower(state, frozen, batch), params=params,
-                       opt_state=state.opt_state)
+        with splash.trace_context(mesh, mrun):  # as the trainer traces it
+            lowered = step.lower(state, frozen, batch)
+        return Variant(lowered, params=params, opt_state=state.opt_state)
 
     dense, adapters, _ = _matmul_params(cfg, lora)
     n_lora = cfg.num_layers * adapters
@@ -380,7 +381,8 @@ def score_stage(cfg: ModelConfig, run: RunConfig, mesh, rules, rows: int, T: int
         ints = [_sds((rows, T), jnp.int32, batch) for _ in range(3)]
         preds = [_sds((rows, M), jnp.int32, batch), _sds((rows, M), jnp.int32, batch),
                  _sds((rows, M), jnp.bool_, batch)]
-        return Variant(jax.jit(forward).lower(params, *ints, *preds), params)
+        with splash.trace_context(mesh, run):  # as the packed scorer traces it
+            return Variant(jax.jit(forward).lower(params, *ints, *preds), params)
 
     flops = lambda L: _inference_flops(  # noqa: E731
         cfg.replace(num_layers=L), rows * T, _attention_keys(run, T), rows * M)

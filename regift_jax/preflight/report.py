@@ -94,7 +94,8 @@ def _add_estimate(rep: StageReport, stage: Stage, sl: Slice, est: Estimate) -> N
                       "ratio": est.flop_ratio, "tolerance": FLOP_TOLERANCE,
                       "ok": est.flop_check_ok}
     rep.estimate_method = METHOD
-    rep.notes.extend(est.warnings)
+    # the costing compiles add notes to the stage (kernels the cost model cannot see)
+    rep.notes.extend([n for n in stage.notes if n not in rep.notes] + est.warnings)
 
 
 #: Compile options that let an out-of-memory program compile, so that its memory can be read.
