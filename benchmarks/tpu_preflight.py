@@ -42,7 +42,8 @@ PRESETS: Dict[str, Tuple[str, str, Tuple[str, ...]]] = {
     "mistral7b_lora_remat_full": ("Mistral-7B LoRA, remat full", "configs/mistral.py:mistral_7b",
                                   REMAT_FULL),
     "phi4_lora": ("Phi-4 LoRA (as shipped: remat full)", "configs/phi4.py:phi4", ()),
-    "r1_qwen32b_decode": ("R1-Distill-Qwen-32B decode, 64 x 1,536 (as shipped: one chip)",
+    "r1_qwen32b_decode": ("R1-Distill-Qwen-32B decode, 64 x 1,536 (as shipped: teacher.mesh "
+                          "fsdp=-1,tensor=8, bf16 weights)",
                           "configs/teacher_qwen2.py:r1_distill_qwen_32b", ("--stages=decode",)),
     "r1_qwen32b_decode_fsdp": ("R1-Distill-Qwen-32B decode, 64 x 1,536, mesh fsdp=-1",
                                "configs/teacher_qwen2.py:r1_distill_qwen_32b",
