@@ -57,6 +57,7 @@ def _train_config(model, **over):
     c = load_config_file("configs/llama.py:llama3_1_8b" + ("_full" if over.pop("full") else ""))
     c.model.name = model
     c.train.global_batch, c.data.seq_len = 8, 128
+    c.train.micro_batch = -1  # the whole batch at once (the presets' 16 exceeds it)
     for key, v in over.items():
         sec, k = key.split("__")
         c[sec][k] = v
@@ -180,3 +181,16 @@ def test_splash_attention_is_in_the_compiled_train_step(tiny):
     rep = _run(_train_config(tiny, full=False, model__attention_impl="splash"), "v5e:2x2")[0]
     assert rep.fits
     assert [n for n in rep.notes if KERNEL_NOTE in n], rep.notes
+
+
+def test_train_micro_batch_is_the_trainers(tiny):
+    """The step is compiled with the trainer's micro-batches (``train.micro_batch`` first, as
+    ``training.inputs.accum_steps`` counts them): the 8B presets run 32 examples as 2 x 16."""
+    from regift_jax.preflight import hardware, programs
+    c = _train_config(tiny, full=False)
+    c.train.global_batch, c.train.micro_batch = 8, 4
+    stage = programs.train_stage(c, hardware.topology_devices("v5e:2x2"))
+    assert (stage.rows, stage.accum) == (8, 2)
+    c.train.grad_accum_steps = 4  # contradicts micro_batch: the trainer's own error
+    with pytest.raises(programs.PreflightError, match="micro_batch=4 gives 2 micro-batches"):
+        programs.train_stage(c, hardware.topology_devices("v5e:2x2"))

@@ -42,6 +42,7 @@ from regift_jax.models.config import ModelConfig
 from regift_jax.models.decoder import (PROJECTIONS, Decoder, init_cache, lm_head,
                                        param_shardings, proj_shapes)
 from regift_jax.models.run_config import NO_LORA, LoraConfig, RunConfig
+from regift_jax.training import inputs
 from regift_jax.training import state as state_lib
 from regift_jax.training.metrics import train_flops_per_token
 from regift_jax.training.optim import make_optimizer
@@ -209,12 +210,15 @@ def train_stage(config, devices) -> Stage:
     mesh = make_mesh({a: int(config.mesh[a]) for a in shd.MESH_AXES}, devices, "config.mesh")
     cfg, run, lora = _train_model_config(config)
     B, T = int(config.train.global_batch), int(config.data.seq_len)
-    k = int(config.train.grad_accum_steps)
+    try:  # micro-batches per step as the trainer counts them (train.micro_batch first)
+        k = inputs.accum_steps(config.train)
+    except ValueError as e:
+        raise PreflightError(str(e)) from None
     batch_sh = shd.batch_sharding(mesh, rules)
     n = _batch_shards(mesh, batch_sh)
     if k <= 0 or B % (k * n):
-        raise PreflightError(f"train.global_batch={B} must be divisible by grad_accum_steps ({k})"
-                             f" x batch shards ({n}: mesh {dict(mesh.shape)})")
+        raise PreflightError(f"train.global_batch={B} must be divisible by {k} micro-batches x "
+                             f"batch shards ({n}: mesh {dict(mesh.shape)})")
 
     def build(num_layers: int, costing: bool, chunk_scale: int = 1) -> Variant:
         m = cfg.replace(num_layers=num_layers)

@@ -207,7 +207,8 @@ def suggestions(stage: Stage, sl: Slice, state: float, opt_state: float,
         accum_b = 0.0 if stage.accum > 1 else opt_state / 2  # an f32 copy of what trains
         k = _micro_batches(stage, state, accum_b, temp, cap)
         if k:
-            out.append(f"--config.train.grad_accum_steps={k} (smaller micro-batches)")
+            out.append(f"--config.train.micro_batch={stage.rows // k} ({k} micro-batches "
+                       f"accumulated per step; the same optimizer step)")
         if stage.mesh.shape.get("data", 1) > 1:
             out.append("--config.mesh.data=1 --config.mesh.fsdp=-1 (shard the state over every "
                        "chip)")
