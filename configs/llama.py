@@ -19,7 +19,8 @@ Presets (``get_config("name")`` or ``"preset=name"``):
   10 epochs, 32 examples per optimizer step (``data.batch_unit = "examples"``, one unpacked
   example per row, micro-batches of 16 accumulated twice: the authors' 4 per device x 4 GPUs x
   2 accumulation steps, so an epoch of the paper's correct set is the released checkpoints'
-  3,177 steps), max length 1024, bf16 compute with fp32 master weights, FSDP.
+  3,177 steps), max length 1024, bf16 compute with fp32 master weights, FSDP, remat full
+  (fits a v5e-8 for LoRA and a v6e-8 for full fine-tuning by the TPU preflight).
 * ``llama3_1_8b_full``: NOT in the paper (which fine-tunes with LoRA only): a full fine-tuning
   variant of the same recipe for comparison, lr 2e-5, same schedule.
 
@@ -39,7 +40,10 @@ def paper_recipe(c, model_name: str, full_ft: bool = False):
     c.model.name = model_name
     c.model.dtype = "bfloat16"
     c.model.param_dtype = "float32"
-    c.model.remat_policy = "dots_with_no_batch_dims"
+    # recompute each layer in the backward pass: saving the MLP's activations
+    # (dots_with_no_batch_dims) needs 37 GiB per chip on a v5e-8 for LoRA, 61 on a v6e-8 for full
+    # fine-tuning; "full" fits both (8.3 and 28.7 GiB; BENCHMARKS.md "TPU by compilation")
+    c.model.remat_policy = "full"
     c.lora.enabled = not full_ft
     c.lora.rank, c.lora.alpha, c.lora.dropout = 16, 32.0, 0.05
     c.lora.targets = ("q_proj", "v_proj")

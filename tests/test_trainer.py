@@ -154,6 +154,7 @@ def test_presets_hold_the_paper_recipe():
             p.optim.weight_decay, p.train.num_epochs, p.data.seq_len, p.lora.rank, p.lora.alpha,
             p.lora.dropout, tuple(p.lora.targets)) == (32, 2e-4, 0.05, 0.01, 10.0, 1024, 16, 32.0,
                                                        0.05, ("q_proj", "v_proj"))
+    assert p.model.remat_policy == "full"  # what fits a v5e-8 (tests/test_preflight.py)
     f = cfgs["configs/llama.py:llama3_1_8b_full"]
     assert not f.lora.enabled and f.optim.learning_rate == 2e-5
     assert cfgs["configs/mistral.py"].model.name == "mistral-7b-v0.1"
