@@ -11,28 +11,15 @@ import time
 
 import pytest
 
+import _smollm2
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
 def tiny_teacher(tmp_path_factory):
     """A tiny random Llama with the real SmolLM2 tokenizer, exported as an HF directory."""
-    import jax
-    from regift_jax.models.checkpoints import export_hf
-    from regift_jax.models.config import ModelConfig
-    from regift_jax.models.decoder import init_params
-    from regift_jax.models.tokenizer import load_tokenizer, smollm2_gguf_path
-    try:
-        tok = load_tokenizer(smollm2_gguf_path())
-    except Exception as e:  # noqa: BLE001
-        pytest.skip(f"SmolLM2 tokenizer unavailable: {e}")
-    cfg = ModelConfig(family="llama", vocab_size=49152, hidden_size=32, intermediate_size=64,
-                      num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
-                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    params = init_params(cfg, jax.random.PRNGKey(1))
-    d = tmp_path_factory.mktemp("tiny_teacher")
-    export_hf(str(d), cfg, params, tokenizer=tok)
-    return str(d)
+    return _smollm2.export_tiny_teacher(tmp_path_factory.mktemp("tiny_teacher"))
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,8 @@ import textwrap
 import ml_collections
 import pytest
 
+import _smollm2
+
 from regift_jax.core import sharding
 from regift_jax.traces import generate
 
@@ -159,23 +161,13 @@ def teacher_dir(tmp_path_factory):
     margins dwarf float32 reduction-order differences)."""
     import jax
     import numpy as np
-    from regift_jax.models.checkpoints import export_hf
-    from regift_jax.models.config import ModelConfig
     from regift_jax.models.decoder import init_params
-    from regift_jax.models.tokenizer import load_tokenizer, smollm2_gguf_path
-    try:
-        tok = load_tokenizer(smollm2_gguf_path())
-    except Exception as e:  # noqa: BLE001
-        pytest.skip(f"SmolLM2 tokenizer unavailable: {e}")
-    cfg = ModelConfig(family="llama", vocab_size=49152, hidden_size=32, intermediate_size=64,
-                      num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
-                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    rng = np.random.RandomState(3)
-    params = jax.tree.map(lambda x: (0.3 * rng.standard_normal(x.shape)).astype(np.float32),
-                          jax.eval_shape(lambda: init_params(cfg)))
-    d = str(tmp_path_factory.mktemp("teacher"))
-    export_hf(d, cfg, params, tokenizer=tok)
-    return d
+
+    def large(cfg):
+        rng = np.random.RandomState(3)
+        return jax.tree.map(lambda x: (0.3 * rng.standard_normal(x.shape)).astype(np.float32),
+                            jax.eval_shape(lambda: init_params(cfg)))
+    return _smollm2.export_tiny_teacher(tmp_path_factory.mktemp("teacher"), large)
 
 
 def _trace_cmd(teacher, out, *extra):
