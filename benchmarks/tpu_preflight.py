@@ -58,7 +58,8 @@ PRESETS: Dict[str, Tuple[str, str, Tuple[str, ...]]] = {
                          ("--model=llama-3.1-8b", "--mesh=fsdp=-1")),
 }
 # The order cells run in (cheapest questions first).
-PRIORITY = ("llama8b_lora@v5e-8", "llama8b_lora_remat_full@v5e-8", "llama8b_full@v6e-8",
+PRIORITY = ("llama8b_lora@v5e-8", "llama8b_lora_remat_full@v5e-8", "llama8b_lora@v5p-8",
+            "llama8b_full@v6e-8",
             "llama8b_full_remat_full@v6e-8", "llama8b_lora_remat_full@v6e-8",
             "llama8b_full_remat_full@v5p-8", "r1_qwen32b_decode@v5e-16",
             "r1_qwen32b_decode_fsdp@v5e-16", "r1_qwen32b_decode_tp@v5e-16")
@@ -90,10 +91,12 @@ def run_cell(cell: str) -> dict:
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     lines = [x for x in r.stdout.splitlines() if x.strip()]
     print("\n".join(lines) or r.stderr[-3000:], flush=True)
-    if not os.path.exists(path):
-        raise SystemExit(f"{cell}: the preflight wrote no report (exit {r.returncode})")
-    with open(path) as f:
-        rec = json.load(f)
+    if not os.path.exists(path):  # e.g. the preset's mesh does not divide the slice
+        errors = [x for x in (r.stderr + r.stdout).splitlines() if x.startswith("error:")]
+        rec = {"reports": [], "error": (errors or [f"exit {r.returncode}"])[-1][:200]}
+    else:
+        with open(path) as f:
+            rec = json.load(f)
     rec.update(cell=cell, command=" ".join(cmd[1:]).replace(path, "REPORT.json"),
                wall_seconds=round(time.time() - t0, 1))
     with open(path, "w") as f:
@@ -109,6 +112,8 @@ def _row(cell: str) -> str:
         return f"| {label} | {accel} | not run | | | | | | |"
     with open(path) as f:
         rec = json.load(f)
+    if not rec["reports"]:
+        return f"| {label} | {accel} | not run: {rec.get('error', '?')} | | | | | | |"
     out = []
     for r in rec["reports"]:
         mesh = "x".join(f"{k[0]}{v}" for k, v in r["mesh"].items() if v > 1) or "1 chip"

@@ -20,7 +20,10 @@ Presets (``get_config("name")`` or ``"preset=name"``):
   example per row, micro-batches of 16 accumulated twice: the authors' 4 per device x 4 GPUs x
   2 accumulation steps, so an epoch of the paper's correct set is the released checkpoints'
   3,177 steps), max length 1024, bf16 compute with fp32 master weights, FSDP, remat full
-  (fits a v5e-8 for LoRA and a v6e-8 for full fine-tuning by the TPU preflight).
+  (fits a v5e-8 for LoRA and a v6e-8 for full fine-tuning by the TPU preflight). On a v5p
+  (95 GiB per chip) keeping the activations is faster and fits:
+  ``--config.model.remat_policy=dots_with_no_batch_dims`` (LoRA on v5p-8: 46.3 GiB per chip,
+  estimated 7,575 tokens/s per chip; BENCHMARKS.md "TPU by compilation").
 * ``llama3_1_8b_full``: NOT in the paper (which fine-tunes with LoRA only): a full fine-tuning
   variant of the same recipe for comparison, lr 2e-5, same schedule.
 
