@@ -8,14 +8,13 @@ import math
 import time
 from typing import Dict, List, Optional
 
-from regift_jax.core.memory import memory
+from regift_jax.core.memory import Memory, memory
 from regift_jax.preflight import compiled as comp
 from regift_jax.preflight.estimate import FLOP_TOLERANCE, METHOD, Estimate, estimate
 from regift_jax.preflight.hardware import GIB, Slice
 from regift_jax.preflight.programs import Stage
+from regift_jax.training.memory import PLAN_FRACTION, fitting_micro_batch
 
-#: Share of HBM a suggestion may plan to use (the rest: fragmentation, runtime reservations).
-PLAN_FRACTION = 0.9
 
 
 @dataclasses.dataclass
@@ -158,17 +157,16 @@ def run_stage(stage: Stage, sl: Slice, config_name: str = "", with_estimate: boo
 
 
 # ============================================================================ advice
-def _micro_batches(stage: Stage, state_b: float, accum_b: float, temp_b: float,
-                   cap: float) -> Optional[int]:
-    """The fewest micro-batches (dividing each batch shard's rows) whose temporaries, scaled with
-    the micro-batch, fit beside the state and a gradient accumulator of ``accum_b``."""
+def _micro_batch(stage: Stage, state_b: float, accum_b: float, temp_b: float,
+                 hbm_bytes: float) -> Optional[int]:
+    """The largest micro-batch that fits, by the trainer's own rule
+    (:func:`regift_jax.training.memory.fitting_micro_batch`) on the preflight's figures."""
     if stage.name != "train" or temp_b <= 0:
         return None
-    per_shard = stage.rows // max(1, stage.batch_shards)
-    for k in range(stage.accum + 1, per_shard + 1):
-        if per_shard % k == 0 and state_b + accum_b + temp_b * stage.accum / k <= cap:
-            return k
-    return None
+    mem = Memory(arguments=int(state_b), outputs=0, aliased=0, temporaries=int(temp_b), code=0)
+    return fitting_micro_batch(mem, int(hbm_bytes), rows=stage.rows // stage.accum,
+                               global_batch=stage.rows, batch_shards=stage.batch_shards,
+                               accum_bytes=int(accum_b))
 
 
 def advice(rep: StageReport, stage: Stage, sl: Slice, need: Optional[float]) -> str:
@@ -205,9 +203,9 @@ def suggestions(stage: Stage, sl: Slice, state: float, opt_state: float,
             out.append("--config.model.remat_policy=full (recompute each layer in the backward "
                        "pass instead of keeping its activations)")
         accum_b = 0.0 if stage.accum > 1 else opt_state / 2  # an f32 copy of what trains
-        k = _micro_batches(stage, state, accum_b, temp, cap)
-        if k:
-            out.append(f"--config.train.micro_batch={stage.rows // k} ({k} micro-batches "
+        m = _micro_batch(stage, state, accum_b, temp, sl.chip.hbm_bytes)
+        if m:
+            out.append(f"--config.train.micro_batch={m} ({stage.rows // m} micro-batches "
                        f"accumulated per step; the same optimizer step)")
         if stage.mesh.shape.get("data", 1) > 1:
             out.append("--config.mesh.data=1 --config.mesh.fsdp=-1 (shard the state over every "
