@@ -54,6 +54,18 @@ PRESETS: Dict[str, Tuple[str, str, Tuple[str, ...]]] = {
     "r1_qwen32b_decode_tp": ("R1-Distill-Qwen-32B decode, 64 x 1,536, mesh fsdp=2,tensor=8",
                              "configs/teacher_qwen2.py:r1_distill_qwen_32b",
                              ("--mesh=fsdp=2,tensor=8", "--stages=decode")),
+    # tuning: the whole batch of 32 at once (no accumulation: one weight all-gather per step)
+    "llama8b_full_mb32": ("Llama-3.1-8B full FT, remat full, micro_batch 32 (tuning)",
+                          "configs/llama.py:llama3_1_8b_full",
+                          REMAT_FULL + ("--config.train.micro_batch=32",)),
+    "llama8b_full_mb32_splash": ("Llama-3.1-8B full FT, remat full, micro_batch 32, splash "
+                                 "attention (tuning)", "configs/llama.py:llama3_1_8b_full",
+                                 REMAT_FULL + ("--config.train.micro_batch=32",
+                                               "--config.model.attention_impl=splash")),
+    # a 4-chip slice (v4-8, v5p-8) cannot take the preset's tensor=8
+    "r1_qwen32b_decode_t4": ("R1-Distill-Qwen-32B decode, 64 x 1,536, mesh fsdp=-1,tensor=4 "
+                             "(for 4-chip slices)", "configs/teacher_qwen2.py:r1_distill_qwen_32b",
+                             ("--mesh=fsdp=-1,tensor=4", "--stages=decode")),
     "bbq_llama8b_fsdp": ("BBQ log-likelihood, Llama-3.1-8B, mesh fsdp=-1", "configs/eval.py",
                          ("--model=llama-3.1-8b", "--mesh=fsdp=-1")),
 }
@@ -62,7 +74,10 @@ PRIORITY = ("llama8b_lora@v5e-8", "llama8b_lora_remat_full@v5e-8", "llama8b_lora
             "llama8b_full@v6e-8",
             "llama8b_full_remat_full@v6e-8", "llama8b_lora_remat_full@v6e-8",
             "llama8b_full_remat_full@v5p-8", "r1_qwen32b_decode@v5e-16",
-            "r1_qwen32b_decode_fsdp@v5e-16", "r1_qwen32b_decode_tp@v5e-16")
+            "r1_qwen32b_decode_fsdp@v5e-16", "r1_qwen32b_decode_tp@v5e-16",
+            "llama8b_full_mb32@v6e-8", "llama8b_full_mb32@v5p-8",
+            "llama8b_full_mb32_splash@v6e-8", "llama8b_full_mb32_splash@v5p-8",
+            "r1_qwen32b_decode_t4@v4-8", "r1_qwen32b_decode_t4@v5p-8")
 
 
 # The paper presets as shipped: the table's rows on every slice (the other presets are the

@@ -68,6 +68,12 @@ SCRIPT = textwrap.dedent("""
         for method in ("prefix", "packed"):
             sc_ = score_requests(h, reqs, method=method, batch_rows=4, seq_len=64)
             out[name + "_loglik_" + method] = sc_.logprob_sum.tolist()
+            # 3 rows do not divide the 4 batch shards: rounded up to 4, not an IndivisibleError
+            sc_ = score_requests(h, reqs, method=method, batch_rows=3, seq_len=64)
+            out[name + "_loglik3_" + method] = sc_.logprob_sum.tolist()
+        s3 = h.sampler(batch_size=3, length_bucket=8, chunk=5)
+        out[name + "_batch3"] = [g.token_ids for g in s3.generate(prompts, sc)]
+        out[name + "_batch3_size"] = s3.batch_size
         if name == "sharded":  # the cache after prefill and after decoding
             st = s._prefill(prompts[:4], [], 24, 0, 48, [0, 1, 2, 3])
             out["cache_prefill"] = specs(st.cache)
@@ -99,6 +105,9 @@ def sharded_run(tmp_path_factory):
 def test_sharded_greedy_generation_equals_unsharded(sharded_run):
     r = sharded_run
     assert r["sharded"] == r["plain"] and r["sharded_prefix"] == r["plain_prefix"]
+    # a batch size the mesh's 4 batch shards do not divide is rounded up, same tokens
+    assert r["sharded_batch3"] == r["plain"] == r["plain_batch3"]
+    assert (r["sharded_batch3_size"], r["plain_batch3_size"]) == (4, 3)
     assert all(len(t) > 0 for t in r["plain"])
     # The teacher's params really are sharded (q_proj: layers, embed->fsdp, heads->tensor).
     spec = [v for k, v in r["param_specs"].items() if "q_proj" in k][0]
@@ -123,6 +132,8 @@ def test_sharded_loglik_equals_unsharded(sharded_run):
         a = np.array(sharded_run["sharded_loglik_" + method])
         b = np.array(sharded_run["plain_loglik_" + method])
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+        a3 = np.array(sharded_run["sharded_loglik3_" + method])  # 3 rows -> 4 on the mesh
+        np.testing.assert_allclose(a3, b, rtol=1e-5, atol=1e-5)
         assert np.isfinite(a).all() and (a < 0).all()
 
 

@@ -105,7 +105,8 @@ def parse_mesh(spec: Optional[str], devices: Optional[Sequence] = None) -> Optio
     return None if shape is None else make_mesh(shape, devices)
 
 
-def _axes_size(mesh: Mesh, axes) -> int:
+def axes_size(mesh: Mesh, axes) -> int:
+    """The number of devices along ``axes`` (a mesh axis name, a tuple of them, or None)."""
     if axes is None:
         return 1
     if isinstance(axes, str):
@@ -125,9 +126,9 @@ def logical_to_spec(logical: Sequence[Optional[str]], shape: Optional[Sequence[i
             # an axis the mesh lacks counts as size 1 (e.g. a kernel's mesh of other axes)
             tup = tuple(a for a in tup
                         if a not in used and (mesh is None or mesh.shape.get(a, 1) > 1))
-            if mesh is not None and shape is not None and tup and shape[i] % _axes_size(mesh, tup):
+            if mesh is not None and shape is not None and tup and shape[i] % axes_size(mesh, tup):
                 # Keep the largest dividing prefix, replicate over the rest.
-                while tup and shape[i] % _axes_size(mesh, tup):
+                while tup and shape[i] % axes_size(mesh, tup):
                     tup = tup[:-1]
                 if fallbacks is not None:
                     fallbacks.append((tuple(logical), i, shape[i], axes, tup))
@@ -161,6 +162,14 @@ def tree_shardings(abstract_boxed, mesh: Mesh, rules=DEFAULT_RULES, report: bool
 def batch_sharding(mesh: Mesh, rules=DEFAULT_RULES, ndim: int = 2) -> NamedSharding:
     spec = logical_to_spec(("batch",) + ("length",) * (ndim - 1), None, mesh, rules)
     return NamedSharding(mesh, spec)
+
+
+def batch_shards(mesh: Optional[Mesh], rules=DEFAULT_RULES) -> int:
+    """How many ways :func:`batch_sharding` splits the batch dimension (1 without a mesh): a
+    batch's row count must be a multiple of it."""
+    if mesh is None:
+        return 1
+    return axes_size(mesh, batch_sharding(mesh, rules).spec[0])
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

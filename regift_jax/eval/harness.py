@@ -107,9 +107,7 @@ def _batch_rows(batch_size, mesh) -> int:
     rows = DEFAULT_BATCH if str(batch_size).startswith("auto") else int(batch_size)
     if rows < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
-    if mesh is not None:
-        rows = round_up(rows, mesh.shape["data"] * mesh.shape["fsdp"])
-    return rows
+    return round_up(rows, sharding.batch_shards(mesh))
 
 
 class _Engine:

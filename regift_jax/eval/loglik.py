@@ -44,8 +44,8 @@ are all padding); group and stage A lengths are rounded up to ``length_bucket``,
 lengths to ``cont_bucket``; rare shapes are folded into larger ones (:func:`merge_buckets`) and
 groups are sorted by shape and batched within a shape (about 20 programs for all of BBQ).  With a
 mesh (``handle.mesh``) every batch is placed with
-:func:`regift_jax.core.sharding.batch_sharding` (so ``batch_rows`` and the group rows must divide
-by the data-parallel size) and ``jit`` propagates the sharding.
+:func:`regift_jax.core.sharding.batch_sharding` (``batch_rows`` and the group rows are rounded up to
+a multiple of the batch shards) and ``jit`` propagates the sharding.
 
 Tokenisation: ``encode(context) + encode(continuation)``, each without special tokens (a chat
 template already writes them); a BBQ prompt then gets the tokenizer's BOS in front when the
@@ -81,7 +81,7 @@ from tqdm.auto import tqdm
 
 from regift_jax.core import prompts
 from regift_jax.core.shapes import round_up
-from regift_jax.core.sharding import batch_sharding
+from regift_jax.core.sharding import batch_shards, batch_sharding
 from regift_jax.data.bbq import lm_eval_doc
 from regift_jax.data.packing import Packer, build_row, stack_rows
 from regift_jax.eval.config import LOGLIK_FORMATS as FORMATS
@@ -450,8 +450,8 @@ def group_requests(own: Sequence[Sequence[int]], min_group_prefix: int, max_grou
 
 def plan_prefix(requests: Sequence[Request], *, batch_rows: int = 8, length_bucket: int = 16,
                 cont_bucket: int = 4, min_shared_prefix: int = 8, min_group_prefix: int = 16,
-                max_group: int = 2, seq_len: int = 512, compile_cost_tokens: int = 2048
-                ) -> PrefixPlan:
+                max_group: int = 2, seq_len: int = 512, compile_cost_tokens: int = 2048,
+                row_multiple: int = 1) -> PrefixPlan:
     """The batches of the ``"prefix"`` method (see :func:`score_requests` for the arguments)."""
     K = _check_requests(requests)
     ctxs = [r.context for r in requests]
@@ -471,6 +471,7 @@ def plan_prefix(requests: Sequence[Request], *, batch_rows: int = 8, length_buck
         groups = [(0, [i]) for _, g in groups for i in g]
         sizes = [1] * len(groups)
     group_rows = max(1, min(batch_rows, int(batch_rows * len(groups) / len(requests) + 0.5)))
+    group_rows = min(round_up(group_rows, row_multiple), batch_rows)  # rows split over shards
     b_len = [max(len(c) for c in r.continuations) for r in requests]
     shapes = []
     for lcp, idx in groups:
@@ -687,12 +688,15 @@ def score_requests(model, requests: Sequence[Request], *, method: str = "prefix"
         pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
     K = _check_requests(requests)
     place = _placer(mesh)
+    row_multiple = batch_shards(mesh)  # every batch's rows are split over the batch shards
+    batch_rows = round_up(batch_rows, row_multiple)
     if method == "prefix":  # cached calls: the decoder's own attention, whatever attention_impl
         return _score_prefix(scfg, params, requests, K, batch_rows=batch_rows, pad_id=pad_id,
                              place=place, progress=progress, length_bucket=length_bucket,
                              cont_bucket=cont_bucket, min_shared_prefix=min_shared_prefix,
                              min_group_prefix=min_group_prefix, max_group=max_group,
-                             seq_len=seq_len, compile_cost_tokens=compile_cost_tokens)
+                             seq_len=seq_len, compile_cost_tokens=compile_cost_tokens,
+                             row_multiple=row_multiple)
     with splash.trace_context(mesh, scfg.run):  # the splash kernel runs under the mesh
         return _score_packed(scfg, params, requests, K, batch_rows=batch_rows, seq_len=seq_len,
                              length_bucket=length_bucket, packed=method == "packed",

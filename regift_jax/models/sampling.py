@@ -34,7 +34,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from regift_jax.core.sharding import DEFAULT_RULES, batch_sharding, logical_to_spec
+from regift_jax.core.sharding import (DEFAULT_RULES, batch_shards, batch_sharding,
+                                     logical_to_spec)
 from regift_jax.core.shapes import round_up
 from regift_jax.models.config import ModelConfig
 from regift_jax.models.decoder import Decoder, init_cache, positions_from_mask
@@ -250,11 +251,14 @@ class Sampler:
         """``cache_len``: a fixed KV-cache length for every batch (one compiled decode program
         for a whole run; a batch that needs more raises).  Default: sized per batch.  ``run`` /
         ``lora``: how the model computes and its adapters (default float32, none).
-        ``rules``: the logical-axis rules the params were placed with (batch and cache)."""
+        ``rules``: the logical-axis rules the params were placed with (batch and cache).
+        With a mesh, ``batch_size`` is rounded up to a multiple of the batch shards (filler rows
+        are padding)."""
         self.cfg, self.params, self.tokenizer, self.mesh = cfg, params, tokenizer, mesh
         self.run, self.lora = run, lora
         self.rules = _hashable_rules(rules)
         self.fixed_cache_len = cache_len
+        batch_size = round_up(batch_size, batch_shards(mesh, rules))
         self.batch_size, self.length_bucket, self.chunk = batch_size, length_bucket, chunk
         self.bridge_tokens = bridge_tokens
         if pad_id is None:

@@ -164,12 +164,6 @@ def _matmul_params(cfg: ModelConfig, lora: LoraConfig = NO_LORA) -> tuple:
     return dense, adapters, ends
 
 
-def _batch_shards(mesh, sharding: NamedSharding) -> int:
-    axes = sharding.spec[0] if len(sharding.spec) else None
-    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-    return int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
-
-
 # ============================================================================ training
 def _train_model_config(config) -> Tuple[ModelConfig, RunConfig, LoraConfig]:
     """(architecture, run settings, LoRA) of a training config, as the trainer builds them."""
@@ -215,7 +209,7 @@ def train_stage(config, devices) -> Stage:
     except ValueError as e:
         raise PreflightError(str(e)) from None
     batch_sh = shd.batch_sharding(mesh, rules)
-    n = _batch_shards(mesh, batch_sh)
+    n = shd.batch_shards(mesh, rules)
     if k <= 0 or B % (k * n):
         raise PreflightError(f"train.global_batch={B} must be divisible by {k} micro-batches x "
                              f"batch shards ({n}: mesh {dict(mesh.shape)})")
@@ -409,7 +403,8 @@ def eval_stages(config, devices, mesh_shape: Optional[dict], model: str,
     if mesh_shape is None:
         mesh_shape = parse_mesh(config.runtime.mesh)
     mesh = _one_chip_or(mesh_shape, devices, "runtime.mesh / --mesh")
-    rows = int(config.runtime.batch_size)
+    # as the evaluator does: rows rounded up to the batch shards (filler rows are padding)
+    rows = round_up(int(config.runtime.batch_size), shd.batch_shards(mesh))
     if config.mode == "generate":
         max_new = int(config.generate.max_new_tokens or 512)
         T = round_up(prompt_len, 64)

@@ -168,7 +168,7 @@ def make_inputs(config, model: Model, train_ex, eval_ex) -> Inputs:
     gb = int(config.train.global_batch)
     k = inputs.accum_steps(config.train)
     batch_sh = shd.batch_sharding(model.mesh, model.rules)
-    n_batch_shards = shd._axes_size(model.mesh, batch_sh.spec[0])
+    n_batch_shards = shd.batch_shards(model.mesh, model.rules)
     if gb % (k * n_batch_shards):
         raise ValueError(f"train.global_batch={gb} must be divisible by grad_accum_steps ({k}) x "
                          f"batch shards ({n_batch_shards}: mesh axes {batch_sh.spec[0]})")
@@ -225,7 +225,7 @@ class Trainer:
         log.info(memory.check(
             core_memory.memory(exe), limit, rows=int(self.config.train.global_batch) // k,
             global_batch=int(self.config.train.global_batch),
-            batch_shards=shd._axes_size(self.model.mesh, self.inp.data_axes),
+            batch_shards=shd.axes_size(self.model.mesh, self.inp.data_axes),
             accum_bytes=0 if k > 1 else sum(4 * x.addressable_shards[0].data.size
                                             for x in params),
             remat_policy=self.model.run.remat_policy))
