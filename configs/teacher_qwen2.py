@@ -13,15 +13,17 @@ answers as plain text after ``</think>``, which the trace parser takes as the an
 authors' rule, recorded as ``answer_source: after_think``).  The teacher label is derived from
 the model directory.
 
-The 32B teacher does not fit one chip (the loader keeps float32 parameters, about 122 GiB;
-compute is bf16): its preset shards one teacher over every chip of the slice with
-``teacher.mesh="fsdp=-1,tensor=8"`` (40 query / 8 KV heads, MLP and vocabulary over ``tensor``,
-the model width over ``fsdp``; the KV cache follows), every host running the same batches in
-lockstep.  By the preflight (``python -m regift_jax.preflight --config=...:r1_distill_qwen_32b
---topology=v5e-16 --mesh=fsdp=-1,tensor=8 --stages=decode``) its decode step fits a v5e-16
-(fsdp=2 x tensor=8, 14.4 of 16 GiB per chip, 64 prompts of 1024 tokens) and a v4-16 (tensor=8
-over its 8 chips of 32 GiB); a v5e-8 is too small.  The smaller presets load unsharded on one chip
-(``teacher.mesh=""``); ``--config.teacher.mesh=...`` shards them over a slice too.
+The 32B teacher does not fit one chip (61 GiB of weights in bf16, loaded in the compute dtype):
+its preset shards one teacher over every chip of the slice with ``teacher.mesh="fsdp=-1,tensor=8"``
+(40 query / 8 KV heads, MLP and vocabulary over ``tensor``, the model width over ``fsdp``; the KV
+cache follows), every host running the same batches in lockstep.  By the TPU preflight
+(``python -m regift_jax.preflight --config=configs/teacher_qwen2.py --accelerator_type=v5e-16
+--stages=decode``; BENCHMARKS.md "TPU by compilation") its decode step of 64 prompts of 1,024
+tokens with a 1,536-slot cache fits a v5e-16 (fsdp=2 x tensor=8, 7.2 of 16 GiB per chip), a v5e-8
+(13.7 of 16) and a v4-32.  A 4-chip slice (v4-8, v5p-8) cannot split 8 ways:
+``--config.teacher.mesh=fsdp=-1,tensor=4`` fits both (27.3 of 32 GiB per chip on a v4-8, 27.5 of
+95 on a v5p-8).  The smaller presets load unsharded on one chip (``teacher.mesh=""``);
+``--config.teacher.mesh=...`` shards them over a slice too.
 """
 
 from regift_jax.core import configs_util

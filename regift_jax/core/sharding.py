@@ -64,7 +64,9 @@ def resolve_mesh_shape(shape: Dict[str, int], n_devices: int) -> Dict[str, int]:
     known = math.prod(v for v in shape.values() if v != -1)
     if unknown:
         if n_devices % known:
-            raise ValueError(f"mesh {shape}: {n_devices} devices not divisible by {known}")
+            fixed = ",".join(f"{a}={v}" for a, v in shape.items() if v not in (1, -1))
+            raise ValueError(f"mesh {shape}: {n_devices} devices not divisible by {known} "
+                             f"(the product of {fixed} must divide {n_devices})")
         shape[unknown[0]] = n_devices // known
     if math.prod(shape.values()) != n_devices:
         raise ValueError(f"mesh {shape} needs {math.prod(shape.values())} devices, "
