@@ -88,3 +88,60 @@ def test_bad_chunk_is_a_clear_error():
     h, w, t, m = _inputs()
     with pytest.raises(ValueError, match="chunk must be positive"):
         head_loss(h, w, t, m, chunk=0)
+
+
+def test_sharded_per_batch_shard_equals_unsharded():
+    """On a mesh (decoder.trace_context) the chunk loop runs per batch shard in shard_map: the
+    loss, the counts and the gradients of the hidden states and of both head layouts (tied
+    [V, D], untied [D, V]) equal the unsharded loss, on data=2 x fsdp=2 and on fsdp=2 x tensor=2
+    (4 simulated CPU devices); the compiled program all-reduces no [chunk, V] logits."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {os.path.join(repo, "tests")!r})
+        import jax, numpy as np
+        from jax.sharding import NamedSharding, PartitionSpec as P
+        from test_head_loss import _inputs
+        from regift_jax.core import sharding as shd
+        from regift_jax.models.decoder import trace_context
+        from regift_jax.models.head_loss import head_loss
+        from regift_jax.models.run_config import RunConfig
+        assert jax.device_count() == 4
+        h, w, t, m = _inputs(p_loss=0.4)
+        h, t, m = h[:2].repeat(2, 0), t[:2].repeat(2, 0), m[:2].repeat(2, 0)  # 4 rows
+        m = m.at[3].set(0)  # a shard whose rows hold no loss position
+        for shape in ({{"data": 2, "fsdp": 2}}, {{"fsdp": 2, "tensor": 2}}):
+            mesh = shd.make_mesh(shape)
+            for vocab_major in (True, False):
+                wv = w if vocab_major else w.T
+                names = ("vocab", "embed") if vocab_major else ("embed", "vocab")
+                wsh = NamedSharding(mesh, shd.logical_to_spec(names, wv.shape, mesh))
+                bsh = shd.batch_sharding(mesh)
+                f = lambda h, w: head_loss(h, w, t, m, chunk=5, vocab_major=vocab_major)
+                g = lambda h, w: jax.grad(lambda h, w: f(h, w)[0], argnums=(0, 1))(h, w)
+                ref, gref = jax.jit(f)(h, wv), jax.jit(g)(h, wv)
+                hs, ws = jax.device_put(h, bsh), jax.device_put(wv, wsh)
+                with trace_context(mesh, RunConfig()):
+                    text = jax.jit(g).lower(hs, ws).compile().as_text()
+                    got, ggot = jax.jit(f)(hs, ws), jax.jit(g)(hs, ws)
+                for a, b in zip(got, ref):
+                    np.testing.assert_allclose(float(a), float(b), rtol=1e-6)
+                for a, b in zip(ggot, gref):
+                    assert a.shape == b.shape
+                    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5,
+                                               rtol=1e-5)
+                assert ggot[1].sharding.is_equivalent_to(wsh, 2), (ggot[1].sharding, wsh)
+                chunk_logits = [l for l in text.splitlines()  # f32[5,101]: one chunk's logits
+                                if "all-reduce(" in l and "[5,101]" in l]
+                assert not chunk_logits, chunk_logits
+        print("OK")
+    """)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               JAX_PLATFORMS="cpu")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                       cwd=repo, timeout=600)
+    assert r.returncode == 0 and "OK" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]

@@ -120,7 +120,7 @@ def test_decoder_splash_same_values_and_gradients(window):
 
 
 def test_sharded_splash_equals_einsum_on_4_devices():
-    """Under ``jax.set_mesh`` (splash.trace_context) the kernel runs in shard_map: batch over
+    """Under ``jax.set_mesh`` (decoder.trace_context) the kernel runs in shard_map: batch over
     fsdp=2, query and KV heads over tensor=2 (GQA groups stay whole on a device); logits and
     gradients equal the einsum path on the packed batch (4 CPU devices, interpret mode)."""
     script = textwrap.dedent(f"""
@@ -129,8 +129,7 @@ def test_sharded_splash_equals_einsum_on_4_devices():
         import jax, jax.numpy as jnp, numpy as np
         from test_splash import TINY, packed_batch
         from regift_jax.core import sharding as shd
-        from regift_jax.models import splash
-        from regift_jax.models.decoder import Decoder, init_params, param_shardings
+        from regift_jax.models.decoder import Decoder, init_params, param_shardings, trace_context
         from regift_jax.models.run_config import RunConfig
         assert jax.device_count() == 4
         mesh = shd.make_mesh({{"data": 1, "fsdp": 2, "tensor": 2}})
@@ -144,10 +143,19 @@ def test_sharded_splash_equals_einsum_on_4_devices():
         grad = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
         (_, a), ga = grad(params, RunConfig())
         fast = RunConfig(attention_impl="splash")
-        with splash.trace_context(mesh, fast):
+        with trace_context(mesh, fast):
             lowered = grad.lower(params, fast)
             (_, b), gb = grad(params, fast)
         assert "manual_computation" in lowered.as_text()  # the shard_map
+        # the einsum path with the activations pinned to the mesh: the same numbers
+        pinned = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
+        with trace_context(mesh, RunConfig()):
+            text = pinned.lower(params, RunConfig()).as_text()
+            (_, c), gc = pinned(params, RunConfig())
+        assert text.count("sharding_constraint") >= 10, text.count("sharding_constraint")
+        np.testing.assert_allclose(np.asarray(c), np.asarray(a), atol=1e-6, rtol=1e-5)
+        for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gc)):
+            np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=1e-6, rtol=1e-4)
         valid = np.asarray(seg) > 0
         d = float(np.abs(np.asarray(a) - np.asarray(b))[valid].max())
         assert d <= 1e-5, d

@@ -583,7 +583,7 @@ def test_memory_check_refuses_a_step_that_does_not_fit(ref, tiny_dir, cache_dir,
 
 def test_splash_attention_trains_like_einsum(ref, tiny_dir, cache_dir, tmp_path):
     """``model.attention_impl="splash"``: the trainer traces its steps under the mesh
-    (splash.trace_context), where the Pallas kernel (interpreted off TPU) runs in shard_map; the
+    (decoder.trace_context), where the Pallas kernel (interpreted off TPU) runs in shard_map; the
     losses follow the einsum reference run's."""
     cfg = make_config(tiny_dir, cache_dir, model__attention_impl="splash", train__num_steps=2,
                       checkpoint__every_steps=-1, eval__every_steps=-1)

@@ -87,9 +87,8 @@ from regift_jax.data.packing import Packer, build_row, stack_rows
 from regift_jax.eval.config import LOGLIK_FORMATS as FORMATS
 from regift_jax.eval.config import LOGLIK_METHODS as METHODS
 from regift_jax.eval.stereoset import scoring_requests
-from regift_jax.models import splash
 from regift_jax.models.config import ModelConfig
-from regift_jax.models.decoder import Decoder, init_cache, lm_head
+from regift_jax.models.decoder import Decoder, init_cache, lm_head, trace_context
 from regift_jax.models.run_config import NO_LORA, LoraConfig, RunConfig
 
 
@@ -697,7 +696,7 @@ def score_requests(model, requests: Sequence[Request], *, method: str = "prefix"
                              min_group_prefix=min_group_prefix, max_group=max_group,
                              seq_len=seq_len, compile_cost_tokens=compile_cost_tokens,
                              row_multiple=row_multiple)
-    with splash.trace_context(mesh, scfg.run):  # the splash kernel runs under the mesh
+    with trace_context(mesh, scfg.run):  # activations and the splash kernel on the mesh
         return _score_packed(scfg, params, requests, K, batch_rows=batch_rows, seq_len=seq_len,
                              length_bucket=length_bucket, packed=method == "packed",
                              pad_id=pad_id, place=place, progress=progress,

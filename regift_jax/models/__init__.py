@@ -31,11 +31,12 @@ import numpy as np
 
 from regift_jax.core import sharding as shd
 from regift_jax.core.prompts import wrap_chat
-from regift_jax.models import presets, splash
+from regift_jax.models import presets
 from regift_jax.models.checkpoints import (CheckpointError, export_hf, gguf_hf_config, load_gguf,
                                            load_hf, open_gguf, read_hf_config)
 from regift_jax.models.config import ModelConfig, UnsupportedArchitectureError
-from regift_jax.models.decoder import Decoder, init_params, param_shardings, positions_from_mask
+from regift_jax.models.decoder import (Decoder, init_params, param_shardings,
+                                       positions_from_mask, trace_context)
 from regift_jax.models.lora import add_lora, merge_lora
 from regift_jax.models.run_config import NO_LORA, LoraConfig, RunConfig, split_overrides
 from regift_jax.models.sampling import Sampler, SamplingConfig
@@ -77,7 +78,7 @@ class ModelHandle:
             ids = ids[None]
         mask = jnp.ones_like(ids) if attention_mask is None else jnp.asarray(attention_mask,
                                                                               jnp.int32)
-        with splash.trace_context(self.mesh, self.run):
+        with trace_context(self.mesh, self.run):
             return np.asarray(_logits(self.params, ids, mask, self.cfg, self.run, self.lora),
                               np.float32)
 

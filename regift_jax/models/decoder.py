@@ -41,6 +41,7 @@ with implementation ``xla`` or ``cudnn`` (GPU flash attention), given the boolea
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Optional, Tuple
 
@@ -53,6 +54,14 @@ from regift_jax.core import sharding as shd
 from regift_jax.models import splash
 from regift_jax.models.config import ModelConfig
 from regift_jax.models.run_config import NO_LORA, LoraConfig, RunConfig
+
+# Logical axes of the activations (core.sharding's rules table), pinned by shd.constrain while a
+# program is traced in trace_context.
+ACT = ("batch", "length", "act_embed")
+ACT_HEADS = ("batch", "length", "heads", "head_dim")
+ACT_KV_HEADS = ("batch", "length", "kv_heads", "head_dim")
+ACT_MLP = ("batch", "length", "mlp")
+ACT_VOCAB = ("batch", "length", "vocab")
 
 Array = jax.Array
 
@@ -300,8 +309,9 @@ class Attention(nn.Module):
         q = _proj(cfg, run, self.lora, "q_proj", cfg.attention_bias)(x, deterministic)
         k = _proj(cfg, run, self.lora, "k_proj", cfg.attention_bias)(x, deterministic)
         v = _proj(cfg, run, self.lora, "v_proj", cfg.attention_bias)(x, deterministic)
-        q = apply_rope(q, cos, sin)
-        k = apply_rope(k, cos, sin)
+        q = shd.constrain(apply_rope(q, cos, sin), ACT_HEADS)
+        k = shd.constrain(apply_rope(k, cos, sin), ACT_KV_HEADS)
+        v = shd.constrain(v, ACT_KV_HEADS)
         T = q.shape[1]
         # Attention layouts chosen so both products are plain batched matmuls over (b, kv):
         # keys as [B, KV, hd, S] (q @ K), values as [B, KV, S, hd] (p @ V); the cache stores them
@@ -340,8 +350,9 @@ class Attention(nn.Module):
             out = jnp.concatenate(outs, axis=1)
         else:
             out = _attend(q, k_t, v_t, mask, dt)
+        out = shd.constrain(out, ACT_HEADS)
         y = _proj(cfg, run, self.lora, "o_proj")(out, deterministic)
-        return y, new_cache
+        return shd.constrain(y, ACT), new_cache
 
 
 class MLP(nn.Module):
@@ -352,9 +363,10 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x, deterministic):
         cfg, run, lora = self.cfg, self.run, self.lora
-        g = _proj(cfg, run, lora, "gate_proj")(x, deterministic)
-        u = _proj(cfg, run, lora, "up_proj")(x, deterministic)
-        return _proj(cfg, run, lora, "down_proj")(nn.silu(g) * u, deterministic)
+        g = shd.constrain(_proj(cfg, run, lora, "gate_proj")(x, deterministic), ACT_MLP)
+        u = shd.constrain(_proj(cfg, run, lora, "up_proj")(x, deterministic), ACT_MLP)
+        y = _proj(cfg, run, lora, "down_proj")(nn.silu(g) * u, deterministic)
+        return shd.constrain(y, ACT)
 
 
 class Block(nn.Module):
@@ -366,6 +378,7 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, carry, cos, sin, mask, cache_index):
         x, layer_cache = carry
+        x = shd.constrain(x, ACT)
         cfg, run, lora = self.cfg, self.run, self.lora
         pd, dt = to_dtype(run.param_dtype), to_dtype(run.dtype)
         h = RMSNorm(cfg.rms_norm_eps, pd, dt, name="input_layernorm")(x)
@@ -373,7 +386,7 @@ class Block(nn.Module):
             h, cos, sin, mask, layer_cache, cache_index, self.deterministic)
         x = x + a
         h = RMSNorm(cfg.rms_norm_eps, pd, dt, name="post_attention_layernorm")(x)
-        x = x + MLP(cfg, run, lora, name="mlp")(h, self.deterministic)
+        x = shd.constrain(x + MLP(cfg, run, lora, name="mlp")(h, self.deterministic), ACT)
         if new_cache is not None:
             new_cache = (new_cache[0], new_cache[1], new_cache[2] + 1)
         return (x, new_cache), None
@@ -385,6 +398,17 @@ _REMAT_POLICIES = {
     "dots_with_no_batch_dims": "checkpoint_dots_with_no_batch_dims",
     "nothing_saveable": "nothing_saveable",
 }
+
+
+def trace_context(mesh, run: RunConfig, rules=shd.DEFAULT_RULES):
+    """The context to trace (jit, lower) a decoder call in: activations laid out over ``mesh``
+    by ``rules`` (:func:`regift_jax.core.sharding.activation_sharding`) and, for the splash
+    kernel of a cache-free call, ``jax.set_mesh(mesh)`` so it runs in ``shard_map``."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(shd.activation_sharding(mesh, rules))
+    if mesh is not None and run.attention_impl == "splash":
+        stack.enter_context(jax.set_mesh(mesh))
+    return stack
 
 
 def remat_policy(name: str):
@@ -439,7 +463,7 @@ class Decoder(nn.Module):
             segment_ids = jnp.ones((B, T), jnp.int32)
         positions = positions.astype(jnp.int32)
         segment_ids = segment_ids.astype(jnp.int32)
-        x = jnp.take(embed, input_ids, axis=0).astype(dt)
+        x = shd.constrain(jnp.take(embed, input_ids, axis=0).astype(dt), ACT)
         cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg))
         if cache is None:
             mask = cache_free_mask(cfg, run, positions, segment_ids, plain_causal)
@@ -451,7 +475,7 @@ class Decoder(nn.Module):
             mask = attention_mask(positions, segment_ids, k_pos, k_seg, cfg.sliding_window)
             kv = (cache["k"], cache["v"], jnp.zeros((), jnp.int32))
         (x, new_kv), _ = layers((x, kv), cos, sin, mask, idx)
-        x = RMSNorm(cfg.rms_norm_eps, pd, dt, name="norm")(x)
+        x = shd.constrain(RMSNorm(cfg.rms_norm_eps, pd, dt, name="norm")(x), ACT)
         if return_hidden:
             out = x
         else:
@@ -461,7 +485,7 @@ class Decoder(nn.Module):
                 w = self.param("lm_head", nn.with_logical_partitioning(
                     nn.initializers.normal(stddev=0.02), ("embed", "vocab")),
                     (cfg.hidden_size, cfg.vocab_size), pd)
-            out = head_logits(x, w, cfg.tie_word_embeddings, run.dtype)
+            out = shd.constrain(head_logits(x, w, cfg.tie_word_embeddings, run.dtype), ACT_VOCAB)
         if cache is None:
             return out
         new_cache = {"k": new_kv[0], "v": new_kv[1], "pos": k_pos, "seg": k_seg,

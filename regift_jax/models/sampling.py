@@ -34,8 +34,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from regift_jax.core.sharding import (DEFAULT_RULES, batch_shards, batch_sharding,
-                                     logical_to_spec)
+from regift_jax.core.sharding import (DEFAULT_RULES, activation_sharding, batch_shards,
+                                     batch_sharding, logical_to_spec)
 from regift_jax.core.shapes import round_up
 from regift_jax.models.config import ModelConfig
 from regift_jax.models.decoder import Decoder, init_cache, positions_from_mask
@@ -135,9 +135,10 @@ def _constrain_cache(cache, mesh, rules):
     return jax.lax.with_sharding_constraint(cache, cache_shardings(mesh, rules, cache))
 
 
-def _call(params, ids, pos, seg, cache, cfg, run, lora):
-    return Decoder(cfg, run, lora).apply({"params": params}, ids, positions=pos,
-                                         segment_ids=seg, cache=cache)
+def _call(params, ids, pos, seg, cache, cfg, run, lora, mesh=None, rules=DEFAULT_RULES):
+    with activation_sharding(mesh, rules):  # the decoder's activations laid out on the mesh
+        return Decoder(cfg, run, lora).apply({"params": params}, ids, positions=pos,
+                                             segment_ids=seg, cache=cache)
 
 
 # Static: ``run`` / ``lora``, how the model computes and its adapters (see run_config.py);
@@ -150,7 +151,7 @@ def prefill(params, input_ids, attention_mask, cfg: ModelConfig, cache_len: int,
     cache = _constrain_cache(init_cache(cfg, B, cache_len, run.dtype), mesh, rules)
     pos = positions_from_mask(attention_mask)
     logits, cache = _call(params, input_ids, pos, attention_mask.astype(jnp.int32), cache, cfg,
-                          run, lora)
+                          run, lora, mesh, rules)
     return logits[:, -1, :], _constrain_cache(cache, mesh, rules), pos[:, -1]
 
 
@@ -163,7 +164,7 @@ def extend(params, cache, input_ids, attention_mask, last_pos, logits, cfg: Mode
     segment 0 and are never attended).  Rows whose block is all padding keep their logits."""
     m = attention_mask.astype(jnp.int32)
     pos = last_pos[:, None] + jnp.cumsum(m, axis=1)
-    new_logits, cache = _call(params, input_ids, pos, m, cache, cfg, run, lora)
+    new_logits, cache = _call(params, input_ids, pos, m, cache, cfg, run, lora, mesh, rules)
     n = jnp.sum(m, axis=1)
     logits = jnp.where((n > 0)[:, None], new_logits[:, -1, :], logits)
     return logits, _constrain_cache(cache, mesh, rules), last_pos + n

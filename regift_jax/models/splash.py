@@ -16,7 +16,7 @@ attended by one) and the output cut back.  Any head dim compiles.  The query is 
 ``1/sqrt(head_dim)`` before the kernel (the kernel does not scale).
 
 Sharding: XLA cannot partition a Mosaic kernel, so when a mesh is set for the trace
-(``jax.set_mesh``) the kernel runs inside ``shard_map``: batch over the default rules' ``batch``
+(``jax.set_mesh``, which :func:`regift_jax.models.decoder.trace_context` does) the kernel runs inside ``shard_map``: batch over the default rules' ``batch``
 axes, heads over ``tensor`` when that divides both the query and the KV heads (else heads are
 gathered).  With no mesh set the call is unsharded, which is right on one device; a multi-device
 TPU program traced without ``jax.set_mesh`` fails in XLA with "Mosaic kernels cannot be
@@ -26,7 +26,6 @@ target is the mesh's platform, else the default backend.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Optional
 
@@ -66,15 +65,6 @@ def _on_tpu(mesh) -> bool:
     device = None if mesh.empty else getattr(mesh, "abstract_device", None)
     platform = getattr(device, "platform", None) or jax.default_backend()
     return platform == "tpu"
-
-
-def trace_context(mesh, run):
-    """The context to trace (jit, lower) a cache-free decoder call run as ``run`` (a
-    :class:`~regift_jax.models.run_config.RunConfig`) in: with splash attention and a mesh,
-    ``jax.set_mesh(mesh)`` so the kernel runs in ``shard_map``; else none."""
-    if mesh is None or run.attention_impl != "splash":
-        return contextlib.nullcontext()
-    return jax.set_mesh(mesh)
 
 
 def _specs(mesh, batch: int, heads: int, kv_heads: int):

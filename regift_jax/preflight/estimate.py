@@ -69,8 +69,13 @@ FLOP_TOLERANCE = 0.05
 UPDATE_FLOPS = 20.0
 UPDATE_BYTES = 48.0
 
-KERNEL_NOTE = ("custom TPU kernels (Pallas) are opaque to XLA's cost model: their FLOPs and "
-               "time are missing from the estimate")
+#: The fraction of the chip's peak assumed for the splash attention kernel, which XLA's cost
+#: model cannot time (an assumption, not a measurement: flash-style kernels on TPU run well
+#: below peak at head_dim 128).
+KERNEL_EFFICIENCY = 0.5
+KERNEL_NOTE = ("custom TPU kernels (Pallas) are opaque to XLA's cost model: the attention they "
+               "compute is added analytically, its FLOPs counted and its time ASSUMED at "
+               f"{KERNEL_EFFICIENCY:.0%} of the chip's bf16 peak")
 METHOD = ("ESTIMATE: XLA's TPU cost model (optimal_seconds) of the step's pieces compiled for "
           "this topology and mesh at shallow depths (0 and 1 layers, and 2 for the train "
           "step's remat recomputation), multiplied out: ends + L x layer + optimizer updates "
@@ -154,8 +159,13 @@ def pieces(stage: Stage, sl: Slice) -> Tuple[Dict[str, Piece], List[str]]:
     if stage.layer_depth == 2:
         layer = _costed(stage, 2).minus(c0).minus(upd.cost.scaled(2.0))
     xla = one.xla_seconds * layer.flops / one.flops if one.flops > 0 else math.nan
+    timed = _timed(layer, sl, xla, warnings, "layer")
+    if stage.kernel_layer_flops and any(KERNEL_NOTE in n for n in stage.notes):
+        k = stage.kernel_layer_flops / stage.mesh.size  # per chip, at the assumed efficiency
+        timed = Piece(layer.plus(comp.Cost(flops=k)),
+                      timed.seconds + k / (KERNEL_EFFICIENCY * sl.chip.peak_flops))
     return {"ends": _timed(ends, sl, ends.xla_seconds, warnings, "program without layers"),
-            "layer": _timed(layer, sl, xla, warnings, "layer"), "update": upd,
+            "layer": timed, "update": upd,
             "end_update": _update(stage, sl, stage.end_params)}, warnings
 
 

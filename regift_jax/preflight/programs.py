@@ -40,7 +40,7 @@ from regift_jax.models import presets, sampling, splash
 from regift_jax.models.checkpoints import gguf_hf_config, open_gguf, read_hf_config
 from regift_jax.models.config import ModelConfig
 from regift_jax.models.decoder import (PROJECTIONS, Decoder, init_cache, lm_head,
-                                       param_shardings, proj_shapes)
+                                       param_shardings, proj_shapes, trace_context)
 from regift_jax.models.run_config import NO_LORA, LoraConfig, RunConfig
 from regift_jax.training import inputs
 from regift_jax.training import state as state_lib
@@ -82,6 +82,9 @@ class Stage:
     head_chunks: int = 0  # train: trips of the LM-head loss loop, a loss on every slot (0: none)
     layer_depth: int = 1  # costing depth whose layer is a layer as every layer runs it (1 or 2)
     end_params: int = 0  # train: trainable parameters outside the layers
+    # FLOPs of one layer (one call or micro-batch, all chips) inside custom kernels, which XLA's
+    # cost model cannot see (splash attention): the estimate adds them analytically
+    kernel_layer_flops: float = 0.0
     notes: List[str] = dataclasses.field(default_factory=list)
     run: RunConfig = RunConfig()  # how the program computes (dtypes, remat, attention)
     lora: LoraConfig = NO_LORA
@@ -137,13 +140,20 @@ def _sds(shape, dtype, sharding=None):
 
 
 def _attention_keys(run: RunConfig, T: int) -> float:
-    """Mean keys per query the attention computes without a cache (causal query chunks skip the
-    keys after the chunk)."""
+    """Mean keys per query the attention computes without a cache (causal query chunks, and the
+    splash kernel's blocks, skip the keys after the chunk)."""
     c = run.attention_chunk
-    if run.attention_impl == "einsum" and c and T > c:
+    if run.attention_impl == "splash":  # the kernel skips blocks above the causal diagonal
+        c = splash.block_size(T)
+    if run.attention_impl in ("einsum", "splash") and c and T > c:
         n = -(-T // c)
         return c * (n + 1) / 2.0
     return float(T)
+
+
+def _attention_flops(cfg: ModelConfig, run: RunConfig, T: int) -> float:
+    """Forward FLOPs per token of one layer's attention products (scores and values)."""
+    return 4.0 * cfg.num_heads * cfg.head_dim * _attention_keys(run, T)
 
 
 #: The projections that end a residual branch: nothing in the backward pass needs their output,
@@ -172,21 +182,23 @@ def _train_model_config(config) -> Tuple[ModelConfig, RunConfig, LoraConfig]:
 
 
 def train_executed_flops(cfg: ModelConfig, run: RunConfig, lora: LoraConfig, tokens: int,
-                         T: int) -> float:
+                         T: int, head_slots: Optional[int] = None) -> float:
     """FLOPs the train step's matmuls execute for ``tokens`` slots of rows of ``T`` with the loss
     on every slot: forward, backward (input gradients; weight gradients of what trains) and the
     recomputation of the remat policy (all but the :data:`BRANCH_ENDS` for ``full``, attention's
     batched dots for ``dots_with_no_batch_dims``), attention as computed (causal chunks skip
-    keys)."""
+    keys); the LM head on ``head_slots`` positions (default ``tokens``; the loss loop pads each
+    shard's positions to whole chunks)."""
     full = not lora.enabled
     dense, adapters, branch_ends = _matmul_params(cfg, lora)
     rec_mm = run.remat_policy in ("full", "nothing_saveable")
     rec_att = rec_mm or run.remat_policy == "dots_with_no_batch_dims"
-    att = 4.0 * cfg.num_heads * cfg.head_dim * _attention_keys(run, T)
+    att = _attention_flops(cfg, run, T)
     per_layer = (2.0 * dense * (2 + full) + 2.0 * (dense - branch_ends) * rec_mm
                  + att * (3 + rec_att) + 2.0 * adapters * (3 + rec_mm))
     head = 2.0 * cfg.hidden_size * cfg.vocab_size * (2 + full)
-    return float(tokens) * (cfg.num_layers * per_layer + head)
+    slots = tokens if head_slots is None else head_slots
+    return float(tokens) * cfg.num_layers * per_layer + float(slots) * head
 
 
 def _train_final_norm(trainable, frozen, tr_sh, fr_sh):
@@ -229,11 +241,16 @@ def train_stage(config, devices) -> Stage:
         batch = {f: _sds((b, T), jnp.int32, batch_sh) for f in FIELDS}
         step = jit_train_step(m, tx, schedule, state_sh, fr_sh, batch_sh, accum=acc, run=mrun,
                               lora=lora)
-        with splash.trace_context(mesh, mrun):  # as the trainer traces it
+        with trace_context(mesh, mrun, rules):  # as the trainer traces it
             lowered = step.lower(state, frozen, batch)
         return Variant(lowered, params=params, opt_state=state.opt_state)
 
     dense, adapters, _ = _matmul_params(cfg, lora)
+    rec_att = run.remat_policy in ("full", "nothing_saveable", "dots_with_no_batch_dims")
+    # the loss loop runs on each batch shard's own rows, in whole chunks (a loss on every slot)
+    chunks = -(-(B // k // n * T) // run.loss_chunk) if run.loss_chunk > 0 else 0
+    slots = n * chunks * run.loss_chunk if chunks else None
+    kernel = (B // k) * T * _attention_flops(cfg, run, T) * (3 + rec_att)
     n_lora = cfg.num_layers * adapters
     full_layer = (cfg.num_params() - cfg.replace(num_layers=0).num_params()) // cfg.num_layers
     ends = 0 if lora.enabled else cfg.replace(num_layers=0).num_params()
@@ -241,10 +258,11 @@ def train_stage(config, devices) -> Stage:
     return Stage("train", cfg, mesh, build, tokens=B * T,
                  model_flops=B * T * train_flops_per_token(cfg, T, n_lora),
                  executed_flops=lambda L: train_executed_flops(cfg.replace(num_layers=L), run,
-                                                               lora, (B // k) * T, T),
+                                                               lora, (B // k) * T, T, slots),
                  accum=k, rows=B, batch_shards=n, layer_params=per_layer, end_params=ends,
                  layer_depth=2,
-                 head_chunks=-(-(B // k * T) // run.loss_chunk) if run.loss_chunk > 0 else 0,
+                 head_chunks=chunks,
+                 kernel_layer_flops=kernel if run.attention_impl == "splash" else 0.0,
                  run=run, lora=lora)
 
 
@@ -379,13 +397,14 @@ def score_stage(cfg: ModelConfig, run: RunConfig, mesh, rules, rows: int, T: int
         ints = [_sds((rows, T), jnp.int32, batch) for _ in range(3)]
         preds = [_sds((rows, M), jnp.int32, batch), _sds((rows, M), jnp.int32, batch),
                  _sds((rows, M), jnp.bool_, batch)]
-        with splash.trace_context(mesh, run):  # as the packed scorer traces it
+        with trace_context(mesh, run, rules):  # as the packed scorer traces it
             return Variant(jax.jit(forward).lower(params, *ints, *preds), params)
 
     flops = lambda L: _inference_flops(  # noqa: E731
         cfg.replace(num_layers=L), rows * T, _attention_keys(run, T), rows * M)
+    kernel = rows * T * _attention_flops(cfg, run, T) if run.attention_impl == "splash" else 0.0
     return Stage("score", cfg, mesh, build, tokens=rows * T, model_flops=flops(cfg.num_layers),
-                 executed_flops=flops, layer_depth=2, run=run,
+                 executed_flops=flops, layer_depth=2, run=run, kernel_layer_flops=kernel,
                  notes=[f"{rows} packed rows of {T} tokens, {M} scored positions per row "
                         f"(assumed)"])
 

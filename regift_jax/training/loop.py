@@ -35,7 +35,7 @@ from regift_jax.core import sharding as shd
 from regift_jax.core.configs_util import merge_rules
 from regift_jax.core.io import atomic_write_json
 from regift_jax.data.pipeline import make_global_array
-from regift_jax.models import splash
+from regift_jax.models import decoder
 from regift_jax.models.checkpoints import CheckpointError
 from regift_jax.training import examples, identity, inputs, memory
 from regift_jax.training import metrics as metrics_lib
@@ -439,7 +439,7 @@ def run(config, workdir: Optional[str] = None, *, callbacks: Sequence[Callable] 
     preempt = Preemption()
     preempt.install()
     try:
-        with splash.trace_context(model.mesh, model.run):  # the splash kernel runs under the mesh
+        with decoder.trace_context(model.mesh, model.run, model.rules):
             t.train(preempt, callbacks, t_start)
         t.ckpt.wait()
     finally:
