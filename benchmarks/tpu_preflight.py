@@ -9,7 +9,9 @@ the ESTIMATED step time, tokens/s per chip and MFU.
 Each cell runs the preflight command line in its own process (one 8B compile holds ~2 GB and
 takes 1.5-7 minutes on 2 cores, plus three costing compiles for the estimate) and writes
 ``benchmarks/results/tpu/<cell>.json``; cells whose JSON exists are skipped, so an interrupted run
-resumes.  The table lists every planned cell, ``not run`` where no JSON exists yet.  Needs libtpu
+resumes.  The table lists every planned cell, ``not run`` where no JSON exists yet, and beside
+each the figures of the same cell before activations were pinned to the mesh
+(``results/tpu/before_activation_sharding/``, the seventh session's before/after).  Needs libtpu
 (``pip install -e '.[tpu]'``).
 """
 
@@ -31,20 +33,33 @@ SLICES = ("v4-8", "v4-32", "v5e-8", "v5e-16", "v5p-8", "v6e-8")
 REMAT_FULL = ("--config.model.remat_policy=full",)
 REMAT_DOTS = ("--config.model.remat_policy=dots_with_no_batch_dims",)
 
-# name -> (label, config, extra preflight flags); "_tuned" cells are recommended overrides.
+# name -> (label, config, extra preflight flags).  "As shipped" is the preset now: remat full,
+# the 32 examples in one micro-batch, attention_impl "auto" (splash on TPU).
+BEFORE_TUNING = ("--config.train.micro_batch=16", "--config.model.attention_impl=einsum")
 PRESETS: Dict[str, Tuple[str, str, Tuple[str, ...]]] = {
-    "llama8b_lora": ("Llama-3.1-8B LoRA, remat dots (the preset before tuning)",
-                     "configs/llama.py:llama3_1_8b", REMAT_DOTS),
-    "llama8b_lora_remat_full": ("Llama-3.1-8B LoRA, remat full (as shipped)",
-                                "configs/llama.py:llama3_1_8b", REMAT_FULL),
-    "llama8b_full": ("Llama-3.1-8B full FT, remat dots (the preset before tuning)",
-                     "configs/llama.py:llama3_1_8b_full", REMAT_DOTS),
-    "llama8b_full_remat_full": ("Llama-3.1-8B full FT, remat full (as shipped)",
-                                "configs/llama.py:llama3_1_8b_full", REMAT_FULL),
-    "mistral7b_lora_remat_full": ("Mistral-7B LoRA, remat full (as shipped)",
-                                  "configs/mistral.py:mistral_7b",
-                                  REMAT_FULL),
-    "phi4_lora": ("Phi-4 LoRA (as shipped: remat full)", "configs/phi4.py:phi4", ()),
+    "llama8b_lora": ("Llama-3.1-8B LoRA, remat dots (the sixth session's preset before tuning)",
+                     "configs/llama.py:llama3_1_8b", REMAT_DOTS + BEFORE_TUNING),
+    "llama8b_lora_mb16_einsum": ("Llama-3.1-8B LoRA, remat full, micro_batch 16, einsum (the "
+                                 "preset before this session's tuning)",
+                                 "configs/llama.py:llama3_1_8b", REMAT_FULL + BEFORE_TUNING),
+    "llama8b_lora_remat_full": ("Llama-3.1-8B LoRA (as shipped: remat full, one micro-batch, "
+                                "splash)", "configs/llama.py:llama3_1_8b", REMAT_FULL),
+    "llama8b_lora_dots": ("Llama-3.1-8B LoRA, remat dots_with_no_batch_dims, one micro-batch, "
+                          "splash (tuning)", "configs/llama.py:llama3_1_8b", REMAT_DOTS),
+    "llama8b_full": ("Llama-3.1-8B full FT, remat dots (the sixth session's preset before "
+                     "tuning)", "configs/llama.py:llama3_1_8b_full", REMAT_DOTS + BEFORE_TUNING),
+    "llama8b_full_mb16_einsum": ("Llama-3.1-8B full FT, remat full, micro_batch 16, einsum (the "
+                                 "preset before this session's tuning)",
+                                 "configs/llama.py:llama3_1_8b_full", REMAT_FULL + BEFORE_TUNING),
+    "llama8b_full_remat_full": ("Llama-3.1-8B full FT (as shipped: remat full, one micro-batch, "
+                                "splash)", "configs/llama.py:llama3_1_8b_full", REMAT_FULL),
+    "llama8b_full_mb32": ("Llama-3.1-8B full FT, remat full, one micro-batch, einsum (tuning: "
+                          "splash's share)", "configs/llama.py:llama3_1_8b_full",
+                          REMAT_FULL + ("--config.model.attention_impl=einsum",)),
+    "mistral7b_lora_remat_full": ("Mistral-7B LoRA (as shipped: remat full, one micro-batch, "
+                                  "splash)", "configs/mistral.py:mistral_7b", REMAT_FULL),
+    "phi4_lora": ("Phi-4 LoRA (as shipped: remat full, one micro-batch, splash)",
+                  "configs/phi4.py:phi4", ()),
     "r1_qwen32b_decode": ("R1-Distill-Qwen-32B decode, 64 x 1,536 (as shipped: teacher.mesh "
                           "fsdp=-1,tensor=8, bf16 weights)",
                           "configs/teacher_qwen2.py:r1_distill_qwen_32b", ("--stages=decode",)),
@@ -54,14 +69,6 @@ PRESETS: Dict[str, Tuple[str, str, Tuple[str, ...]]] = {
     "r1_qwen32b_decode_tp": ("R1-Distill-Qwen-32B decode, 64 x 1,536, mesh fsdp=2,tensor=8",
                              "configs/teacher_qwen2.py:r1_distill_qwen_32b",
                              ("--mesh=fsdp=2,tensor=8", "--stages=decode")),
-    # tuning: the whole batch of 32 at once (no accumulation: one weight all-gather per step)
-    "llama8b_full_mb32": ("Llama-3.1-8B full FT, remat full, micro_batch 32 (tuning)",
-                          "configs/llama.py:llama3_1_8b_full",
-                          REMAT_FULL + ("--config.train.micro_batch=32",)),
-    "llama8b_full_mb32_splash": ("Llama-3.1-8B full FT, remat full, micro_batch 32, splash "
-                                 "attention (tuning)", "configs/llama.py:llama3_1_8b_full",
-                                 REMAT_FULL + ("--config.train.micro_batch=32",
-                                               "--config.model.attention_impl=splash")),
     # a 4-chip slice (v4-8, v5p-8) cannot take the preset's tensor=8
     "r1_qwen32b_decode_t4": ("R1-Distill-Qwen-32B decode, 64 x 1,536, mesh fsdp=-1,tensor=4 "
                              "(for 4-chip slices)", "configs/teacher_qwen2.py:r1_distill_qwen_32b",
@@ -69,15 +76,14 @@ PRESETS: Dict[str, Tuple[str, str, Tuple[str, ...]]] = {
     "bbq_llama8b_fsdp": ("BBQ log-likelihood, Llama-3.1-8B, mesh fsdp=-1", "configs/eval.py",
                          ("--model=llama-3.1-8b", "--mesh=fsdp=-1")),
 }
-# The order cells run in (cheapest questions first).
-PRIORITY = ("llama8b_lora@v5e-8", "llama8b_lora_remat_full@v5e-8", "llama8b_lora@v5p-8",
-            "llama8b_full@v6e-8",
-            "llama8b_full_remat_full@v6e-8", "llama8b_lora_remat_full@v6e-8",
-            "llama8b_full_remat_full@v5p-8", "r1_qwen32b_decode@v5e-16",
-            "r1_qwen32b_decode_fsdp@v5e-16", "r1_qwen32b_decode_tp@v5e-16",
-            "llama8b_full_mb32@v6e-8", "llama8b_full_mb32@v5p-8",
-            "llama8b_full_mb32_splash@v6e-8", "llama8b_full_mb32_splash@v5p-8",
-            "r1_qwen32b_decode_t4@v4-8", "r1_qwen32b_decode_t4@v5p-8")
+# The order cells run in (the tuning questions first).
+PRIORITY = ("llama8b_lora_mb16_einsum@v5e-8", "llama8b_lora_remat_full@v5e-8",
+            "llama8b_full_mb16_einsum@v6e-8", "llama8b_full_remat_full@v6e-8",
+            "llama8b_full_mb16_einsum@v5p-8", "llama8b_full_remat_full@v5p-8",
+            "llama8b_full_mb32@v6e-8", "llama8b_lora_dots@v5p-8",
+            "r1_qwen32b_decode@v5e-16", "r1_qwen32b_decode_fsdp@v5e-16",
+            "r1_qwen32b_decode_tp@v5e-16", "r1_qwen32b_decode_t4@v4-8",
+            "r1_qwen32b_decode_t4@v5p-8", "llama8b_lora@v5e-8", "llama8b_full@v6e-8")
 
 
 # The paper presets as shipped: the table's rows on every slice (the other presets are the
@@ -91,8 +97,30 @@ def all_cells() -> List[str]:
     return list(PRIORITY) + [c for c in rest if c not in PRIORITY]
 
 
-def cell_path(cell: str) -> str:
-    return os.path.join(OUT, cell.replace("@", "__") + ".json")
+BEFORE = os.path.join(OUT, "before_activation_sharding")
+
+
+def cell_path(cell: str, folder: str = OUT) -> str:
+    return os.path.join(folder, cell.replace("@", "__") + ".json")
+
+
+def _load(path: str):
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _before(cell: str, stage: str) -> str:
+    """``GiB, tokens/s`` of the same cell and stage before the activation-sharding fix."""
+    rec = _load(cell_path(cell, BEFORE))
+    r = [x for x in (rec or {}).get("reports", []) if x["stage"] == stage]
+    if not r:
+        return ""
+    r = r[0]
+    gib = "-" if r["hbm_gib_per_chip"] is None else f"{r['hbm_gib_per_chip']:.1f}"
+    tok = r.get("tokens_per_s_per_chip")
+    return f"{gib}, {'-' if tok is None else f'{tok:,.0f}'}"
 
 
 def run_cell(cell: str) -> dict:
@@ -112,8 +140,10 @@ def run_cell(cell: str) -> dict:
     else:
         with open(path) as f:
             rec = json.load(f)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, text=True,
+                            capture_output=True).stdout.strip()
     rec.update(cell=cell, command=" ".join(cmd[1:]).replace(path, "REPORT.json"),
-               wall_seconds=round(time.time() - t0, 1))
+               wall_seconds=round(time.time() - t0, 1), commit=commit)
     with open(path, "w") as f:
         json.dump(rec, f, indent=1)
     return rec
@@ -122,13 +152,14 @@ def run_cell(cell: str) -> dict:
 def _row(cell: str) -> str:
     preset, accel = cell.split("@")
     label = PRESETS[preset][0]
-    path = cell_path(cell)
-    if not os.path.exists(path):
-        return f"| {label} | {accel} | not run | | | | | | |"
-    with open(path) as f:
-        rec = json.load(f)
+    rec = _load(cell_path(cell))
+    if rec is None:
+        old = _load(cell_path(cell, BEFORE)) or {}
+        stages = [r["stage"] for r in old.get("reports", [])] or [""]
+        return "\n".join(f"| {label}{f' [{st}]' if st else ''} | {accel} | not run | | | | | | "
+                         f"{_before(cell, st)} | |" for st in stages)
     if not rec["reports"]:
-        return f"| {label} | {accel} | not run: {rec.get('error', '?')} | | | | | | |"
+        return f"| {label} | {accel} | not run: {rec.get('error', '?')} | | | | | | | |"
     out = []
     for r in rec["reports"]:
         mesh = "x".join(f"{k[0]}{v}" for k, v in r["mesh"].items() if v > 1) or "1 chip"
@@ -137,14 +168,16 @@ def _row(cell: str) -> str:
         out.append(f"| {label} [{r['stage']}] | {accel} | {'yes' if r['fits'] else '**no**'} | "
                    f"{gib} / {r['hbm_capacity_gib']:g} | {mesh}, remat {r['remat_policy']} | "
                    f"{est('step_seconds', '{:.3g}')} | {est('tokens_per_s_per_chip', '{:,.0f}')} | "
-                   f"{est('mfu', '{:.0%}')} | {rec.get('wall_seconds', '')} |")
+                   f"{est('mfu', '{:.0%}')} | {_before(cell, r['stage'])} | "
+                   f"{rec.get('wall_seconds', '')} |")
     return "\n".join(out)
 
 
 def table() -> str:
     head = ("| preset [stage] | slice | fits | GiB per chip / HBM | mesh, remat | step s "
-            "(estimate) | tokens/s per chip (estimate) | MFU (estimate) | preflight wall s |\n"
-            "|---|---|---|---:|---|---:|---:|---:|---:|")
+            "(estimate) | tokens/s per chip (estimate) | MFU (estimate) | before the fix: GiB, "
+            "tokens/s | preflight wall s |\n"
+            "|---|---|---|---:|---|---:|---:|---:|---:|---:|")
     return head + "\n" + "\n".join(_row(c) for c in all_cells())
 
 

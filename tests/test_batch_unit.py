@@ -30,7 +30,9 @@ def test_paper_size_correct_set_gives_the_released_steps_per_epoch():
 def test_paper_presets_count_examples(spec):
     c = configs_util.load_config_file(os.path.join(REPO, spec))
     assert (c.data.batch_unit, c.data.packing, c.train.global_batch) == ("examples", "none", 32)
-    assert c.train.micro_batch == 16 and inputs.accum_steps(c.train) == 2
+    # the 32 examples in one micro-batch (the TPU preflight's tuning); same optimizer step
+    assert c.train.micro_batch == -1 and inputs.accum_steps(c.train) == 1
+    assert c.model.attention_impl == "auto"
     inputs.check_batch_unit(c.data)
 
 

@@ -88,3 +88,20 @@ def test_training_config_sections_map_onto_run_and_lora():
         8, c.lora.alpha, c.lora.dropout, ("q_proj", "k_proj"))
     c.lora.enabled = False
     assert state_lib.lora_config(c.lora) == NO_LORA
+
+
+def test_auto_attention_is_splash_on_tpu_and_einsum_elsewhere():
+    """``model.attention_impl="auto"`` (the 8B presets): the Pallas kernel where it compiles
+    (TPU, and the TPU preflight), the decoder's einsum on CPU/GPU, where splash would run
+    interpreted."""
+    import ml_collections
+    from regift_jax.models.run_config import resolve_attention_impl
+    from regift_jax.training.state import run_config
+    assert [resolve_attention_impl("auto", p) for p in ("tpu", "cpu", "gpu")] == [
+        "splash", "einsum", "einsum"]
+    assert resolve_attention_impl("xla", "tpu") == "xla"
+    m = ml_collections.ConfigDict(dict(param_dtype="float32", dtype="bfloat16",
+                                       remat_policy="full", attention_chunk=128, loss_chunk=512,
+                                       attention_impl="auto"))
+    assert run_config(m).attention_impl == "einsum"  # this CPU
+    assert run_config(m, "tpu").attention_impl == "splash"

@@ -57,7 +57,7 @@ def _train_config(model, **over):
     c = load_config_file("configs/llama.py:llama3_1_8b" + ("_full" if over.pop("full") else ""))
     c.model.name = model
     c.train.global_batch, c.data.seq_len = 8, 128
-    c.train.micro_batch = -1  # the whole batch at once (the presets' 16 exceeds it)
+    c.train.micro_batch = -1  # the whole batch at once (as the presets)
     for key, v in over.items():
         sec, k = key.split("__")
         c[sec][k] = v
@@ -193,7 +193,7 @@ def test_splash_attention_is_in_the_compiled_train_step(tiny):
 
 def test_train_micro_batch_is_the_trainers(tiny):
     """The step is compiled with the trainer's micro-batches (``train.micro_batch`` first, as
-    ``training.inputs.accum_steps`` counts them): the 8B presets run 32 examples as 2 x 16."""
+    ``training.inputs.accum_steps`` counts them)."""
     from regift_jax.preflight import hardware, programs
     c = _train_config(tiny, full=False)
     c.train.global_batch, c.train.micro_batch = 8, 4

@@ -114,7 +114,8 @@ def _model() -> ml_collections.ConfigDict:
     # LM head + loss on the loss positions only, this many positions per chunk (0 = full logits).
     m.loss_chunk = 512
     # Attention without a KV cache: "einsum" (the decoder's, chunked as above), "xla" or "cudnn"
-    # (jax.nn.dot_product_attention; "cudnn" = cuDNN flash attention, NVIDIA GPUs, bf16/fp16).
+    # (jax.nn.dot_product_attention; "cudnn" = cuDNN flash attention, NVIDIA GPUs, bf16/fp16),
+    # "splash" (the Pallas TPU kernel), "auto" (splash on TPU, einsum elsewhere).
     m.attention_impl = "einsum"
     return m
 

@@ -696,7 +696,7 @@ def score_requests(model, requests: Sequence[Request], *, method: str = "prefix"
                              min_group_prefix=min_group_prefix, max_group=max_group,
                              seq_len=seq_len, compile_cost_tokens=compile_cost_tokens,
                              row_multiple=row_multiple)
-    with trace_context(mesh, scfg.run):  # activations and the splash kernel on the mesh
+    with trace_context(mesh, scfg.run, pin_activations=False):  # see trace_context
         return _score_packed(scfg, params, requests, K, batch_rows=batch_rows, seq_len=seq_len,
                              length_bucket=length_bucket, packed=method == "packed",
                              pad_id=pad_id, place=place, progress=progress,

@@ -78,7 +78,7 @@ class ModelHandle:
             ids = ids[None]
         mask = jnp.ones_like(ids) if attention_mask is None else jnp.asarray(attention_mask,
                                                                               jnp.int32)
-        with trace_context(self.mesh, self.run):
+        with trace_context(self.mesh, self.run, pin_activations=False):  # as the scorer
             return np.asarray(_logits(self.params, ids, mask, self.cfg, self.run, self.lora),
                               np.float32)
 

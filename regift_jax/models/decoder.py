@@ -400,12 +400,18 @@ _REMAT_POLICIES = {
 }
 
 
-def trace_context(mesh, run: RunConfig, rules=shd.DEFAULT_RULES):
+def trace_context(mesh, run: RunConfig, rules=shd.DEFAULT_RULES, pin_activations: bool = True):
     """The context to trace (jit, lower) a decoder call in: activations laid out over ``mesh``
-    by ``rules`` (:func:`regift_jax.core.sharding.activation_sharding`) and, for the splash
-    kernel of a cache-free call, ``jax.set_mesh(mesh)`` so it runs in ``shard_map``."""
+    by ``rules`` (:func:`regift_jax.core.sharding.activation_sharding`; ``pin_activations=False``
+    leaves them to XLA) and, for the splash kernel of a cache-free call, ``jax.set_mesh(mesh)``
+    so it runs in ``shard_map``.
+
+    The train step pins them (by the TPU preflight, Llama-3.1-8B full fine-tuning on a v6e-8 runs
+    1.8x faster, estimated); the log-likelihood scorer does not: for its few rows per chip XLA's
+    own layout was estimated faster (3,626 against 2,246 tokens/s per chip, 8 rows on a v5e-8;
+    BENCHMARKS.md "TPU by compilation")."""
     stack = contextlib.ExitStack()
-    stack.enter_context(shd.activation_sharding(mesh, rules))
+    stack.enter_context(shd.activation_sharding(mesh if pin_activations else None, rules))
     if mesh is not None and run.attention_impl == "splash":
         stack.enter_context(jax.set_mesh(mesh))
     return stack

@@ -52,6 +52,14 @@ class RunConfig:
         return dataclasses.replace(self, **kw)
 
 
+def resolve_attention_impl(name: str, platform: str) -> str:
+    """A config's ``attention_impl`` for a platform: ``"auto"`` is the splash kernel on TPU and
+    the decoder's einsum elsewhere (splash runs interpreted, slowly, off TPU); others as given."""
+    if name == "auto":
+        return "splash" if platform == "tpu" else "einsum"
+    return name
+
+
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
     """LoRA adapters on the projections named in ``targets`` (q_proj k_proj v_proj o_proj

@@ -16,12 +16,13 @@ attended by one) and the output cut back.  Any head dim compiles.  The query is 
 ``1/sqrt(head_dim)`` before the kernel (the kernel does not scale).
 
 Sharding: XLA cannot partition a Mosaic kernel, so when a mesh is set for the trace
-(``jax.set_mesh``, which :func:`regift_jax.models.decoder.trace_context` does) the kernel runs inside ``shard_map``: batch over the default rules' ``batch``
-axes, heads over ``tensor`` when that divides both the query and the KV heads (else heads are
-gathered).  With no mesh set the call is unsharded, which is right on one device; a multi-device
-TPU program traced without ``jax.set_mesh`` fails in XLA with "Mosaic kernels cannot be
-automatically partitioned".  Off TPU (CPU tests) the kernel runs in Pallas interpret mode; the
-target is the mesh's platform, else the default backend.
+(``jax.set_mesh``, which :func:`regift_jax.models.decoder.trace_context` does) the kernel runs
+inside ``shard_map``: batch over the default rules' ``batch`` axes, heads over ``tensor`` when that
+divides both the query and the KV heads (else heads are gathered).  With no mesh set the call is
+unsharded, which is right on one device; a multi-device TPU program traced without
+``jax.set_mesh`` fails in XLA with "Mosaic kernels cannot be automatically partitioned".  Off TPU
+(CPU tests) the kernel runs in Pallas interpret mode; the target is the mesh's platform, else the
+default backend.
 """
 
 from __future__ import annotations

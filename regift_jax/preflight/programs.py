@@ -177,7 +177,7 @@ def _matmul_params(cfg: ModelConfig, lora: LoraConfig = NO_LORA) -> tuple:
 # ============================================================================ training
 def _train_model_config(config) -> Tuple[ModelConfig, RunConfig, LoraConfig]:
     """(architecture, run settings, LoRA) of a training config, as the trainer builds them."""
-    return (model_config(str(config.model.name)), state_lib.run_config(config.model),
+    return (model_config(str(config.model.name)), state_lib.run_config(config.model, "tpu"),
             state_lib.lora_config(config.lora))
 
 
@@ -397,7 +397,7 @@ def score_stage(cfg: ModelConfig, run: RunConfig, mesh, rules, rows: int, T: int
         ints = [_sds((rows, T), jnp.int32, batch) for _ in range(3)]
         preds = [_sds((rows, M), jnp.int32, batch), _sds((rows, M), jnp.int32, batch),
                  _sds((rows, M), jnp.bool_, batch)]
-        with trace_context(mesh, run, rules):  # as the packed scorer traces it
+        with trace_context(mesh, run, rules, pin_activations=False):  # as the scorer traces it
             return Variant(jax.jit(forward).lower(params, *ints, *preds), params)
 
     flops = lambda L: _inference_flops(  # noqa: E731

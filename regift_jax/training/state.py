@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from typing import Any, Tuple
+from typing import Any, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +39,7 @@ from regift_jax.models import lora as lora_lib
 from regift_jax.models.checkpoints import export_hf
 from regift_jax.models.config import ModelConfig
 from regift_jax.models.decoder import param_shardings
-from regift_jax.models.run_config import NO_LORA, LoraConfig, RunConfig
+from regift_jax.models.run_config import NO_LORA, LoraConfig, RunConfig, resolve_attention_impl
 from regift_jax.models.tokenizer import smollm2_gguf_path
 from regift_jax.training.hosts import to_host
 
@@ -68,12 +68,14 @@ def resolve_model_source(name: str) -> str:
     return name
 
 
-def run_config(mcfg) -> RunConfig:
-    """The :class:`RunConfig` of a config's ``model`` section (dtypes, remat, attention, loss)."""
+def run_config(mcfg, platform: Optional[str] = None) -> RunConfig:
+    """The :class:`RunConfig` of a config's ``model`` section (dtypes, remat, attention, loss);
+    ``attention_impl="auto"`` resolved for ``platform`` (default: JAX's default backend)."""
+    impl = resolve_attention_impl(str(mcfg.attention_impl), platform or jax.default_backend())
     return RunConfig(param_dtype=str(mcfg.param_dtype), dtype=str(mcfg.dtype),
                      remat_policy=str(mcfg.remat_policy),
                      attention_chunk=int(mcfg.attention_chunk), loss_chunk=int(mcfg.loss_chunk),
-                     attention_impl=str(mcfg.attention_impl))
+                     attention_impl=impl)
 
 
 def lora_config(lcfg) -> LoraConfig:
