@@ -21,10 +21,11 @@ Presets (``get_config("name")`` or ``"preset=name"``):
   the paper's correct set is the released checkpoints' 3,177 steps; here one micro-batch of 32,
   ``train.micro_batch=16`` accumulates twice), max length 1024, bf16 compute with fp32 master
   weights, FSDP, remat full, ``attention_impl="auto"`` (the Pallas splash kernel on TPU)
-  (fits a v5e-8 for LoRA and a v6e-8 for full fine-tuning by the TPU preflight). On a v5p
-  (95 GiB per chip) keeping the activations is faster and fits:
-  ``--config.model.remat_policy=dots_with_no_batch_dims`` (LoRA on v5p-8: 46.3 GiB per chip,
-  estimated 7,575 tokens/s per chip; BENCHMARKS.md "TPU by compilation").
+  (by the TPU preflight, LoRA fits a v5e-8 at 9.2 of 16 GiB per chip, estimated 2,925 tokens/s
+  per chip, and full fine-tuning a v6e-8 at 20.5 of 32 GiB, 9,903 tokens/s per chip, MFU 50%).
+  On a v5p (95 GiB per chip) keeping the activations is faster and fits:
+  ``--config.model.remat_policy=dots_with_no_batch_dims`` (LoRA on a v5p-8: 38.1 GiB per chip,
+  estimated 10,474 tokens/s per chip, MFU 72%; BENCHMARKS.md "TPU by compilation").
 * ``llama3_1_8b_full``: NOT in the paper (which fine-tunes with LoRA only): a full fine-tuning
   variant of the same recipe for comparison, lr 2e-5, same schedule.
 
@@ -46,7 +47,8 @@ def paper_recipe(c, model_name: str, full_ft: bool = False):
     c.model.param_dtype = "float32"
     # recompute each layer in the backward pass: saving the MLP's activations
     # (dots_with_no_batch_dims) needs 37 GiB per chip on a v5e-8 for LoRA, 61 on a v6e-8 for full
-    # fine-tuning; "full" fits both (8.3 and 28.7 GiB; BENCHMARKS.md "TPU by compilation")
+    # fine-tuning (sixth session); "full" fits both (now 9.2 and 20.5 GiB; BENCHMARKS.md "TPU by
+    # compilation")
     c.model.remat_policy = "full"
     # TPU preflight tuning (BENCHMARKS.md "TPU by compilation"): the splash kernel on TPU, the
     # decoder's einsum elsewhere; the 32 examples in one micro-batch (no gradient accumulator,

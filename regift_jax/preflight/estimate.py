@@ -37,9 +37,10 @@ matmul into a loop of its own; the collectives then appear as such.  Times per c
 * ``step_seconds``: XLA's own ``optimal_seconds`` of the pieces (its TPU model, collectives
   included as it models them), where it gives one, else the bound below;
 * ``bound_seconds``: max(FLOPs / bf16 peak, bytes / HBM bandwidth) plus every collective's bytes
-  over half the chip's bidirectional ICI bandwidth (a ring on one torus axis), with no overlap.
-  XLA's "bytes accessed" counts operands as if every operation read them from HBM, so this is
-  pessimistic.
+  over half the chip's bidirectional ICI bandwidth (a ring on one torus axis), with no overlap: a
+  cross-check, not an upper bound (XLA's "bytes accessed" counts operands as if every operation
+  read them from HBM, yet XLA's own model, which times each fusion on the chip's units, comes out
+  above it for some steps).
 
 The FLOPs of the whole step (per chip x chips) are checked against the analytic count of what
 the program executes (:func:`regift_jax.preflight.programs.train_executed_flops` and friends);
