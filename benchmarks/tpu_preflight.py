@@ -159,7 +159,7 @@ def _row(cell: str) -> str:
         return "\n".join(f"| {label}{f' [{st}]' if st else ''} | {accel} | not run | | | | | | "
                          f"{_before(cell, st)} | |" for st in stages)
     if not rec["reports"]:
-        return f"| {label} | {accel} | not run: {rec.get('error', '?')} | | | | | | | |"
+        return f"| {label} | {accel} | cannot run: {rec.get('error', '?')} | | | | | | | |"
     out = []
     for r in rec["reports"]:
         mesh = "x".join(f"{k[0]}{v}" for k, v in r["mesh"].items() if v > 1) or "1 chip"
@@ -169,7 +169,7 @@ def _row(cell: str) -> str:
                    f"{gib} / {r['hbm_capacity_gib']:g} | {mesh}, remat {r['remat_policy']} | "
                    f"{est('step_seconds', '{:.3g}')} | {est('tokens_per_s_per_chip', '{:,.0f}')} | "
                    f"{est('mfu', '{:.0%}')} | {_before(cell, r['stage'])} | "
-                   f"{rec.get('wall_seconds', '')} |")
+                   f"{rec.get('wall_seconds') or ''} |")
     return "\n".join(out)
 
 
