@@ -118,13 +118,14 @@ def parse_mesh(spec: Optional[str], devices: Optional[Sequence] = None) -> Optio
     return None if shape is None else make_mesh(shape, devices)
 
 
+def axis_names(axes) -> Tuple[str, ...]:
+    """A spec entry (a mesh axis name, a tuple of them, or None) as a tuple of names."""
+    return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+
+
 def axes_size(mesh: Mesh, axes) -> int:
     """The number of devices along ``axes`` (a mesh axis name, a tuple of them, or None)."""
-    if axes is None:
-        return 1
-    if isinstance(axes, str):
-        axes = (axes,)
-    return math.prod(mesh.shape.get(a, 1) for a in axes)
+    return math.prod(mesh.shape.get(a, 1) for a in axis_names(axes))
 
 
 def logical_to_spec(logical: Sequence[Optional[str]], shape: Optional[Sequence[int]] = None,

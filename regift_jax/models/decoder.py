@@ -406,10 +406,8 @@ def trace_context(mesh, run: RunConfig, rules=shd.DEFAULT_RULES, pin_activations
     leaves them to XLA) and, for the splash kernel of a cache-free call, ``jax.set_mesh(mesh)``
     so it runs in ``shard_map``.
 
-    The train step pins them (by the TPU preflight, Llama-3.1-8B full fine-tuning on a v6e-8 runs
-    1.8x faster, estimated); the log-likelihood scorer does not: for its few rows per chip XLA's
-    own layout was estimated faster (3,626 against 2,246 tokens/s per chip, 8 rows on a v5e-8;
-    BENCHMARKS.md "TPU by compilation")."""
+    The train step pins them; the log-likelihood scorer does not, as for its few rows per chip
+    the TPU preflight estimated XLA's own layout faster (BENCHMARKS.md "TPU by compilation")."""
     stack = contextlib.ExitStack()
     stack.enter_context(shd.activation_sharding(mesh if pin_activations else None, rules))
     if mesh is not None and run.attention_impl == "splash":

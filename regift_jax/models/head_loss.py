@@ -100,15 +100,11 @@ def _rows(h, w, targets, mask, chunk, vocab_major, dtype, want_dh, want_dw):
     return s, n, c, None if dh is None else dh.reshape(R, T, D), dw
 
 
-def _names(axes) -> tuple:
-    return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-
-
 def _to_shard(dw, wspec, batch_axes, mesh):
     """The head gradient summed over the batch shards, as this chip's block of ``wspec``."""
     todo = list(batch_axes)
     for dim, axes in enumerate(wspec):
-        for a in _names(axes):
+        for a in shd.axis_names(axes):
             if a in todo:  # the gradient is split where it is summed
                 dw = jax.lax.psum_scatter(dw, a, scatter_dimension=dim, tiled=True)
                 todo.remove(a)
@@ -126,7 +122,8 @@ def _loss(h, w, targets, mask, chunk, vocab_major, dtype, want_dh, want_dw):
         return _rows(h, w, targets, mask, *args)
     mesh, rules = ctx
     b = shd.logical_to_spec(("batch",), h.shape[:1], mesh, rules)[0]
-    if not _names(b):
+    baxes = shd.axis_names(b)
+    if not baxes:
         return _rows(h, w, targets, mask, *args)
     wspec = shd.logical_to_spec(("vocab", "embed") if vocab_major else ("embed", "vocab"),
                                 w.shape, mesh, rules)
@@ -135,12 +132,12 @@ def _loss(h, w, targets, mask, chunk, vocab_major, dtype, want_dh, want_dw):
     def local(h, w, t, m):
         w = w.astype(dt)  # gathered in the compute dtype, once, before the chunk loop
         for dim, axes in enumerate(wspec):
-            if _names(axes):
+            if shd.axis_names(axes):
                 w = jax.lax.all_gather(w, axes, axis=dim, tiled=True)
         s, n, c, dh, dw = _rows(h, w, t, m, *args)
-        out = tuple(jax.lax.psum(x, _names(b)) for x in (s, n, c))
+        out = tuple(jax.lax.psum(x, baxes) for x in (s, n, c))
         out += (dh,) if want_dh else ()
-        return out + ((_to_shard(dw, wspec, _names(b), mesh),) if want_dw else ())
+        return out + ((_to_shard(dw, wspec, baxes, mesh),) if want_dw else ())
 
     out_specs = (P(), P(), P()) + ((P(b, None, None),) if want_dh else ()) + (
         (wspec,) if want_dw else ())

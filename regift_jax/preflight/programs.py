@@ -156,6 +156,13 @@ def _attention_flops(cfg: ModelConfig, run: RunConfig, T: int) -> float:
     return 4.0 * cfg.num_heads * cfg.head_dim * _attention_keys(run, T)
 
 
+def _train_attention_flops(cfg: ModelConfig, run: RunConfig, T: int) -> float:
+    """Train-step FLOPs per token of one layer's attention products: forward, backward (twice the
+    forward) and the remat policy's recomputation of the forward."""
+    recompute = run.remat_policy in ("full", "nothing_saveable", "dots_with_no_batch_dims")
+    return _attention_flops(cfg, run, T) * (3 + recompute)
+
+
 #: The projections that end a residual branch: nothing in the backward pass needs their output,
 #: so a rematerialised layer does not recompute them.
 BRANCH_ENDS = ("o_proj", "down_proj")
@@ -192,10 +199,8 @@ def train_executed_flops(cfg: ModelConfig, run: RunConfig, lora: LoraConfig, tok
     full = not lora.enabled
     dense, adapters, branch_ends = _matmul_params(cfg, lora)
     rec_mm = run.remat_policy in ("full", "nothing_saveable")
-    rec_att = rec_mm or run.remat_policy == "dots_with_no_batch_dims"
-    att = _attention_flops(cfg, run, T)
     per_layer = (2.0 * dense * (2 + full) + 2.0 * (dense - branch_ends) * rec_mm
-                 + att * (3 + rec_att) + 2.0 * adapters * (3 + rec_mm))
+                 + _train_attention_flops(cfg, run, T) + 2.0 * adapters * (3 + rec_mm))
     head = 2.0 * cfg.hidden_size * cfg.vocab_size * (2 + full)
     slots = tokens if head_slots is None else head_slots
     return float(tokens) * cfg.num_layers * per_layer + float(slots) * head
@@ -246,11 +251,10 @@ def train_stage(config, devices) -> Stage:
         return Variant(lowered, params=params, opt_state=state.opt_state)
 
     dense, adapters, _ = _matmul_params(cfg, lora)
-    rec_att = run.remat_policy in ("full", "nothing_saveable", "dots_with_no_batch_dims")
     # the loss loop runs on each batch shard's own rows, in whole chunks (a loss on every slot)
     chunks = -(-(B // k // n * T) // run.loss_chunk) if run.loss_chunk > 0 else 0
     slots = n * chunks * run.loss_chunk if chunks else None
-    kernel = (B // k) * T * _attention_flops(cfg, run, T) * (3 + rec_att)
+    kernel = (B // k) * T * _train_attention_flops(cfg, run, T)
     n_lora = cfg.num_layers * adapters
     full_layer = (cfg.num_params() - cfg.replace(num_layers=0).num_params()) // cfg.num_layers
     ends = 0 if lora.enabled else cfg.replace(num_layers=0).num_params()
